@@ -1,0 +1,42 @@
+# mmafm workspace. Quickstart: `make demo` then `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIPELINE ?= configs/pipelines/tiny.yaml
+
+.PHONY: venv data demo test test-fast lab bench clean-runs
+
+venv: $(STAMP)
+
+# Re-installs only when the pins change; a second `make` is a no-op.
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name mmafm --display-name "mmafm (.venv)" >/dev/null
+	@touch $@
+
+# Real image/text data shipped in Debian packages (idempotent; fast when installed).
+data:
+	@bash scripts/install_data_packages.sh
+
+demo: venv data
+	$(VENV)/bin/mmafm pipeline run $(PIPELINE)
+
+test: venv data
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: venv
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean-runs:
+	rm -rf runs/

@@ -1,0 +1,103 @@
+"""``mmafm`` command line: run stages and pipelines, list models and stages, show configs.
+
+    mmafm run 00_data -p vocab_size=4096            # one stage notebook via papermill
+    mmafm run 03_text_pretrain --config configs/stages/03_text_pretrain.yaml -p max_steps=50
+    mmafm pipeline run configs/pipelines/tiny.yaml  # all stages, outputs wired by manifests
+    mmafm list models | mmafm list stages
+    mmafm config afm_2025_device                    # a model preset's config as YAML
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import yaml
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmafm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute one stage notebook with papermill")
+    run.add_argument("stage", help="stage name, e.g. 00_data (see `mmafm list stages`)")
+    run.add_argument("--config", help="YAML file of stage parameters")
+    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one parameter (repeatable); values are read as YAML")
+    run.add_argument("--run-id", help="runs/<run-id>/<stage>; default: a timestamp")
+    run.add_argument("--runs-dir", default="runs")
+    run.add_argument("--force", action="store_true", help="re-run even if complete")
+    run.add_argument("--log-output", action="store_true", help="stream cell output")
+
+    pipe = sub.add_parser("pipeline", help="run a pipeline of stages")
+    pipe_sub = pipe.add_subparsers(dest="pipeline_command", required=True)
+    prun = pipe_sub.add_parser("run", help="run the stages of a pipeline YAML in order")
+    prun.add_argument("file", help="e.g. configs/pipelines/tiny.yaml")
+    prun.add_argument("--force", action="store_true", help="re-run complete stages too")
+    prun.add_argument("--run-id", help="override the pipeline's run_id")
+    prun.add_argument("--only", action="append", help="run only this stage (repeatable)")
+    prun.add_argument("-p", "--param", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                      help="override a stage parameter, e.g. -p 03_text_pretrain.max_steps=20")
+
+    lst = sub.add_parser("list", help="list model presets or stages")
+    lst.add_argument("what", choices=("models", "stages"))
+    lst.add_argument("pattern", nargs="?", default="*")
+
+    cfg = sub.add_parser("config", help="print a model preset's config as YAML")
+    cfg.add_argument("name")
+    return parser
+
+
+def _stage_overrides(pairs: list[str]) -> dict[str, dict]:
+    from mmafm.config import ConfigError, parse_overrides
+
+    out: dict[str, dict] = {}
+    for key, value in parse_overrides(pairs).items():
+        if "." not in key:
+            raise ConfigError(f"pipeline override {key!r}: expected STAGE.KEY=VALUE")
+        stage, name = key.split(".", 1)
+        out.setdefault(stage, {})[name] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from mmafm.checkpoint import CheckpointError
+    from mmafm.config import ConfigError, parse_overrides, to_dict
+    from mmafm.runner import StageFailed, run_pipeline, run_stage
+    from mmafm.stages.base import ManifestError
+
+    try:
+        if args.command == "run":
+            run_stage(args.stage, args.config, parse_overrides(args.param), run_id=args.run_id,
+                      runs_dir=args.runs_dir, force=args.force, log_output=args.log_output)
+        elif args.command == "pipeline":
+            run_pipeline(args.file, force=args.force, run_id=args.run_id, only=args.only,
+                         overrides=_stage_overrides(args.param))
+        elif args.command == "list":
+            if args.what == "models":
+                from mmafm import list_models
+
+                print("\n".join(list_models(args.pattern)))
+            else:
+                from mmafm.stages import list_stages
+
+                print("\n".join(list_stages()))
+        elif args.command == "config":
+            from mmafm import get_config
+
+            print(yaml.safe_dump(to_dict(get_config(args.name)), sort_keys=False), end="")
+    except (ConfigError, ManifestError, CheckpointError, KeyError) as err:
+        print(f"mmafm: error: {err}", file=sys.stderr)
+        return 2
+    except StageFailed as err:
+        print(f"mmafm: stage failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

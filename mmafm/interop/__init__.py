@@ -1,0 +1,1 @@
+"""Interop with models no one here wrote: Hugging Face transformers layouts and GGUF files."""

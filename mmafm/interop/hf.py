@@ -1,0 +1,299 @@
+"""Hugging Face transformers interop for the dense text models: export to Qwen3 / Llama, import back.
+
+The dense AFM text model (2024 on-device layout, REFERENCE.md "Text model": pre-RMSNorm, GQA,
+QK RMSNorm per head, SwiGLU, RoPE in the rotate-half convention, tied embedding) is, tensor for
+tensor, the architecture transformers calls ``Qwen3ForCausalLM``; with QK-norm switched off it is
+``LlamaForCausalLM``. So a trained mmafm checkpoint can be served by any tool that reads those
+formats, and a real pretrained Llama-layout model (see :mod:`mmafm.interop.smollm2`) can be loaded
+into :class:`mmafm.models.text.TextModel`.
+
+Only the *dense* variants map: KV sharing (2025 device), sliding-window / NoPE layer interleaves
+and PT-MoE (2025 server) have no counterpart in these layouts and are refused with an error.
+
+Usage::
+
+    from mmafm.interop.hf import to_hf, save_hf, from_hf
+    hf_model = to_hf(model)                 # transformers.Qwen3ForCausalLM (qk_norm=True)
+    save_hf(model, "export/afm_tiny")       # save_pretrained folder (config.json + safetensors)
+    model = from_hf("export/afm_tiny")      # back to TextModel
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "InteropError",
+    "LAYOUTS",
+    "default_layout",
+    "check_dense",
+    "hf_config",
+    "text_config_from_hf",
+    "state_dict_to_hf",
+    "state_dict_from_hf",
+    "to_hf",
+    "save_hf",
+    "from_hf",
+]
+
+LAYOUTS = ("qwen3", "llama")
+
+# ours -> transformers, per decoder layer (``{i}`` is the layer index)
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn.w_gate.weight": "mlp.gate_proj.weight",
+    "ffn.w_up.weight": "mlp.up_proj.weight",
+    "ffn.w_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class InteropError(ValueError):
+    """A model or checkpoint that does not fit the requested transformers layout."""
+
+
+def default_layout(config: Any) -> str:
+    """``"qwen3"`` for a model with QK-norm, ``"llama"`` without (the layouts that match it)."""
+    return "qwen3" if config.qk_norm else "llama"
+
+
+def check_dense(config: Any, layout: str | None = None) -> str:
+    """Refuse configs a plain transformers decoder cannot represent; returns the layout to use.
+
+    Raises:
+        InteropError: naming the offending config field and the value the layout needs.
+    """
+    layout = layout or default_layout(config)
+    if layout not in LAYOUTS:
+        raise InteropError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    if layout == "qwen3" and not config.qk_norm:
+        raise InteropError("the qwen3 layout has QK-norm in every layer; this config has qk_norm=False "
+                           "(export with layout='llama')")
+    if layout == "llama" and config.qk_norm:
+        raise InteropError("the llama layout has no QK-norm; this config has qk_norm=True "
+                           "(export with layout='qwen3')")
+    for name, dense_value in _dense_requirements(config):
+        value = getattr(config, name)
+        if value != dense_value:
+            raise InteropError(
+                f"only dense text models export to transformers: config field {name}={value!r}, "
+                f"expected {dense_value!r}"
+            )
+    return layout
+
+
+def _dense_requirements(config: Any) -> list[tuple[str, Any]]:
+    """``(field, value)`` pairs a config must have to be a plain dense decoder."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    wanted = {
+        "kv_shared_layers": 0,  # 2025 device: segment-2 layers reuse segment 1's K/V
+        "n_tracks": 1,  # 2025 server PT-MoE
+        "moe_every": 0,
+        "n_experts": 0,
+        "sliding_window": 0,
+        "global_every": 1,
+        "local_global_ratio": 0,
+        "mu_param": False,
+    }
+    return [(name, value) for name, value in wanted.items() if name in fields]
+
+
+def hf_config(config: Any, layout: str | None = None, **extra: Any):
+    """The ``transformers`` config (``Qwen3Config`` or ``LlamaConfig``) of a dense TextConfig.
+
+    Args:
+        extra: passed on to the transformers config, e.g. ``bos_token_id``, ``eos_token_id``.
+    """
+    from transformers import LlamaConfig, Qwen3Config
+
+    layout = check_dense(config, layout)
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+        tie_word_embeddings=config.tie_embeddings,
+        attention_bias=False,
+        attention_dropout=0.0,
+    )
+    common.update(extra)
+    if layout == "qwen3":
+        return Qwen3Config(use_sliding_window=False, **common)
+    return LlamaConfig(mlp_bias=False, **common)
+
+
+def text_config_from_hf(hf_cfg: Any, **overrides: Any):
+    """A :class:`~mmafm.models.text.TextConfig` for a transformers Qwen3 / Llama config.
+
+    Raises:
+        InteropError: for another architecture, biases, sliding windows or rope scaling.
+    """
+    from mmafm.models.text import TextConfig
+
+    model_type = getattr(hf_cfg, "model_type", None)
+    if model_type not in LAYOUTS:
+        raise InteropError(f"expected a transformers config of model_type in {list(LAYOUTS)}, got {model_type!r}")
+    if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
+        raise InteropError(f"{model_type} config has attention_bias/mlp_bias=True; TextModel has no biases")
+    if getattr(hf_cfg, "use_sliding_window", False):
+        raise InteropError(f"{model_type} config has use_sliding_window=True; expected False")
+    if getattr(hf_cfg, "hidden_act", "silu") != "silu":
+        raise InteropError(f"{model_type} config has hidden_act={hf_cfg.hidden_act!r}; expected 'silu' (SwiGLU)")
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise InteropError(f"{model_type} config has rope_type={rope.get('rope_type')!r}; expected 'default'")
+    rope_theta = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", None))
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    values = dict(
+        vocab_size=hf_cfg.vocab_size,
+        dim=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_heads=hf_cfg.num_attention_heads,
+        n_kv_heads=hf_cfg.num_key_value_heads,
+        head_dim=head_dim,
+        ffn_dim=hf_cfg.intermediate_size,
+        norm_eps=float(hf_cfg.rms_norm_eps),
+        rope_theta=float(rope_theta),
+        qk_norm=model_type == "qwen3",
+        tie_embeddings=bool(hf_cfg.tie_word_embeddings),
+        max_seq_len=hf_cfg.max_position_embeddings,
+    )
+    values.update(overrides)
+    return TextConfig(**values)
+
+
+def _rename(name: str, table: dict[str, str], layer_re: re.Pattern, layer_prefix: str) -> str | None:
+    match = layer_re.match(name)
+    if match:
+        index, rest = match.groups()
+        return f"{layer_prefix}{index}.{table[rest]}" if rest in table else None
+    return table.get(name)
+
+
+def state_dict_to_hf(state_dict: dict[str, torch.Tensor], config: Any, layout: str | None = None) -> dict[str, torch.Tensor]:
+    """Rename a TextModel state dict to transformers' names (tied output: no ``lm_head``).
+
+    Raises:
+        InteropError: a tensor that has no place in the layout (e.g. QK-norm in llama layout).
+    """
+    check_dense(config, layout)
+    out = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        hf_name = _rename(name, _LAYER_NAMES, _OURS_LAYER, "model.layers.")
+        if hf_name is None:
+            raise InteropError(f"TextModel tensor {name!r} has no counterpart in the transformers layout")
+        out[hf_name] = tensor
+    return out
+
+
+def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """Rename a transformers Qwen3/Llama state dict to TextModel's names.
+
+    Rotary ``inv_freq`` buffers are dropped (TextModel computes its own from ``rope_theta``);
+    with tied embeddings ``lm_head.weight`` is dropped too.
+    """
+    inverse_layer = {hf: ours for ours, hf in _LAYER_NAMES.items()}
+    inverse_global = {hf: ours for ours, hf in _GLOBAL_NAMES.items()}
+    out = {}
+    for name, tensor in hf_state_dict.items():
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
+            continue
+        ours = _rename(name, inverse_layer, _HF_LAYER, "layers.")
+        if ours is None:
+            ours = inverse_global.get(name)
+        if ours is None:
+            raise InteropError(f"transformers tensor {name!r} has no counterpart in TextModel")
+        out[ours] = tensor
+    return out
+
+
+def _load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Load tensors that must cover every parameter of ``model`` with matching shapes."""
+    own = model.state_dict()
+    params = {name for name, _ in model.named_parameters()}  # tied weights counted once
+    missing = sorted(p for p in params if p not in tensors)
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in tensors.items()
+             if k in own and own[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise InteropError(f"{what} does not fit {type(model).__name__}: missing {missing[:6]}, "
+                           f"unexpected {unexpected[:6]}, shape mismatches {wrong[:4]}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def to_hf(model: nn.Module, layout: str | None = None, dtype: torch.dtype | None = None, **config_extra: Any):
+    """A transformers ``Qwen3ForCausalLM`` / ``LlamaForCausalLM`` holding ``model``'s weights."""
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
+
+    config = model.config
+    layout = check_dense(config, layout)
+    cfg = hf_config(config, layout, **config_extra)
+    cls = Qwen3ForCausalLM if layout == "qwen3" else LlamaForCausalLM
+    ours = {k: v for k, v in model.state_dict().items() if k in dict(model.named_parameters(remove_duplicate=False))}
+    tensors = state_dict_to_hf(ours, config, layout)
+    hf_model = cls(cfg)
+    _load_exact(hf_model, {k: v.detach().clone() for k, v in tensors.items()}, f"{type(model).__name__} export")
+    hf_model.eval()
+    return hf_model.to(dtype) if dtype is not None else hf_model
+
+
+def save_hf(model: nn.Module, path: str | Path, layout: str | None = None, tokenizer: Any = None,
+            **config_extra: Any) -> Path:
+    """Write ``model`` as a transformers ``save_pretrained`` folder (and ``tokenizer`` if given)."""
+    path = Path(path)
+    hf_model = to_hf(model, layout, **config_extra)
+    hf_model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def from_hf(source: Any, **config_overrides: Any):
+    """A :class:`~mmafm.models.text.TextModel` from a transformers model or ``save_pretrained`` folder.
+
+    Args:
+        source: a ``Qwen3ForCausalLM`` / ``LlamaForCausalLM`` instance, or a folder path.
+        config_overrides: TextConfig fields to set beyond those read from the transformers config.
+    """
+    from mmafm.models.text import TextModel
+
+    if isinstance(source, (str, Path)):
+        from transformers import AutoModelForCausalLM
+
+        if not Path(source).is_dir():
+            raise InteropError(f"transformers model folder not found: {source}")
+        source = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    config = text_config_from_hf(source.config, **config_overrides)
+    model = TextModel(config)
+    tensors = state_dict_from_hf(source.state_dict(), config)
+    _load_exact(model, {k: v.detach().float().clone() for k, v in tensors.items()}, "transformers state dict")
+    return model.eval()
+

@@ -1,0 +1,1 @@
+"""Building blocks shared by the vision and text towers (torchtitan's ``models/common``)."""

@@ -1,0 +1,51 @@
+"""Rotary position embedding (Su et al., 2021) in the rotate-half layout of HF Llama / Qwen.
+
+The head dimension is split into a first and a second half; pair ``(i, i + D/2)`` is rotated by
+the angle ``position * base^(-2i/D)``. This is the layout of Hugging Face's Llama/Qwen3 weights
+(not the interleaved ``(2i, 2i+1)`` layout of the original paper), so checkpoints convert without
+permuting Q/K rows. The AFM reports use base 500k, raised to 6,315,089 for context lengthening
+(2024 report, section 3); the base is the model config's ``rope_theta``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["rope_inverse_frequencies", "rope_cos_sin", "rotate_half", "apply_rope"]
+
+
+def rope_inverse_frequencies(head_dim: int, base: float, device=None) -> torch.Tensor:  # (D/2,)
+    """``base^(-2i/D)`` for ``i < D/2``, in float32 (computed exactly like HF's Llama)."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (base**exponents)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor,  # (B, T) integer positions
+    head_dim: int,
+    base: float,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (B, T, D)
+    """Cosines and sines of the rotation angles for every position, duplicated over both halves."""
+    inv_freq = rope_inverse_frequencies(head_dim, base, device=positions.device)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(x1, x2) -> (-x2, x1)`` over the two halves of the last dimension."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(
+    x: torch.Tensor,  # (B, H, T, D)
+    cos: torch.Tensor,  # (B, T, D)
+    sin: torch.Tensor,  # (B, T, D)
+) -> torch.Tensor:  # (B, H, T, D)
+    """Rotate queries or keys by their positions' angles."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin

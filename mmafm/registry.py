@@ -1,0 +1,122 @@
+"""One registry for every model family: build any preset by name.
+
+A family file registers each preset as a small function returning its config dataclass (timm's
+``@register_model`` pattern, litgpt's "presets as data"), together with the module class that
+builds a model from that config::
+
+    @register_model("vitdet_large_patch16", builder=VisionTransformerDet)
+    def vitdet_large_patch16() -> VitDetConfig:
+        return VitDetConfig(depth=24, width=1024, ...)
+
+Users then call ``mmafm.create_model(name, **overrides)``, ``mmafm.get_config(name)`` and
+``mmafm.list_models()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["register_model", "create_model", "get_config", "list_models", "UnknownModelError"]
+
+
+class UnknownModelError(KeyError):
+    """Raised for a preset name that no family registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class _Preset:
+    name: str
+    config_fn: Callable[[], Any]
+    builder: Callable[[Any], nn.Module]
+    family: str
+
+
+_PRESETS: dict[str, _Preset] = {}
+
+
+def register_model(name: str, builder: Callable[[Any], nn.Module], family: str | None = None):
+    """Decorator registering a preset function ``() -> config`` under ``name``."""
+
+    def wrap(config_fn: Callable[[], Any]) -> Callable[[], Any]:
+        if name in _PRESETS and _PRESETS[name].config_fn.__qualname__ != config_fn.__qualname__:
+            raise ValueError(f"model preset {name!r} registered twice")
+        fam = family or config_fn.__module__.rsplit(".", 1)[-1]
+        _PRESETS[name] = _Preset(name, config_fn, builder, fam)
+        return config_fn
+
+    return wrap
+
+
+def _load_families() -> None:
+    """Import every module of ``mmafm.models`` so their presets register themselves."""
+    import importlib
+    import pkgutil
+
+    import mmafm.models
+
+    for info in pkgutil.iter_modules(mmafm.models.__path__):
+        importlib.import_module(f"mmafm.models.{info.name}")
+
+
+def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
+    """Sorted preset names matching a glob ``pattern`` (and optionally a family)."""
+    _load_families()
+    return sorted(
+        name
+        for name, preset in _PRESETS.items()
+        if fnmatch.fnmatch(name, pattern) and (family is None or preset.family == family)
+    )
+
+
+def _preset(name: str) -> _Preset:
+    _load_families()
+    if name not in _PRESETS:
+        close = [n for n in _PRESETS if name.split("_")[0] in n][:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise UnknownModelError(
+            f"unknown model preset {name!r}{hint}. Known presets: see mmafm.list_models()"
+        )
+    return _PRESETS[name]
+
+
+def get_config(name: str, **overrides: Any) -> Any:
+    """The config dataclass of preset ``name`` with ``overrides`` applied and validated."""
+    config = _preset(name).config_fn()
+    if not overrides:
+        return config
+    field_names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - field_names)
+    if unknown:
+        raise TypeError(
+            f"{type(config).__name__} (preset {name!r}) has no field(s) {unknown}; "
+            f"fields are: {sorted(field_names)}"
+        )
+    from mmafm.config import coerce_fields
+
+    return dataclasses.replace(config, **coerce_fields(type(config), overrides, source=name))
+
+
+def create_model(
+    name: str, device: str | torch.device | None = None, **overrides: Any
+) -> nn.Module:
+    """Build preset ``name``; ``device="meta"`` builds instantly without allocating memory."""
+    preset = _preset(name)
+    config = get_config(name, **overrides)
+    if device is None:
+        return preset.builder(config)
+    with torch.device(device):
+        return preset.builder(config)
+
+
+def model_family(name: str) -> str:
+    """The family (module) a preset belongs to, e.g. ``"vitdet"`` or ``"text"``."""
+    return _preset(name).family

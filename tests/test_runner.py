@@ -1,0 +1,122 @@
+"""The papermill stage runner and pipelines, on a toy stage defined here (no model code).
+
+The toy notebook really runs in the `mmafm` Jupyter kernel through papermill; it writes a
+metric, a figure and a manifest through the library's StageDir like a real stage.
+"""
+
+import json
+from dataclasses import dataclass
+
+import nbformat
+import pytest
+import yaml
+
+from mmafm.cli import main as cli_main
+from mmafm.config import ConfigError
+from mmafm.runner import StageFailed, load_pipeline, run_pipeline, run_stage
+from mmafm.stages import register_stage
+from mmafm.stages.base import StageConfig, read_manifest
+
+TOY_CODE = """
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from pathlib import Path
+from mmafm.stages.base import StageDir
+stage = StageDir(out_dir, "{name}")
+if fail:
+    raise ValueError("toy failure requested")
+Path(out_dir, "count.txt").write_text(str(int(Path(out_dir, "count.txt").read_text() if Path(out_dir, "count.txt").exists() else 0) + 1))
+stage.log({{"step": 1, "value": scale * 2}})
+fig, ax = plt.subplots(); ax.plot([0, 1], [0, scale]); stage.save_figure(fig, "line")
+stage.write_manifest({{"result": str(Path(out_dir, "count.txt")), "upstream": upstream}})
+"""
+
+
+@dataclass
+class ToyConfig(StageConfig):
+    scale: float = 1.0
+    fail: bool = False
+    upstream: str = ""
+
+
+def _toy_notebook(path, name):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "mmafm", "display_name": "mmafm", "language": "python"}
+    params = nbformat.v4.new_code_cell('out_dir = ""\nseed = 0\nscale = 1.0\nfail = False\nupstream = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(TOY_CODE.format(name=name))]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    (tmp_path / "notebooks").mkdir()
+    for name in ("toy_a", "toy_b"):
+        register_stage(name, ToyConfig, lambda cfg: {})
+        _toy_notebook(tmp_path / "notebooks" / f"{name}.ipynb", name)
+    monkeypatch.setenv("MMAFM_ROOT", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_run_stage_skip_force_and_failure(workspace):
+    runs = workspace / "runs"
+    out = run_stage("toy_a", params={"scale": 3}, run_id="r1", runs_dir=runs)
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete"
+    assert yaml.safe_load((out / "config.yaml").read_text())["scale"] == 3.0
+    assert (out / "toy_a.ipynb").is_file() and (out / "config.yaml").is_file()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["value"] == 6.0
+    assert (out / "figures" / "line.png").stat().st_size > 0
+
+    run_stage("toy_a", params={"scale": 3}, run_id="r1", runs_dir=runs)  # complete: skipped
+    assert (out / "count.txt").read_text() == "1"
+    run_stage("toy_a", params={"scale": 3}, run_id="r1", runs_dir=runs, force=True)
+    assert (out / "count.txt").read_text() == "1"  # forced re-run starts from a clean folder
+
+    with pytest.raises(StageFailed) as info:
+        run_stage("toy_a", params={"fail": True}, run_id="r2", runs_dir=runs)
+    message = str(info.value)
+    assert "toy_a.ipynb" in message and "cell 1" in message and "toy failure requested" in message
+    assert (runs / "r2" / "toy_a" / "toy_a.ipynb").is_file()  # executed notebook kept
+    assert not (runs / "r2" / "toy_a" / "manifest.json").exists()
+
+
+def test_bad_config_fails_before_running(workspace):
+    with pytest.raises(ConfigError, match="unknown key"):
+        run_stage("toy_a", params={"scael": 2}, run_id="r3", runs_dir=workspace / "runs")
+    with pytest.raises(ConfigError, match="key 'scale': expected float"):
+        run_stage("toy_a", params={"scale": "big"}, run_id="r3", runs_dir=workspace / "runs")
+    assert not (workspace / "runs" / "r3" / "toy_a" / "toy_a.ipynb").exists()
+    with pytest.raises(ConfigError, match="unknown stage"):
+        run_stage("nope", run_id="r3", runs_dir=workspace / "runs")
+
+
+def test_cli_exit_codes(workspace, capsys):
+    assert cli_main(["run", "toy_a", "-p", "scale=oops", "--runs-dir", str(workspace / "runs")]) == 2
+    assert "key 'scale'" in capsys.readouterr().err
+    assert cli_main(["pipeline", "run", str(workspace / "missing.yaml")]) == 2
+
+
+@pytest.mark.slow
+def test_pipeline_wires_outputs(workspace):
+    pipeline = workspace / "p.yaml"
+    pipeline.write_text(
+        "run_id: demo\nruns_dir: runs\nstages:\n"
+        "  - stage: toy_a\n    params: {scale: 2.0}\n"
+        "  - stage: toy_b\n    inputs: {upstream: toy_a.result}\n"
+    )
+    run_dir = run_pipeline(pipeline)
+    upstream = read_manifest(run_dir / "toy_b")["outputs"]["upstream"]
+    assert upstream == read_manifest(run_dir / "toy_a")["outputs"]["result"]
+
+
+def test_pipeline_validation(workspace):
+    bad = workspace / "bad.yaml"
+    bad.write_text("run_id: x\nstages:\n  - stage: toy_b\n    inputs: {upstream: toy_a.result}\n")
+    with pytest.raises(ConfigError, match="earlier stage"):
+        load_pipeline(bad)
+    bad.write_text("run_id: x\nstages:\n  - stage: toy_a\n    parms: {}\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_pipeline(bad)
