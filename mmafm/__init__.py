@@ -5,4 +5,17 @@ from mmafm.registry import create_model, get_config, list_models, register_model
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "get_config", "list_models", "register_model", "__version__"]
+__all__ = ["create_model", "get_config", "list_models", "register_model", "load_clip", "__version__"]
+
+
+def __getattr__(name: str):
+    # heavy families (open_clip) are imported only when asked for
+    if name == "load_clip":
+        from mmafm.models.clip import load_clip
+
+        return load_clip
+    raise AttributeError(f"module 'mmafm' has no attribute {name!r}")
+
+# The vision encoders also register with timm: timm.create_model("mmafm_vitdet_large_patch16_rw").
+import mmafm.models.vit  # noqa: E402,F401
+import mmafm.models.vitdet  # noqa: E402,F401

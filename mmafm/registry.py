@@ -88,29 +88,47 @@ def _preset(name: str) -> _Preset:
     return _PRESETS[name]
 
 
+def _from_file(name: str) -> tuple[str, dict]:
+    """A model YAML (``preset: NAME`` + ``overrides: {...}``) -> (preset name, overrides)."""
+    from mmafm.config import ConfigError, load_yaml
+
+    data = load_yaml(name)
+    unknown = sorted(set(data) - {"preset", "overrides", "description"})
+    if unknown or "preset" not in data:
+        raise ConfigError(
+            f"{name}: a model config has keys 'preset' (required), 'overrides', 'description'; "
+            f"got {sorted(data)}"
+        )
+    return data["preset"], dict(data.get("overrides") or {})
+
+
+def _is_file_name(name: str) -> bool:
+    return name.endswith((".yaml", ".yml"))
+
+
 def get_config(name: str, **overrides: Any) -> Any:
-    """The config dataclass of preset ``name`` with ``overrides`` applied and validated."""
+    """The config dataclass of preset ``name`` with ``overrides`` applied and validated.
+
+    ``name`` may also be a YAML file under ``configs/models/`` naming a preset and overrides.
+    """
+    if _is_file_name(name):
+        name, file_overrides = _from_file(name)
+        overrides = {**file_overrides, **overrides}
     config = _preset(name).config_fn()
     if not overrides:
         return config
-    field_names = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - field_names)
-    if unknown:
-        raise TypeError(
-            f"{type(config).__name__} (preset {name!r}) has no field(s) {unknown}; "
-            f"fields are: {sorted(field_names)}"
-        )
     from mmafm.config import coerce_fields
 
-    return dataclasses.replace(config, **coerce_fields(type(config), overrides, source=name))
+    values = coerce_fields(type(config), overrides, source=f"model preset {name!r}")
+    return dataclasses.replace(config, **values)
 
 
 def create_model(
     name: str, device: str | torch.device | None = None, **overrides: Any
 ) -> nn.Module:
-    """Build preset ``name``; ``device="meta"`` builds instantly without allocating memory."""
-    preset = _preset(name)
+    """Build preset ``name`` (or a model YAML); ``device="meta"`` allocates nothing."""
     config = get_config(name, **overrides)
+    preset = _preset(_from_file(name)[0] if _is_file_name(name) else name)
     if device is None:
         return preset.builder(config)
     with torch.device(device):
