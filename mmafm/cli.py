@@ -5,6 +5,7 @@
     mmafm pipeline run configs/pipelines/tiny.yaml  # all stages, outputs wired by manifests
     mmafm list models | mmafm list stages
     mmafm config afm_2025_device                    # a model preset's config as YAML
+    mmafm report runs/tiny                          # runs/tiny/REPORT.md: numbers + figures
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("what", choices=("models", "stages"))
     lst.add_argument("pattern", nargs="?", default="*")
 
+    rep = sub.add_parser("report", help="write RUN_DIR/REPORT.md from the stages' manifests")
+    rep.add_argument("run_dir", help="e.g. runs/tiny")
+
     cfg = sub.add_parser("config", help="print a model preset's config as YAML")
     cfg.add_argument("name")
     return parser
@@ -86,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from mmafm.stages import list_stages
 
                 print("\n".join(list_stages()))
+        elif args.command == "report":
+            from mmafm.report import write_report
+
+            print(f"[mmafm] report written to {write_report(args.run_dir)}")
         elif args.command == "config":
             from mmafm import get_config
 

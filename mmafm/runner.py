@@ -249,7 +249,10 @@ def run_pipeline(
         params.update((overrides or {}).get(entry.stage, {}))
         config_file = (root / entry.config) if entry.config else None
         run_stage(entry.stage, config_file, params, run_id=run_id, runs_dir=runs_dir, force=force)
-    print(f"[mmafm] pipeline finished in {time.perf_counter() - total:.0f} s -> {run_dir}")
+    from mmafm.report import write_report
+
+    report = write_report(run_dir)
+    print(f"[mmafm] pipeline finished in {time.perf_counter() - total:.0f} s -> {run_dir} (summary: {report})")
     return run_dir
 
 

@@ -110,6 +110,8 @@ def test_pipeline_wires_outputs(workspace):
     run_dir = run_pipeline(pipeline)
     upstream = read_manifest(run_dir / "toy_b")["outputs"]["upstream"]
     assert upstream == read_manifest(run_dir / "toy_a")["outputs"]["result"]
+    report = (run_dir / "REPORT.md").read_text()
+    assert "## toy_a" in report and "## toy_b" in report and "figures/line.png" in report
 
 
 def test_pipeline_validation(workspace):
