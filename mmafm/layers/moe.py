@@ -34,7 +34,7 @@ def route_top_k(
         ``(probs (N, E), weights (N, k), experts (N, k))``: the full router softmax, the chosen
         experts' probabilities renormalised to sum to one, and the chosen expert indices.
     """
-    probs = router_logits.float().softmax(dim=-1)
+    probs = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)).softmax(dim=-1)
     top_probs, experts = probs.topk(top_k, dim=-1)
     weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
     return probs, weights, experts
@@ -86,7 +86,8 @@ class MoEFeedForward(nn.Module):
         """
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (N, dim)
-        router_logits = F.linear(tokens.float(), self.router.weight.float())  # (N, E)
+        router_dtype = torch.promote_types(tokens.dtype, torch.float32)  # route in >= fp32
+        router_logits = F.linear(tokens.to(router_dtype), self.router.weight.to(router_dtype))  # (N, E)
         probs, weights, experts = route_top_k(router_logits, self.top_k)
         aux = load_balancing_loss(probs, experts, self.num_experts)
 

@@ -1,0 +1,161 @@
+"""Text generation with a KV cache: prefill the prompts, then decode one token per step.
+
+Works with every model of :mod:`mmafm.models.text` / :mod:`mmafm.models.ptmoe`. Prompts of
+different lengths are left-padded into one batch with an attention mask; positions count real
+tokens only and padding keys are masked, so each row generates what it would alone. Sampling:
+greedy (``temperature=0``), temperature, top-k and top-p (nucleus), combinable; generation of a
+row stops at any of ``stop_tokens`` (not included in the output) or after ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["generate", "sample_next_token", "left_pad"]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts into ``(input_ids (B, T), attention_mask (B, T))``; 0 marks padding."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, longest - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+            mask[row, longest - len(prompt) :] = 1
+    return ids, mask
+
+
+def sample_next_token(
+    logits: torch.Tensor,  # (B, V)
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # (B,) long
+    """Pick one token per row: argmax when ``temperature == 0``, else sample from the
+    temperature-scaled distribution restricted to the ``top_k`` most likely tokens and to the
+    smallest set whose probability reaches ``top_p`` (the most likely token is always kept)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    logits = logits.float()
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p  # the first token has mass_before 0: always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.ndim != 2:
+            raise ValueError(f"a prompt tensor must be (batch, seq_len), got shape {tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {row} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    return prompts
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: int | Iterable[int] = (),
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    cache_dtype: torch.dtype | str | None = None,
+    quantized_cache: bool = False,
+) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: a decoder with ``new_cache`` and ``forward(ids, cache=, attention_mask=)``.
+        prompts: token-id lists (any lengths) or a (B, T) tensor of equal-length prompts.
+        max_new_tokens: most tokens generated per prompt.
+        temperature, top_k, top_p: sampling controls, see :func:`sample_next_token`.
+        stop_tokens: a row ends at the first of these (which is not returned).
+        pad_token_id: id used for left padding (masked out, so any valid id works).
+        generator, seed: randomness for sampling (``seed`` builds a generator).
+        cache_dtype: KV-cache dtype (default: the model's).
+        quantized_cache: int8 KV cache.
+
+    Returns:
+        The generated tokens of each prompt (prompt excluded).
+    """
+    config = model.config
+    prompts = _check_prompts(prompts, config.vocab_size)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    if longest > config.max_seq_len:
+        raise ValueError(
+            f"prompt of {longest} tokens is longer than the model's context (max_seq_len={config.max_seq_len})"
+        )
+    if longest + max_new_tokens > config.max_seq_len:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+            f"(max_seq_len={config.max_seq_len}); lower max_new_tokens to <= {config.max_seq_len - longest}"
+        )
+    stop = {stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens == 0:
+        return outputs
+    device = model.embed.weight.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        ids, mask = left_pad(prompts, pad_token_id, device)
+        cache = model.new_cache(len(prompts), longest + max_new_tokens, dtype=cache_dtype,
+                                quantized=quantized_cache)
+        padded = bool((mask == 0).any())
+        logits = model(ids, cache=cache, attention_mask=mask if padded else None)[:, -1]  # (B, V)
+        finished = [False] * len(prompts)
+        for step in range(max_new_tokens):
+            next_tokens = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            for row, token in enumerate(next_tokens.tolist()):
+                if finished[row]:
+                    continue
+                if token in stop:
+                    finished[row] = True
+                else:
+                    outputs[row].append(token)
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            logits = model(next_tokens[:, None], cache=cache)[:, -1]
+    finally:
+        model.train(was_training)
+    return outputs
