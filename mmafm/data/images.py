@@ -31,7 +31,7 @@ def fit_square(image: Image.Image, size: int, background: tuple[int, int, int] =
     width, height = image.size
     scale = size / max(width, height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    resized = image.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=2.0)
     canvas = Image.new("RGB", (size, size), background)
     canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
     return canvas

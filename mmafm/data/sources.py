@@ -24,6 +24,7 @@ import hashlib
 import html
 import random
 import re
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,22 @@ OPENCLIPART_PNG = Path("/usr/share/openclipart/png")
 OPENCLIPART_SVG = Path("/usr/share/openclipart/svg")
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 
+PACKAGES = {
+    "emoji": "fonts-noto-color-emoji + unicode-cldr-core",
+    "openclipart": "openclipart-png + openclipart-svg",
+    "tuxpaint": "tuxpaint-stamps-default",
+}
+LICENSES = {
+    "emoji": "OFL-1.1 (font) + Unicode-DFS-2016 (names)",
+    "openclipart": "CC0-1.0 (public domain dedication)",
+    "tuxpaint": "GPL-2.0",
+}
+
 # Errors that mean "this one file is broken": skipped and counted, never fatal.
 CORRUPT_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# A few OpenClipArt PNGs are posters of up to 230 megapixels (2/3 of the package's pixels, and
+# PIL's decompression-bomb limit); decoding them takes seconds each for a 64-pixel thumbnail.
+MAX_PIXELS = 4_000_000
 
 
 def pair_key(source: str, item_id: str) -> str:
@@ -66,6 +81,25 @@ def _seeded_order(items: list, limit: int, seed: int, source: str) -> list:
     if limit > 0 and limit < len(items):
         random.Random(f"{source}-{seed}").shuffle(items)
     return items
+
+
+def _load_image(path: Path, image_size: int, stats: SourceStats) -> Image.Image | None:
+    """Open, flatten onto white and letterbox one image; None (counted) if corrupt or huge."""
+    too_large = f"image over {MAX_PIXELS // 1_000_000} megapixels"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as raw:
+                if raw.width * raw.height > MAX_PIXELS:
+                    stats.skip(too_large)
+                    return None
+                return fit_square(to_rgb(raw), image_size)
+    except Image.DecompressionBombError:
+        stats.skip(too_large)
+        return None
+    except CORRUPT_ERRORS:
+        stats.corrupt += 1
+        return None
 
 
 def _finish(stats: SourceStats, where: Path) -> None:
@@ -113,7 +147,7 @@ def emoji_caption(name: str, keywords: list[str]) -> str:
 
 def emoji_pairs(image_size: int, limit: int = 0, seed: int = 0, stats: SourceStats | None = None) -> Iterator[Pair]:
     """Emoji glyphs rendered from Noto Color Emoji, captioned by CLDR English annotations."""
-    stats = stats or SourceStats("emoji", "fonts-noto-color-emoji + unicode-cldr-core", "OFL-1.1 + Unicode-DFS-2016")
+    stats = stats or SourceStats("emoji", PACKAGES["emoji"], LICENSES["emoji"])
     font_path = require_path(EMOJI_FONT, "fonts-noto-color-emoji")
     annotations = read_cldr_annotations(require_path(CLDR_ANNOTATIONS, "unicode-cldr-core"))
     try:
@@ -134,7 +168,7 @@ def emoji_pairs(image_size: int, limit: int = 0, seed: int = 0, stats: SourceSta
         item_id = "U+" + "-".join(f"{ord(char):04X}" for char in sequence)
         stats.kept += 1
         image = fit_square(to_rgb(glyph), image_size)
-        yield Pair(pair_key("emoji", item_id), image, emoji_caption(name, keywords), "emoji", stats.license, item_id)
+        yield Pair(pair_key("emoji", item_id), image, emoji_caption(name, keywords), "emoji", LICENSES["emoji"], item_id)
     _finish(stats, CLDR_ANNOTATIONS)
 
 
@@ -143,6 +177,7 @@ _WORK = re.compile(r"<cc:Work\b.*?</cc:Work>", re.S)
 _TITLE = re.compile(r"<dc:title>(.*?)</dc:title>", re.S)
 _SUBJECT = re.compile(r"<dc:subject>(.*?)</dc:subject>", re.S)
 _LI = re.compile(r"<rdf:li>(.*?)</rdf:li>", re.S)
+_CREATOR = re.compile(r"<dc:creator>.*?<dc:title>(.*?)</dc:title>", re.S)
 # Titles naming a collection rather than the picture; a caption falls back to the keywords.
 _GENERIC_TITLE = re.compile(r"^(various cliparts|aiga_symbol_signs|untitled|svg gradient collection.*|card)$", re.I)
 _ICON_TITLE = re.compile(r"\bicons?\b|iconset|icon[- ]theme|svg theme|-theme\b", re.I)
@@ -156,7 +191,7 @@ def _clean(text: str) -> str:
     return " ".join(html.unescape(text).split())
 
 
-def openclipart_caption(svg_text: str, fallback: str = "") -> tuple[str, str] | tuple[None, str]:
+def openclipart_caption(svg_text: str) -> tuple[str, str] | tuple[None, str]:
     """Caption from an OpenClipArt SVG's metadata: ``"<title>: kw1, kw2, ..."``.
 
     Returns:
@@ -172,17 +207,23 @@ def openclipart_caption(svg_text: str, fallback: str = "") -> tuple[str, str] | 
     if _ICON_TITLE.search(title):
         return None, "icon collection"
     title = re.sub(r"^clipart by nicu buculei - ", "", title, flags=re.I)
-    if "_" in title or re.search(r"\d+$", title):  # file-name-like titles: "jigsaw_red_10"
+    if "_" in title or re.fullmatch(r"[A-Za-z]+\d+", title):  # file-name-like: "jigsaw_red_10", "smiley111"
         title = re.sub(r"[_\d\s]+$", "", title).replace("_", " ").strip()
-    if _GENERIC_TITLE.match(title):
-        title = ""
+    creator_match = _CREATOR.search(block)
+    creator = _clean(creator_match.group(1)).lower() if creator_match else ""
+    if (
+        _GENERIC_TITLE.match(title)
+        or "@" in title
+        or title.lower().startswith(("http:", "https:"))
+        or (creator and title.lower() == creator)
+    ):
+        title = ""  # a collection name, or the uploader's name or address, says nothing about the picture
     subject = _SUBJECT.search(block)
     keywords: list[str] = []
     for raw in _LI.findall(subject.group(1)) if subject else []:
         word = _clean(raw).replace("_", " ")
-        if word.lower() not in _NOISE_KEYWORDS and word.lower() != title.lower() and word not in keywords:
+        if word.lower() not in _NOISE_KEYWORDS | {title.lower(), creator} and word not in keywords:
             keywords.append(word)
-    title = title or fallback
     if not title and not keywords:
         return None, "no title or keywords"
     if not title:
@@ -192,7 +233,7 @@ def openclipart_caption(svg_text: str, fallback: str = "") -> tuple[str, str] | 
 
 def openclipart_pairs(image_size: int, limit: int = 0, seed: int = 0, stats: SourceStats | None = None) -> Iterator[Pair]:
     """OpenClipArt PNGs captioned from their SVG twin's title and keywords."""
-    stats = stats or SourceStats("openclipart", "openclipart-png + openclipart-svg", "CC0-1.0 (public domain dedication)")
+    stats = stats or SourceStats("openclipart", PACKAGES["openclipart"], LICENSES["openclipart"])
     png_root = require_path(OPENCLIPART_PNG, "openclipart-png")
     svg_root = require_path(OPENCLIPART_SVG, "openclipart-svg")
     png_files = [path.relative_to(png_root).as_posix() for path in png_root.rglob("*.png")]
@@ -215,21 +256,18 @@ def openclipart_pairs(image_size: int, limit: int = 0, seed: int = 0, stats: Sou
         if caption is None:
             stats.skip(reason)
             continue
-        try:
-            with Image.open(png_root / rel) as raw:
-                image = fit_square(to_rgb(raw.convert("RGBA") if raw.mode == "P" else raw), image_size)
-        except CORRUPT_ERRORS:
-            stats.corrupt += 1
+        image = _load_image(png_root / rel, image_size, stats)
+        if image is None:
             continue
         stats.kept += 1
-        yield Pair(pair_key("openclipart", rel), image, caption, "openclipart", stats.license, rel)
+        yield Pair(pair_key("openclipart", rel), image, caption, "openclipart", LICENSES["openclipart"], rel)
     _finish(stats, png_root)
 
 
 # ------------------------------------------------------------------------------------ tuxpaint
 def tuxpaint_pairs(image_size: int, limit: int = 0, seed: int = 0, stats: SourceStats | None = None) -> Iterator[Pair]:
     """Tux Paint stamps: PNG image + first line of the stamp's ``.txt`` description."""
-    stats = stats or SourceStats("tuxpaint", "tuxpaint-stamps-default", "GPL-2.0")
+    stats = stats or SourceStats("tuxpaint", PACKAGES["tuxpaint"], LICENSES["tuxpaint"])
     root = require_path(TUXPAINT_STAMPS, "tuxpaint-stamps-default")
     texts = [path.relative_to(root).as_posix() for path in root.rglob("*.txt")]
     for rel in _seeded_order(texts, limit, seed, "tuxpaint"):
@@ -248,14 +286,11 @@ def tuxpaint_pairs(image_size: int, limit: int = 0, seed: int = 0, stats: Source
         if not caption:
             stats.skip("empty description")
             continue
-        try:
-            with Image.open(png) as raw:
-                image = fit_square(to_rgb(raw.convert("RGBA") if raw.mode == "P" else raw), image_size)
-        except CORRUPT_ERRORS:
-            stats.corrupt += 1
+        image = _load_image(png, image_size, stats)
+        if image is None:
             continue
         stats.kept += 1
-        yield Pair(pair_key("tuxpaint", rel), image, caption, "tuxpaint", stats.license, rel)
+        yield Pair(pair_key("tuxpaint", rel), image, caption, "tuxpaint", LICENSES["tuxpaint"], rel)
     _finish(stats, root)
 
 
@@ -270,9 +305,6 @@ class ImageSource:
 
 
 IMAGE_SOURCES = {
-    "emoji": ImageSource("emoji", "fonts-noto-color-emoji + unicode-cldr-core", "OFL-1.1 + Unicode-DFS-2016", emoji_pairs),
-    "openclipart": ImageSource(
-        "openclipart", "openclipart-png + openclipart-svg", "CC0-1.0 (public domain dedication)", openclipart_pairs
-    ),
-    "tuxpaint": ImageSource("tuxpaint", "tuxpaint-stamps-default", "GPL-2.0", tuxpaint_pairs),
+    name: ImageSource(name, PACKAGES[name], LICENSES[name], pairs)
+    for name, pairs in (("emoji", emoji_pairs), ("openclipart", openclipart_pairs), ("tuxpaint", tuxpaint_pairs))
 }
