@@ -16,6 +16,7 @@ def __getattr__(name: str):
         return load_clip
     raise AttributeError(f"module 'mmafm' has no attribute {name!r}")
 
+
 # The vision encoders also register with timm: timm.create_model("mmafm_vitdet_large_patch16_rw").
 import mmafm.models.vit  # noqa: E402,F401
 import mmafm.models.vitdet  # noqa: E402,F401

@@ -123,7 +123,7 @@ def resample_feature_map(feature: torch.Tensor, scale: float) -> torch.Tensor:  
 
 def take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
     """Block indices to return, timm's convention: None = all, int n = the last n, else the list
-    (negative values count from the end)."""
+    (negative values count from the end; duplicates dropped)."""
     if indices is None:
         return list(range(depth))
     if isinstance(indices, int):
@@ -134,4 +134,4 @@ def take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None) 
     bad = [i for i in indices if not -depth <= i < depth]
     if bad:
         raise ValueError(f"block indices {bad} out of range for depth {depth} (expected -{depth}..{depth - 1})")
-    return sorted(taken)
+    return sorted(set(taken))
