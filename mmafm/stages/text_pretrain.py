@@ -1,0 +1,352 @@
+"""Stage 03: core pretraining of an AFM text model on the data stage's token shards.
+
+The 2024 AFM report (section 3 "Pre-training"; REFERENCE.md "2024 pretraining") pretrains in
+three steps: *core* pretraining, *continued* pretraining at sequence length 8192 with a lower peak
+LR, and *context lengthening* at 32768 with the RoPE base raised from 500k to 6,315,089. This
+stage is the core step at tiny scale: next-token cross-entropy plus the model config's z-loss
+(1e-6 in the AFM presets), linear warm-up then cosine decay to ``min_lr_ratio`` of the peak,
+global grad-norm clipping, on the shared trainer (:mod:`mmafm.train`, so it checkpoints and resumes).
+It reports held-out perplexity against the uniform-vocabulary level, plots loss and perplexity
+curves, writes sample generations, and saves the weights with the preset and config that rebuild
+them (:func:`load_text_model`).
+
+How the rest of the recipe slots in (a later issue):
+
+- continued pretraining and context lengthening are this stage again, started from the previous
+  stage's ``checkpoint`` via ``init_checkpoint``, with a longer ``seq_len`` (``max_seq_len`` grows
+  with it), lower ``lr`` / ``warmup_steps`` / ``min_lr_ratio`` and, for context lengthening,
+  ``rope_theta=6315089``: all of these fields work today;
+- the AFM optimizer (RMSProp with momentum and per-block update clipping) plugs into
+  :func:`train_text_model` as its ``optimizer_factory`` (the trainer's default is AdamW);
+- distillation replaces the loss: subclass :class:`TextPretrainTask` and override
+  :meth:`~TextPretrainTask.compute_loss`; pruning trains masks on the same task.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mmafm.checkpoint import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from mmafm.config import ConfigError, to_dict
+from mmafm.io import atomic_write_json
+from mmafm.registry import create_model, get_config, list_models, model_family
+from mmafm.stages import register_stage
+from mmafm.stages.base import StageConfig, StageDir
+
+__all__ = [
+    "TextPretrainConfig",
+    "TextPretrainTask",
+    "build_text_model",
+    "held_out_batches",
+    "train_text_model",
+    "load_text_model",
+    "run",
+]
+
+STAGE = "03_text_pretrain"
+TEXT_FAMILIES = ("text", "ptmoe")
+CHECKPOINT_KIND = "mmafm text model"
+
+
+@dataclass
+class TextPretrainConfig(StageConfig):
+    """Core text pretraining. Defaults: the tiny CPU pipeline (about a minute on 2 idle cores)."""
+
+    # --- model
+    preset: str = "afm_2024_device_tiny"  # any text preset (mmafm.list_models("afm_*")); vocab_size is set from the tokenizer
+    init_checkpoint: str = ""  # start from these weights (a text-pretrain `checkpoint` output) instead of random init; "" = random
+    rope_theta: float = field(default=0.0, metadata={"min": 0.0})  # RoPE base override; 0 = the preset's (500k); 6,315,089 for context lengthening [paper]
+    # --- data (outputs of the 00_data stage)
+    tokens_dir: str = ""  # the data stage's `tokens_dir` (train.bin, val.bin, meta.json)
+    tokenizer: str = ""  # the data stage's `tokenizer` (tokenizer.model); decodes the samples
+    seq_len: int = field(default=128, metadata={"min": 2})  # tokens per training row [paper: 4096 core, 8192 continued, 32768 long-context]
+    batch_size: int = field(default=8, metadata={"min": 1})  # rows per step per rank [paper: 4096 x 4096 tokens]
+    grad_accum_steps: int = field(default=1, metadata={"min": 1})  # micro-batches per optimizer step
+    # --- optimization (shared trainer: AdamW, warm-up + cosine)
+    max_steps: int = field(default=150, metadata={"min": 1})  # optimizer steps
+    lr: float = field(default=3e-3, metadata={"min": 0.0})  # peak LR [paper: 1e-2 with mu-param and its own optimizer; AdamW without mu-param needs less, open]
+    warmup_steps: int = field(default=20, metadata={"min": 0})  # linear warm-up [paper: 5k of ~500k steps]
+    min_lr_ratio: float = field(default=0.005, metadata={"min": 0.0, "max": 1.0})  # cosine floor / peak [paper: 0.005 core, 0.001 continued]
+    weight_decay: float = field(default=0.1, metadata={"min": 0.0})  # AdamW decay (scaled by LR) [paper: 3.16e-4 decoupled from LR in its own optimizer; open]
+    grad_clip: float = field(default=1.0, metadata={"min": 0.0})  # global grad-norm clip [paper: 1.0]; 0 = off
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})  # bf16 autocast on GPUs
+    parallel: str = field(default="none", metadata={"choices": ("none", "ddp", "fsdp")})  # "ddp" or "fsdp" (FSDP2, one unit per layer) under torchrun
+    # --- evaluation, checkpoints, samples
+    eval_every: int = field(default=50, metadata={"min": 0})  # steps between held-out evaluations (and always at the end); 0 = end only
+    eval_batches: int = field(default=4, metadata={"min": 1})  # held-out batches per evaluation (the first N of val.bin)
+    ckpt_every: int = field(default=50, metadata={"min": 0})  # resumable checkpoint cadence; 0 = end only
+    log_every: int = field(default=10, metadata={"min": 1})  # metrics record cadence
+    sample_prompts: str = "The|A computer is|In the beginning"  # "|"-separated prompts continued after training
+    sample_tokens: int = field(default=32, metadata={"min": 1})  # tokens generated per prompt
+    sample_temperature: float = field(default=0.0, metadata={"min": 0.0})  # 0 = greedy; > 0 samples (seeded by `seed`)
+
+
+# ---------------------------------------------------------------------------------- the task
+class TextPretrainTask:
+    """Next-token prediction on ``(input_ids, targets)`` batches, for the shared trainer.
+
+    Args:
+        model: a text decoder (``forward(ids) -> logits``, ``loss(logits, targets)``).
+        val_batches: held-out ``(input_ids, targets)`` batches for :meth:`evaluate`.
+    """
+
+    def __init__(self, model: nn.Module, val_batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.model = model
+        self.val_batches = val_batches
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The model itself, also when the trainer has wrapped it (DDP)."""
+        return getattr(self.model, "module", self.model)
+
+    def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss and metrics: the model's CE + z-loss (override for distillation)."""
+        return self.decoder.loss(logits, targets)
+
+    def training_forward(self, batch: tuple[torch.Tensor, torch.Tensor]):
+        input_ids, targets = batch  # (B, T), (B, T)
+        logits = self.model(input_ids)  # (B, T, V)
+        loss, metrics = self.compute_loss(logits, targets)
+        return {"lm": loss}, metrics
+
+    def count_items(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        """Tokens per batch, so the trainer's throughput column is tokens/s."""
+        return batch[0].numel()
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out token-level cross-entropy (no z-loss) and its perplexity."""
+        device = next(self.decoder.parameters()).device
+        total, count = 0.0, 0
+        for input_ids, targets in self.val_batches:
+            logits = self.model(input_ids.to(device))
+            ce = nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum"
+            )
+            total += ce.item()
+            count += targets.numel()
+        val_loss = total / max(count, 1)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+# --------------------------------------------------------------------------------- building
+def _check_preset(name: str) -> None:
+    if name not in list_models():
+        raise ConfigError(f"{STAGE}: preset {name!r} is not a registered model; text presets: "
+                          f"{', '.join(n for n in list_models() if model_family(n) in TEXT_FAMILIES)}")
+    if model_family(name) not in TEXT_FAMILIES:
+        raise ConfigError(f"{STAGE}: preset {name!r} is a {model_family(name)} model, expected a text preset")
+
+
+def build_text_model(cfg: TextPretrainConfig, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The model the config describes and the overrides applied to its preset.
+
+    The preset's vocabulary becomes the tokenizer's, its context grows to ``seq_len`` when
+    shorter, and ``rope_theta`` replaces the base when set; ``init_checkpoint`` weights are loaded
+    (a checkpoint of another shape is a :class:`~mmafm.checkpoint.CheckpointError`).
+    """
+    _check_preset(cfg.preset)
+    preset_config = get_config(cfg.preset)
+    overrides: dict[str, Any] = {"vocab_size": vocab_size}
+    if cfg.seq_len > preset_config.max_seq_len:
+        overrides["max_seq_len"] = cfg.seq_len
+    if cfg.rope_theta:
+        overrides["rope_theta"] = cfg.rope_theta
+    model = create_model(cfg.preset, **overrides)
+    if cfg.init_checkpoint:
+        load_into(model, cfg.init_checkpoint)
+    return model, overrides
+
+
+def held_out_batches(tokens_dir: str | Path, seq_len: int, batch_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` batches of ``val.bin`` (fewer rows per batch if the split is small)."""
+    from mmafm.data.shards import TokenShards, read_token_meta
+
+    val_tokens = int(read_token_meta(tokens_dir)["count"]["val"])
+    windows = max(0, (val_tokens - 1) // seq_len)
+    if windows == 0:
+        raise ValueError(
+            f"{tokens_dir}: val.bin holds {val_tokens} tokens, not one window of seq_len={seq_len} (+1); "
+            "lower seq_len or raise the data stage's val_fraction"
+        )
+    shards = TokenShards(tokens_dir, seq_len, min(batch_size, windows), seed=0, split="val", shard_by_rank=False)
+    batches = []
+    for batch in shards:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def train_text_model(
+    cfg: TextPretrainConfig,
+    model: nn.Module,
+    stage_dir: StageDir,
+    optimizer_factory: Callable | None = None,
+    scheduler_factory: Callable | None = None,
+    task_cls: type[TextPretrainTask] = TextPretrainTask,
+):
+    """Train ``model`` on ``cfg.tokens_dir`` with the shared trainer; returns ``(trainer, records)``."""
+    from mmafm.data.shards import TokenShards
+    from mmafm.train import TrainConfig, Trainer
+
+    train_data = TokenShards(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, seed=cfg.seed, split="train")
+    task = task_cls(model, held_out_batches(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
+    train_config = TrainConfig(
+        max_steps=cfg.max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule="cosine",
+        warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1), min_lr_ratio=cfg.min_lr_ratio,
+        grad_accum_steps=cfg.grad_accum_steps, grad_clip=cfg.grad_clip, precision=cfg.precision,
+        log_every=cfg.log_every, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed,
+        parallel=cfg.parallel,
+    )
+    trainer = Trainer(task, train_data, train_config, stage_dir, optimizer_factory, scheduler_factory)
+    return trainer, trainer.fit()
+
+
+def load_text_model(path: str | Path) -> nn.Module:
+    """Rebuild a model saved by this stage (preset + overrides from the metadata, then weights)."""
+    _, metadata = load_checkpoint(path)
+    if metadata.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path}: not a text-model checkpoint (metadata kind {metadata.get('kind')!r}, "
+                              f"expected {CHECKPOINT_KIND!r})")
+    model = create_model(metadata["preset"], **metadata["model_overrides"])
+    load_into(model, path)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- samples, figures
+def _prompts(text: str) -> list[str]:
+    prompts = [p for p in text.split("|") if p.strip()]
+    if not prompts:
+        raise ConfigError(f"{STAGE}: sample_prompts {text!r} holds no prompt; expected e.g. 'The|Once upon a time'")
+    return prompts
+
+
+@torch.no_grad()
+def _samples(model: nn.Module, tokenizer: Any, cfg: TextPretrainConfig) -> list[dict]:
+    from mmafm.generate import generate
+
+    model.eval()
+    prompts = _prompts(cfg.sample_prompts)
+    ids = [tokenizer.encode(prompt) for prompt in prompts]
+    room = model.config.max_seq_len - max(len(row) for row in ids)
+    completions = generate(
+        model, ids, max_new_tokens=max(0, min(cfg.sample_tokens, room)),
+        temperature=cfg.sample_temperature, stop_tokens=[tokenizer.eos_id], pad_token_id=tokenizer.pad_id,
+        seed=cfg.seed if cfg.sample_temperature > 0 else None,
+    )
+    return [
+        {"prompt": prompt, "completion": tokenizer.decode(tokens), "tokens": len(tokens)}
+        for prompt, tokens in zip(prompts, completions)
+    ]
+
+
+def _figures(stage_dir: StageDir, records: list[dict], uniform_ppl: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "ce" in r]
+    evals = [r for r in records if "eval/val_loss" in r]
+    steps, ce = [r["step"] for r in train], [r["ce"] for r in train]
+    eval_steps = [r["step"] for r in evals]
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(steps, ce, label="train cross-entropy")
+    ax.plot(eval_steps, [r["eval/val_loss"] for r in evals], "o-", label="held-out cross-entropy")
+    ax.axhline(math.log(uniform_ppl), ls="--", c="grey", label=f"uniform over {int(uniform_ppl)} tokens")
+    ax.set(xlabel="step", ylabel="nats / token", title="text pretraining loss")
+    ax.legend()
+    stage_dir.save_figure(fig, "loss")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(steps, [math.exp(min(v, 50.0)) for v in ce], label="train")
+    ax.plot(eval_steps, [r["eval/val_ppl"] for r in evals], "o-", label="held-out")
+    ax.axhline(uniform_ppl, ls="--", c="grey", label="uniform (vocab size)")
+    ax.set(xlabel="step", ylabel="perplexity", yscale="log", title="perplexity")
+    ax.legend()
+    stage_dir.save_figure(fig, "perplexity")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- run
+def run(cfg: TextPretrainConfig) -> dict[str, str]:
+    """Train, evaluate, sample, plot and save the text model; returns the stage outputs."""
+    from mmafm.data.shards import read_token_meta
+    from mmafm.tokenizer import Tokenizer
+    from mmafm.train import seed_everything
+
+    for name in ("tokens_dir", "tokenizer"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"{STAGE}: {name} is empty; pass the 00_data stage's `{name}` output")
+    _check_preset(cfg.preset)
+    _prompts(cfg.sample_prompts)
+    start = time.time()
+    stage_dir = StageDir(cfg.out_dir, STAGE)
+    seed_everything(cfg.seed)
+    tokenizer = Tokenizer.load(cfg.tokenizer)
+    meta = read_token_meta(cfg.tokens_dir)
+    if int(meta["vocab_size"]) != tokenizer.vocab_size:
+        raise ConfigError(
+            f"{STAGE}: tokens in {cfg.tokens_dir} were made with a {meta['vocab_size']}-token vocabulary, "
+            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size}; pass the matching pair"
+        )
+    model, overrides = build_text_model(cfg, tokenizer.vocab_size)
+    trainer, records = train_text_model(cfg, model, stage_dir)
+    weights = trainer.full_state_dict()  # a collective under FSDP: every rank takes part
+    if trainer.rank != 0:
+        return {}
+
+    # a plain (unwrapped, unsharded) copy for sampling and saving, whatever `parallel` was
+    model = create_model(cfg.preset, **overrides)
+    model.load_state_dict(weights)
+    final = [r for r in records if "eval/val_ppl" in r][-1]
+    samples = _samples(model, tokenizer, cfg)
+    samples_path = stage_dir.root / "samples.json"
+    atomic_write_json(samples_path, samples)
+    uniform_ppl = float(tokenizer.vocab_size)
+    _figures(stage_dir, records, uniform_ppl)
+    summary = {
+        "val_loss": round(final["eval/val_loss"], 4),
+        "val_ppl": round(final["eval/val_ppl"], 3),
+        "uniform_ppl": uniform_ppl,
+        "steps": trainer.step,
+        "train_tokens": trainer.step * cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * trainer.world_size,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "seconds": round(time.time() - start, 1),
+    }
+    checkpoint = save_checkpoint(
+        stage_dir.checkpoint_dir / "text_model",
+        model.state_dict(),
+        {
+            "kind": CHECKPOINT_KIND,
+            "stage": STAGE,
+            "preset": cfg.preset,
+            "model_overrides": overrides,
+            "model_config": to_dict(model.config),
+            "tokenizer": cfg.tokenizer,
+            "step": trainer.step,
+            "summary": summary,
+            "stage_config": to_dict(cfg),
+        },
+    )
+    outputs = {
+        "checkpoint": str(checkpoint),
+        "preset": cfg.preset,
+        "tokenizer": cfg.tokenizer,
+        "samples": str(samples_path),
+        "metrics": str(stage_dir.metrics_path),
+    }
+    stage_dir.write_manifest(outputs, cfg, summary)
+    return outputs
+
+
+register_stage(STAGE, TextPretrainConfig, run)
