@@ -1,0 +1,515 @@
+"""Stage 02: joint vision-language training with a captioning loss (2025 report, stage 2).
+
+REFERENCE.md, "Vision encoders": after contrastive pretraining, "encoder + vision-language adapter
++ a small decoder [are] trained jointly" [2nd]. This stage builds a
+:class:`mmafm.models.multimodal.MultimodalModel`, starts its encoder from the CLIP stage's image
+tower and its decoder from the text pretraining stage (either may be fresh), and trains it on the
+data stage's image-caption pairs to continue ``<s> <image> `` with the caption and ``</s>``. The
+loss is the decoder's next-token cross-entropy on the caption tokens only (image positions carry
+no target). Which parts train is configurable (``train_vision`` / ``train_adapter`` /
+``train_text``).
+
+Held-out evaluation (the data stage's ``val`` split):
+
+- generated captions (greedy, KV cache) under held-out images, in a figure;
+- caption perplexity: ``exp`` of the mean negative log-likelihood per caption token (EOS included);
+- "pick the right caption": for each image, the true caption and ``num_candidates - 1`` other
+  held-out captions are scored by the model's mean log-likelihood per caption token given the
+  image; accuracy of picking the true one, against chance ``1 / num_candidates``. The same
+  candidates scored under a *different* held-out image give the accuracy the text prior alone
+  reaches (it should sit near chance).
+
+Outputs: ``checkpoint`` (weights + config, read back by
+:func:`mmafm.models.multimodal.load_multimodal`), ``preset``, ``tokenizer``, ``mode``.
+
+Run alone (no upstream stages), it makes its own synthetic pairs and trains a small tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from mmafm.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
+from mmafm.config import ConfigError
+from mmafm.models.adapter import MODES
+from mmafm.models.multimodal import IGNORE_INDEX, MultimodalModel
+from mmafm.registry import create_model, model_family
+from mmafm.stages import register_stage
+from mmafm.stages.base import StageConfig, StageDir
+
+__all__ = [
+    "VLAlignmentConfig",
+    "CaptionTask",
+    "CaptionBatches",
+    "build_model",
+    "caption_ids",
+    "collate_captions",
+    "caption_log_likelihoods",
+    "evaluate_captions",
+    "run",
+]
+
+STAGE = "02_vl_alignment"
+# text-model overrides a text checkpoint may carry -> the MultimodalConfig field that sets each
+TEXT_OVERRIDE_FIELDS = {"max_seq_len": "text_max_seq_len", "rope_theta": "text_rope_theta"}
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VLAlignmentConfig(StageConfig):
+    """Stage 02. Defaults are the tiny CPU run (< 4 minutes on 2 cores)."""
+
+    # --- inputs (a pipeline wires them from upstream manifests; empty = standalone) ---
+    pairs_dir: str = ""  # 00_data `pairs_dir`; "" = make `synthetic_pairs` shape scenes here
+    tokenizer: str = ""  # 00_data `tokenizer` (.model); "" = train a small BPE on the captions
+    image_tower: str = ""  # 01_clip_pretrain `image_tower`; "" = fresh encoder
+    image_preset: str = ""  # 01_clip_pretrain `image_preset`; "" = the model preset's encoder
+    text_checkpoint: str = ""  # 03_text_pretrain `checkpoint`; "" = fresh decoder
+    text_preset: str = ""  # 03_text_pretrain `preset`; "" = the model preset's decoder
+    model_preset: str = "afm_vl_tiny"  # multimodal preset supplying the adapter and mode table
+    synthetic_pairs: int = field(default=2000, metadata={"min": 16})  # standalone only: generated pairs
+    # --- what trains [2nd: all three jointly] ---
+    train_vision: bool = True  # update the image encoder
+    train_adapter: bool = True  # update the vision-language adapter
+    train_text: bool = True  # update the decoder
+    # --- resolution ---
+    mode: str = field(default="balanced", metadata={"choices": MODES})  # resolution mode trained and evaluated [2nd: balanced 672]
+    image_size: int = field(default=64, metadata={"min": 0})  # side of one view in `mode`; 0 = preset's [paper: 672; tiny: 64 = data stage]
+    image_tokens: int = field(default=16, metadata={"min": 0})  # tokens per view in `mode` (a square); 0 = preset's [paper: 144]
+    max_caption_tokens: int = field(default=40, metadata={"min": 4})  # caption tokens kept (EOS included)
+    # --- optimisation ---
+    steps: int = field(default=300, metadata={"min": 1})  # optimizer steps
+    batch_size: int = field(default=32, metadata={"min": 1})  # pairs per step
+    lr: float = field(default=2e-3, metadata={"min": 0.0})  # peak learning rate [open]
+    warmup_steps: int = field(default=30, metadata={"min": 0})  # linear warm-up
+    min_lr_ratio: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # final LR / peak (cosine)
+    weight_decay: float = field(default=0.05, metadata={"min": 0.0})  # AdamW decoupled decay [open]
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})  # bf16 autocast on GPUs
+    num_workers: int = field(default=0, metadata={"min": 0})  # DataLoader processes (2-core machine: 0)
+    log_every: int = field(default=10, metadata={"min": 1})  # metrics record cadence
+    eval_every: int = field(default=50, metadata={"min": 0})  # steps between held-out perplexity checks (64 pairs); 0 = end only
+    ckpt_every: int = field(default=200, metadata={"min": 0})  # resumable checkpoint cadence (0 = end only)
+    # --- evaluation ---
+    eval_pairs: int = field(default=128, metadata={"min": 2})  # held-out pairs (the first N of the val split)
+    num_candidates: int = field(default=4, metadata={"min": 2})  # captions per image in "pick the right caption"
+    show_images: int = field(default=8, metadata={"min": 1})  # held-out images shown with generated captions
+    max_new_tokens: int = field(default=24, metadata={"min": 1})  # generated caption length limit
+
+
+# ------------------------------------------------------------------------------------- data
+def caption_ids(tokenizer: Any, caption: str, max_caption_tokens: int) -> torch.Tensor:
+    """``<s> <image> caption </s>``, the caption cut to ``max_caption_tokens`` (EOS included)."""
+    body = tokenizer.encode(caption)[: max_caption_tokens - 1] + [tokenizer.eos_id]
+    return torch.tensor([tokenizer.bos_id, tokenizer.image_id] + body, dtype=torch.long)
+
+
+def collate_captions(
+    samples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(images (B, 3, S, S), ids (B, T), labels (B, T))``: right-padded ids, padding unlabelled."""
+    images = torch.stack([image for image, _ in samples])
+    width = max(ids.numel() for _, ids in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (_, tokens) in enumerate(samples):
+        ids[row, : tokens.numel()] = tokens
+        labels[row, : tokens.numel()] = tokens
+    return images, ids, labels
+
+
+class CaptionBatches:
+    """Re-iterable batches of the training shards; one iteration = one epoch (reproducible)."""
+
+    def __init__(self, dataset: Any, batch_size: int, pad_id: int, num_workers: int = 0):
+        self.dataset, self.batch_size, self.pad_id, self.num_workers = dataset, batch_size, pad_id, num_workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
+            collate_fn=lambda samples: collate_captions(samples, self.pad_id),
+        )
+        return iter(loader)
+
+
+def _standalone_data(cfg: VLAlignmentConfig, root: Path) -> tuple[str, str]:
+    """Synthetic pair shards and a small tokenizer trained on their captions (no upstream stage)."""
+    from mmafm.data.shards import PairShardWriter
+    from mmafm.data.synthetic import generate_pairs
+    from mmafm.tokenizer import train_tokenizer
+
+    pairs_dir = root / "data" / "pairs"
+    captions = []
+    with PairShardWriter(pairs_dir, val_fraction=0.1, shard_size=1000, seed=cfg.seed) as writer:
+        for pair in generate_pairs(cfg.synthetic_pairs, cfg.seed, image_size=64):  # the data stage's size
+            writer.write(pair)
+            captions.append(pair.caption)
+    tokenizer = train_tokenizer(captions, root / "data" / "tokenizer", vocab_size=384, seed=cfg.seed)
+    return str(pairs_dir), str(tokenizer.path)
+
+
+# ------------------------------------------------------------------------------------- model
+def _text_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Decoder weights and metadata of a 03_text_pretrain checkpoint."""
+    tensors, meta = load_checkpoint(path)
+    if "embed.weight" not in tensors:
+        raise CheckpointError(f"{path}: no decoder weights (expected an `embed.weight` tensor)")
+    return tensors, meta
+
+
+def build_model(cfg: VLAlignmentConfig, tokenizer: Any) -> MultimodalModel:
+    """The multimodal model of ``cfg``, towers initialised from the upstream checkpoints."""
+    from mmafm.models.clip import load_image_tower
+
+    if model_family(cfg.model_preset) != "multimodal":
+        raise ConfigError(f"{STAGE}: model_preset {cfg.model_preset!r} is not a multimodal preset (e.g. afm_vl_tiny)")
+    overrides: dict[str, Any] = {
+        "image_token_id": tokenizer.image_id, "pad_token_id": tokenizer.pad_id,
+        "text_vocab_size": tokenizer.vocab_size, "default_mode": cfg.mode,
+    }
+    if cfg.image_preset:
+        if model_family(cfg.image_preset) not in ("vit", "vitdet"):
+            raise ConfigError(f"{STAGE}: image_preset {cfg.image_preset!r} is not a vision (vit/vitdet) preset")
+        overrides["vision_preset"] = cfg.image_preset
+    if cfg.text_preset:
+        if model_family(cfg.text_preset) not in ("text", "ptmoe"):
+            raise ConfigError(f"{STAGE}: text_preset {cfg.text_preset!r} is not a text (text/ptmoe) preset")
+        overrides["text_preset"] = cfg.text_preset
+    size_field, tokens_field = {
+        "rapid": ("rapid_size", "rapid_image_tokens"),
+        "balanced": ("balanced_size", "num_image_tokens"),
+        "high_res": ("balanced_size", "num_image_tokens"),
+    }[cfg.mode]
+    if cfg.image_size:
+        overrides[size_field] = cfg.image_size
+    if cfg.image_tokens:
+        overrides[tokens_field] = cfg.image_tokens
+
+    text_tensors = None
+    if cfg.text_checkpoint:
+        text_tensors, text_meta = _text_checkpoint(cfg.text_checkpoint)
+        vocab = text_tensors["embed.weight"].shape[0]
+        if vocab != tokenizer.vocab_size:
+            raise ConfigError(
+                f"{STAGE}: text_checkpoint {cfg.text_checkpoint} has a vocabulary of {vocab} but the "
+                f"tokenizer {cfg.tokenizer or '(standalone)'} has {tokenizer.vocab_size}; pass the "
+                "tokenizer the text stage was trained with"
+            )
+        text_overrides = dict(text_meta.get("model_overrides") or {})
+        text_overrides.pop("vocab_size", None)  # the tokenizer's, checked above
+        unknown = sorted(set(text_overrides) - set(TEXT_OVERRIDE_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"{STAGE}: text_checkpoint {cfg.text_checkpoint} was built with overrides {unknown} that "
+                f"the multimodal config cannot carry (supported: {sorted(TEXT_OVERRIDE_FIELDS)})"
+            )
+        overrides.update({TEXT_OVERRIDE_FIELDS[k]: v for k, v in text_overrides.items()})
+    if cfg.image_tower:
+        tower_preset = json.loads(checkpoint_paths(cfg.image_tower)[1].read_text()).get("preset")
+        if tower_preset != cfg.image_preset:
+            raise ConfigError(
+                f"{STAGE}: image_tower {cfg.image_tower} was trained from preset {tower_preset!r}, "
+                f"but image_preset is {cfg.image_preset!r}; pass the CLIP stage's image_preset output"
+            )
+        tower = load_image_tower(cfg.image_tower)
+        if "img_size" in {f.name for f in dataclasses.fields(tower.config)}:
+            overrides["vision_img_size"] = tower.config.img_size
+
+    model = create_model(cfg.model_preset, **overrides)
+    if cfg.image_tower:
+        model.vision.load_state_dict(tower.state_dict(), strict=True)
+    if text_tensors is not None:
+        try:
+            model.text.load_state_dict(text_tensors, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{cfg.text_checkpoint} does not fit text preset {model.config.text_preset!r}: {err}"
+            ) from err
+    model.set_trainable(vision=cfg.train_vision, adapter=cfg.train_adapter, text=cfg.train_text)
+    if not any(model.trainable_parts().values()):
+        raise ConfigError(f"{STAGE}: train_vision, train_adapter and train_text are all false: nothing to train")
+    return model
+
+
+# ------------------------------------------------------------------------------------- task
+class CaptionTask:
+    """The shared trainer's task: captioning loss on a batch; held-out perplexity as evaluation."""
+
+    def __init__(self, model: MultimodalModel, mode: str, held_out: dict[str, Any] | None = None):
+        self.model = model  # the trainer may swap in a DDP wrapper
+        self.plain = model
+        self.mode = mode
+        self.held_out = held_out
+
+    def training_forward(self, batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        images, ids, labels = batch
+        out = self.model(ids, images, mode=self.mode, labels=labels)
+        return {"caption": out.loss}, out.metrics
+
+    def count_items(self, batch) -> int:
+        return int((batch[2] != IGNORE_INDEX).sum())  # caption tokens
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.held_out:
+            return {}
+        sums, counts = caption_log_likelihoods(
+            self.plain, self.held_out["images"], self.held_out["ids"], self.mode
+        )
+        return {"val_caption_ppl": math.exp(-float(sums.sum() / counts.sum()))}
+
+
+# ------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def caption_log_likelihoods(
+    model: MultimodalModel,
+    images: torch.Tensor,  # (N, 3, S, S)
+    ids: list[torch.Tensor],  # N rows of `<s> <image> caption </s>`
+    mode: str,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (N,), (N,)
+    """Summed log-likelihood of each row's caption tokens (EOS included) given its image, and
+    the number of those tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = model.config.pad_token_id
+    sums, counts = [], []
+    for start in range(0, len(ids), batch_size):
+        chunk = [(images[i], ids[i]) for i in range(start, min(start + batch_size, len(ids)))]
+        batch_images, batch_ids, labels = collate_captions(chunk, pad)
+        out = model(batch_ids.to(device), batch_images.to(device), mode=mode, labels=labels.to(device))
+        targets = torch.full_like(out.labels, IGNORE_INDEX)
+        targets[:, :-1] = out.labels[:, 1:]  # next token; image slots and padding are IGNORE_INDEX
+        log_probs = F.log_softmax(out.logits.float(), dim=-1)
+        keep = targets != IGNORE_INDEX
+        token_lp = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * keep
+        sums.append(token_lp.sum(1).cpu())
+        counts.append(keep.sum(1).cpu())
+    model.train(was_training)
+    return torch.cat(sums), torch.cat(counts)
+
+
+def _candidates(captions: list[str], num_candidates: int, seed: int) -> list[list[int]]:
+    """For each caption, its own index first, then ``num_candidates - 1`` indices of other
+    captions with different text (seeded)."""
+    rng = random.Random(f"vl-candidates-{seed}")
+    distinct = len(set(captions))
+    if distinct < num_candidates:
+        raise ValueError(
+            f"'pick the right caption' needs {num_candidates} different held-out captions, found "
+            f"{distinct}; raise eval_pairs or lower num_candidates"
+        )
+    lists = []
+    for index, caption in enumerate(captions):
+        others: list[int] = []
+        chosen_texts = {caption}
+        while len(others) < num_candidates - 1:
+            j = rng.randrange(len(captions))
+            if captions[j] not in chosen_texts:
+                others.append(j)
+                chosen_texts.add(captions[j])
+        lists.append([index] + others)
+    return lists
+
+
+@torch.no_grad()
+def evaluate_captions(
+    model: MultimodalModel,
+    tokenizer: Any,
+    images: torch.Tensor,  # (N, 3, S, S)
+    captions: list[str],
+    mode: str,
+    num_candidates: int = 4,
+    max_caption_tokens: int = 40,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Caption perplexity and "pick the right caption" accuracy (with chance and a wrong-image
+    control) on held-out pairs."""
+    ids = [caption_ids(tokenizer, c, max_caption_tokens) for c in captions]
+    sums, counts = caption_log_likelihoods(model, images, ids, mode)
+    perplexity = math.exp(-float(sums.sum() / counts.sum()))
+
+    candidates = _candidates(captions, num_candidates, seed)
+    num = len(captions)
+    shift = random.Random(f"vl-wrong-image-{seed}").randrange(1, num)  # image (i + shift) % N: never i
+    rows_images, rows_ids = [], []
+    for use_wrong_image in (False, True):
+        for index, cands in enumerate(candidates):
+            image_index = (index + shift) % num if use_wrong_image else index
+            for j in cands:
+                rows_images.append(image_index)
+                rows_ids.append(ids[j])
+    cand_sums, cand_counts = caption_log_likelihoods(model, images[rows_images], rows_ids, mode)
+    scores = (cand_sums / cand_counts).view(2, num, num_candidates)  # mean log-likelihood per token
+    picked = scores.argmax(dim=-1)  # (2, N); the true caption is candidate 0
+    return {
+        "caption_ppl": perplexity,
+        "choice_accuracy": float((picked[0] == 0).float().mean()),
+        "choice_accuracy_wrong_image": float((picked[1] == 0).float().mean()),
+        "choice_chance": 1.0 / num_candidates,
+        "eval_pairs": float(num),
+    }
+
+
+@torch.no_grad()
+def generate_captions(
+    model: MultimodalModel, tokenizer: Any, images: torch.Tensor, mode: str, max_new_tokens: int
+) -> list[str]:
+    """Greedy captions (KV cache) for ``images`` from the prompt ``<s> <image>``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompt = [[tokenizer.bos_id, tokenizer.image_id]] * images.shape[0]
+    new_tokens = model.generate(
+        images=images.to(device), prompt=prompt, mode=mode, max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id,
+    )
+    model.train(was_training)
+    texts = []
+    for row in new_tokens.tolist():
+        row = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+        texts.append(tokenizer.decode(row))
+    return texts
+
+
+# ----------------------------------------------------------------------------------- figures
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:4])
+
+
+def _figures(stage_dir: StageDir, records: list[dict], shown: list[tuple[Any, str, str]], metrics: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "ce" in r]
+    evals = [r for r in records if "eval/val_caption_ppl" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    axes[0].plot([r["step"] for r in train], [r["ce"] for r in train], label="train")
+    axes[0].set(title="captioning loss (cross-entropy per caption token)", xlabel="step")
+    if evals:
+        axes[1].plot([r["step"] for r in evals], [r["eval/val_caption_ppl"] for r in evals], marker="o", label="during training (first <= 64 held-out)")
+    axes[1].axhline(metrics["caption_ppl"], ls=":", c="grey", label=f"final, {int(metrics['eval_pairs'])} held-out")
+    axes[1].legend(fontsize=7)
+    axes[1].set(title=f"held-out caption perplexity (final {metrics['caption_ppl']:.2f})", xlabel="step", yscale="log")
+    names = ["its image", "wrong image", "chance"]
+    values = [metrics["choice_accuracy"], metrics["choice_accuracy_wrong_image"], metrics["choice_chance"]]
+    axes[2].bar(names, values, color=["tab:blue", "tab:orange", "grey"])
+    axes[2].set(title="pick the right caption (held out)", ylim=(0, 1), ylabel="accuracy")
+    for x, value in enumerate(values):
+        axes[2].text(x, value + 0.02, f"{value:.0%}", ha="center")
+    stage_dir.save_figure(fig, "curves")
+    plt.close(fig)
+
+    cols = len(shown)
+    fig, axes = plt.subplots(1, cols, figsize=(2.4 * cols, 3.6), squeeze=False)
+    for ax, (image, truth, generated) in zip(axes[0], shown):
+        ax.imshow(image)
+        ax.set_title(_wrap(f"model: {generated}", 28), fontsize=7, loc="left")
+        ax.set_xlabel(_wrap(f"true: {truth}", 28), fontsize=6.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("held-out images: generated caption (above), true caption (below)")
+    stage_dir.save_figure(fig, "captions")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- run
+def run(cfg: VLAlignmentConfig) -> dict[str, str]:
+    """Train, evaluate, plot and write the checkpoint later stages start from."""
+    from mmafm.data.shards import ImageTextShards, expand_shards, image_to_tensor, load_pairs
+    from mmafm.tokenizer import Tokenizer
+    from mmafm.train import Trainer, TrainConfig, seed_everything
+
+    stage_dir = StageDir(cfg.out_dir, STAGE)
+    seed_everything(cfg.seed)
+    if bool(cfg.pairs_dir) != bool(cfg.tokenizer):
+        raise ConfigError(
+            f"{STAGE}: pass both pairs_dir and tokenizer (the 00_data outputs) or neither (standalone); "
+            f"got pairs_dir={cfg.pairs_dir!r}, tokenizer={cfg.tokenizer!r}"
+        )
+    if cfg.image_tower and not cfg.image_preset:
+        raise ConfigError(f"{STAGE}: image_tower is set but image_preset is empty; pass both CLIP outputs")
+    if cfg.text_checkpoint and not cfg.text_preset:
+        raise ConfigError(f"{STAGE}: text_checkpoint is set but text_preset is empty; pass both text outputs")
+    pairs_dir, tokenizer_path = cfg.pairs_dir, cfg.tokenizer
+    if not pairs_dir:
+        pairs_dir, tokenizer_path = _standalone_data(cfg, stage_dir.root)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    model = build_model(cfg, tokenizer)
+    resolution = model.resolution_mode(cfg.mode)
+
+    held_pairs = load_pairs(pairs_dir, "val", limit=cfg.eval_pairs)
+    if len(held_pairs) < cfg.num_candidates:
+        raise ValueError(f"{pairs_dir}: {len(held_pairs)} held-out pairs, fewer than num_candidates={cfg.num_candidates}")
+    held_images = torch.stack([image_to_tensor(image, resolution.image_size) for image, _ in held_pairs])
+    held_captions = [caption for _, caption in held_pairs]
+    perplexity_subset = {
+        "images": held_images[:64],
+        "ids": [caption_ids(tokenizer, c, cfg.max_caption_tokens) for c in held_captions[:64]],
+    }
+
+    dataset = ImageTextShards(
+        expand_shards(pairs_dir, "train"), resolution.image_size, train=True, seed=cfg.seed,
+        tokenize=lambda caption: caption_ids(tokenizer, caption, cfg.max_caption_tokens),
+    )
+    batches = CaptionBatches(dataset, cfg.batch_size, tokenizer.pad_id, cfg.num_workers)
+    train_config = TrainConfig(
+        max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule="cosine",
+        warmup_steps=min(cfg.warmup_steps, cfg.steps - 1), min_lr_ratio=cfg.min_lr_ratio,
+        precision=cfg.precision, log_every=cfg.log_every, eval_every=cfg.eval_every,
+        ckpt_every=cfg.ckpt_every, seed=cfg.seed,
+    )
+    task = CaptionTask(model, cfg.mode, perplexity_subset)
+    trainer = Trainer(task, batches, train_config, stage_dir)
+    records = trainer.fit()
+    model = trainer.model
+
+    metrics = evaluate_captions(
+        model, tokenizer, held_images, held_captions, cfg.mode, cfg.num_candidates,
+        cfg.max_caption_tokens, cfg.seed,
+    )
+    shown_count = min(cfg.show_images, len(held_pairs))
+    generated = generate_captions(model, tokenizer, held_images[:shown_count], cfg.mode, cfg.max_new_tokens)
+    shown = [(held_pairs[i][0], held_captions[i], generated[i]) for i in range(shown_count)]
+    stage_dir.log({"step": trainer.step, **{f"final/{k}": v for k, v in metrics.items()}})
+    _figures(stage_dir, records, shown, metrics)
+
+    checkpoint = model.save(
+        stage_dir.root / "vl_model",
+        {"preset": cfg.model_preset, "step": trainer.step, "mode": cfg.mode, "metrics": metrics},
+    )
+    outputs = {
+        "checkpoint": str(checkpoint),
+        "preset": cfg.model_preset,
+        "tokenizer": str(tokenizer_path),
+        "mode": cfg.mode,
+        "metrics": str(stage_dir.metrics_path),
+    }
+    summary = {
+        **{k: round(v, 4) for k, v in metrics.items()},
+        "image_tokens": model.num_image_tokens(cfg.mode),
+        "trainable": model.trainable_parts(),
+        "examples": [{"true": t, "generated": g} for _, t, g in shown],
+    }
+    stage_dir.write_manifest(outputs, cfg, summary)
+    return outputs
+
+
+register_stage(STAGE, VLAlignmentConfig, run)
