@@ -3,7 +3,7 @@
     mmafm run 00_data -p vocab_size=4096            # one stage notebook via papermill
     mmafm run 03_text_pretrain --config configs/stages/03_text_pretrain.yaml -p max_steps=50
     mmafm pipeline run configs/pipelines/tiny.yaml  # all stages, outputs wired by manifests
-    mmafm list models | mmafm list stages
+    mmafm list models | mmafm list stages | mmafm list models --params
     mmafm config afm_2025_device                    # a model preset's config as YAML
     mmafm report runs/tiny                          # runs/tiny/REPORT.md: numbers + figures
 """
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list model presets or stages")
     lst.add_argument("what", choices=("models", "stages"))
     lst.add_argument("pattern", nargs="?", default="*")
+    lst.add_argument("--params", action="store_true",
+                     help="models: a Markdown table with parameter counts (built on meta)")
 
     rep = sub.add_parser("report", help="write RUN_DIR/REPORT.md from the stages' manifests")
     rep.add_argument("run_dir", help="e.g. runs/tiny")
@@ -83,9 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          overrides=_stage_overrides(args.param))
         elif args.command == "list":
             if args.what == "models":
-                from mmafm import list_models
+                from mmafm.registry import list_models, preset_table
 
-                print("\n".join(list_models(args.pattern)))
+                if args.params:
+                    print(preset_table(args.pattern, include_tiny=True))
+                else:
+                    print("\n".join(list_models(args.pattern)))
             else:
                 from mmafm.stages import list_stages
 

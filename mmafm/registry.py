@@ -138,3 +138,15 @@ def create_model(
 def model_family(name: str) -> str:
     """The family (module) a preset belongs to, e.g. ``"vitdet"`` or ``"text"``."""
     return _preset(name).family
+
+
+def preset_table(pattern: str = "*", include_tiny: bool = False) -> str:
+    """A Markdown table of presets and their parameter counts, each built on the meta device."""
+    rows = ["| preset | family | parameters |", "| --- | --- | ---: |"]
+    for name in list_models(pattern):
+        if name.endswith("_tiny") and not include_tiny:
+            continue
+        model = create_model(name, device="meta")
+        count = sum(p.numel() for p in model.parameters())
+        rows.append(f"| `{name}` | {model_family(name)} | {count:,} ({count / 1e9:.3g}B) |")
+    return "\n".join(rows)
