@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from mmafm.models.text import DecoderLM
+
 __all__ = ["generate", "sample_next_token", "left_pad"]
 
 
@@ -62,6 +64,14 @@ def sample_next_token(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _last_logits(model: nn.Module, ids: torch.Tensor, cache, mask: torch.Tensor | None) -> torch.Tensor:  # (B, V)
+    """Logits of the last position only: the head runs on one hidden state per row, not all T."""
+    if isinstance(model, DecoderLM):
+        hidden = model(ids, cache=cache, attention_mask=mask, return_hidden=True)  # (B, T, dim)
+        return model.logits(hidden[:, -1])
+    return model(ids, cache=cache, attention_mask=mask)[:, -1]
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -142,10 +152,14 @@ def generate(
         cache = model.new_cache(len(prompts), longest + max_new_tokens, dtype=cache_dtype,
                                 quantized=quantized_cache)
         padded = bool((mask == 0).any())
-        logits = model(ids, cache=cache, attention_mask=mask if padded else None)[:, -1]  # (B, V)
+        logits = _last_logits(model, ids, cache, mask if padded else None)  # (B, V)
         finished = [False] * len(prompts)
+        greedy = temperature == 0.0
         for step in range(max_new_tokens):
-            next_tokens = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            if greedy:  # argmax needs no float copy, scaling or filtering
+                next_tokens = logits.argmax(dim=-1)  # (B,)
+            else:
+                next_tokens = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             for row, token in enumerate(next_tokens.tolist()):
                 if finished[row]:
                     continue
@@ -155,7 +169,7 @@ def generate(
                     outputs[row].append(token)
             if all(finished) or step == max_new_tokens - 1:
                 break
-            logits = model(next_tokens[:, None], cache=cache)[:, -1]
+            logits = _last_logits(model, next_tokens[:, None], cache, None)
     finally:
         model.train(was_training)
     return outputs

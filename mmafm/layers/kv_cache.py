@@ -120,12 +120,14 @@ class LayerKV:
                 _put(buffer, slots, quantized)
                 _put(getattr(self, scales), slots, scale)
             else:
-                _put(buffer, slots, x.to(self.dtype))
+                _put(buffer, slots, x)  # copy_ casts to the cache dtype
 
     def read(self, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots ``[0, end)`` (all slots by default), dequantized."""
         if not self.quantized:
-            return self.keys[:, :, :end], self.values[:, :, :end]
+            if end is None:
+                return self.keys, self.values
+            return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
         return (
             dequantize_int8(self.keys[:, :, :end], self.key_scales[:, :, :end], self.dtype),
             dequantize_int8(self.values[:, :, :end], self.value_scales[:, :, :end], self.dtype),
@@ -134,9 +136,9 @@ class LayerKV:
 
 def _put(buffer: torch.Tensor, slots: torch.Tensor | slice, x: torch.Tensor) -> None:
     if isinstance(slots, slice):
-        buffer[:, :, slots] = x
+        buffer.narrow(2, slots.start, slots.stop - slots.start).copy_(x)  # in place, no indexing machinery
     else:
-        buffer.index_copy_(2, slots, x)
+        buffer.index_copy_(2, slots, x.to(buffer.dtype))
 
 
 class KVCache:
@@ -176,6 +178,7 @@ class KVCache:
         self.has_padding = False  # any padding column so far (then masks must hide it)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real token?
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._time = torch.arange(max_len, device=device)  # column numbers; steps take slices (views)
         # absolute column held by each ring slot (-1 = empty), shared by all layers of one window
         self.slot_time = {
             w: torch.full((min(w, max_len),), -1, dtype=torch.long, device=device) for w in self.windows
@@ -206,22 +209,25 @@ class KVCache:
                 f"create the cache with a larger max_len"
             )
         device = self.device
-        if chunk_mask is None:
-            chunk_mask = torch.ones(self.batch_size, num_new, dtype=torch.bool, device=device)
+        if chunk_mask is None:  # every new column is a real token (decoding): no mask arithmetic
+            self.valid.narrow(1, start, num_new).fill_(True)
+            positions = self.next_position[:, None] + self._time[:num_new]  # (B, T)
+            new_count: torch.Tensor | int = num_new
         else:
             chunk_mask = chunk_mask.to(device=device, dtype=torch.bool)
+            if chunk_mask.shape != (self.batch_size, num_new):
+                raise ValueError(
+                    f"attention mask for this step must be ({self.batch_size}, {num_new}), "
+                    f"got {tuple(chunk_mask.shape)}"
+                )
             self.has_padding = self.has_padding or not bool(chunk_mask.all())
-        if chunk_mask.shape != (self.batch_size, num_new):
-            raise ValueError(
-                f"attention mask for this step must be ({self.batch_size}, {num_new}), "
-                f"got {tuple(chunk_mask.shape)}"
-            )
-        self.valid[:, start : start + num_new] = chunk_mask
-        counts = chunk_mask.long().cumsum(dim=1)
-        positions = (self.next_position[:, None] + counts - 1).clamp(min=0)  # (B, T)
-        new_time = torch.arange(start, start + num_new, device=device)
-        step = {"start": start, "num_new": num_new, "counts": counts[:, -1], "new_time": new_time,
-                "linear_time": torch.arange(start + num_new, device=device), "ring": {}}
+            self.valid[:, start : start + num_new] = chunk_mask
+            counts = chunk_mask.long().cumsum(dim=1)
+            positions = (self.next_position[:, None] + counts - 1).clamp(min=0)  # (B, T)
+            new_count = counts[:, -1]
+        new_time = self._time[start : start + num_new]
+        step = {"start": start, "num_new": num_new, "counts": new_count, "new_time": new_time,
+                "linear_time": self._time[: start + num_new], "ring": {}}
         for window, slot_time in self.slot_time.items():
             slots = slot_time.numel()
             kept = min(num_new, slots)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rope_inverse_frequencies", "rope_cos_sin", "rotate_half", "apply_rope"]
+__all__ = ["rope_inverse_frequencies", "rope_cos_sin", "rope_table", "rotate_half", "apply_rope"]
 
 
 def rope_inverse_frequencies(head_dim: int, base: float, device=None) -> torch.Tensor:  # (D/2,)
@@ -33,6 +33,16 @@ def rope_cos_sin(
     angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
     angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope_table(
+    length: int, head_dim: int, base: float, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (length, D) float32
+    """:func:`rope_cos_sin` of positions ``0 .. length-1`` in float32, precomputed once so that a
+    forward pass only indexes it (``table[positions]`` equals ``rope_cos_sin(positions)`` bit for bit).
+    """
+    cos, sin = rope_cos_sin(torch.arange(length, device=device)[None], head_dim, base)
+    return cos[0], sin[0]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,11 @@ from torch.utils.checkpoint import checkpoint
 
 from mmafm.config import ConfigError
 from mmafm.layers.attention import attend
+from mmafm.layers.native import apply_linear, apply_linears, linear, rms_norm, single_query_attention
 from mmafm.layers.kv_cache import CacheSpec, KVCache, kv_cache_nbytes
 from mmafm.layers.moe import MoEFeedForward, upcycle_ffn
 from mmafm.layers.norm import RMSNorm
-from mmafm.layers.rope import apply_rope, rope_cos_sin
+from mmafm.layers.rope import rope_cos_sin, rope_table, rotate_half
 from mmafm.layers.swiglu import SwiGLU
 from mmafm.registry import register_model
 
@@ -246,6 +247,9 @@ class AttentionContext:
     cache: KVCache | None = None
     masks: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.head_cos, self.head_sin = self.cos[:, :, None], self.sin[:, :, None]  # (B, T, 1, D)
+
     def mask(self, key_time: torch.Tensor, window: int | None) -> tuple[torch.Tensor | None, bool]:
         """``(mask, is_causal)`` for keys at ``key_time``; memoised per (window, key set)."""
         memo_key = (window, id(key_time))
@@ -263,6 +267,43 @@ class AttentionContext:
             result = (build_attention_mask(self.query_time, key_time, self.key_valid, window), False)
         self.masks[memo_key] = (key_time, result)  # keep key_time alive so its id stays unique
         return result
+
+
+def _norm(norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``; a plain :class:`RMSNorm` runs through :func:`mmafm.layers.native.rms_norm`,
+    which takes a native path for decode-sized CPU inputs (the shared RMSNorm module is unchanged)."""
+    if type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks):
+        return rms_norm(x, norm.weight, norm.eps)
+    return norm(x)
+
+
+def _rope(x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # (B, T, H, D)
+    """:func:`mmafm.layers.rope.apply_rope` in the (B, T, H, D) layout, before the head transpose
+    (the same arithmetic, so the same bits)."""
+    return x * ctx.head_cos.to(x.dtype) + rotate_half(x) * ctx.head_sin.to(x.dtype)
+
+
+def _single_query_attention(
+    q: torch.Tensor,  # (B, H, 1, D)
+    k: torch.Tensor,  # (B, Hkv, S, D)
+    v: torch.Tensor,  # (B, Hkv, S, D)
+) -> torch.Tensor:  # (B, H, 1, D)
+    """Unmasked attention of one query per row (a decode step): the native kernel for CPU float32
+    inference, else two small batched products.
+
+    Equal to :func:`attend` without mask up to float rounding, without its kernel's setup cost
+    (and thread fan-out), which dominates at one query.
+    """
+    native_out = single_query_attention(q, k, v)  # CPU float32 inference: one native call
+    if native_out is not None:
+        return native_out
+    batch, num_heads, _, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    grouped = q.reshape(batch * num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B Hkv, G, D)
+    keys, values = k.flatten(0, 1), v.flatten(0, 1)  # (B Hkv, S, D), views of the cache
+    scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(head_dim**-0.5)  # (B Hkv, G, S)
+    probs = scores.float().softmax(dim=-1).to(values.dtype)
+    return torch.bmm(probs, values).view(batch, num_heads, 1, head_dim)
 
 
 class Attention(nn.Module):
@@ -292,20 +333,24 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Returns ``(output (B, T, dim), (keys, values, key_time))``, the latter for sharing."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        q = q.transpose(1, 2)  # (B, H, T, D)
-        if self.use_rope:
-            q = apply_rope(q, ctx.cos, ctx.sin)
         if self.owns_kv:
-            k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+            q, k, v = apply_linears(x, self.q_proj, self.k_proj, self.v_proj)
+        else:
+            q = apply_linear(self.q_proj, x)
+        q = q.view(batch, length, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = _norm(self.q_norm, q)
+        if self.use_rope:
+            q = _rope(q, ctx)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        if self.owns_kv:
+            k = k.view(batch, length, self.n_kv_heads, self.head_dim)
             if self.k_norm is not None:
-                k = self.k_norm(k)
-            k = k.transpose(1, 2)  # (B, Hkv, T, D)
-            v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+                k = _norm(self.k_norm, k)
             if self.use_rope:
-                k = apply_rope(k, ctx.cos, ctx.sin)
+                k = _rope(k, ctx)
+            k = k.transpose(1, 2)  # (B, Hkv, T, D)
+            v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if ctx.cache is not None:
                 k, v, key_time = ctx.cache.update(self.cache_index, k, v)  # (B, Hkv, S, D)
             else:
@@ -316,9 +361,17 @@ class Attention(nn.Module):
                 raise RuntimeError("a KV-shared attention layer needs its source layer's keys/values")
             kv = shared_kv
         mask, is_causal = ctx.mask(kv[2], self.window)
-        out = attend(q, kv[0].to(q.dtype), kv[1].to(q.dtype), mask=mask, is_causal=is_causal)
+        keys, values = kv[0].to(q.dtype), kv[1].to(q.dtype)
+        if mask is None and not is_causal and length == 1:
+            out = _single_query_attention(q, keys, values)
+        else:
+            out = attend(q, keys, values, mask=mask, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
-        return self.o_proj(out), kv
+        return apply_linear(self.o_proj, out), kv
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class Block(nn.Module):
@@ -344,14 +397,15 @@ class Block(nn.Module):
         shared_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """Returns ``(x, (keys, values, key_time), load-balancing loss or None)``."""
-        attn_out, kv = self.attn(self.attn_norm(x), ctx, shared_kv)
-        x = x + self.dropout(attn_out)
+        drop = self.dropout if self.training and self.dropout.p > 0 else _identity
+        attn_out, kv = self.attn(_norm(self.attn_norm, x), ctx, shared_kv)
+        x = x + drop(attn_out)
         aux = None
         if self.is_moe:
-            ffn_out, aux = self.ffn(self.ffn_norm(x))
+            ffn_out, aux = self.ffn(_norm(self.ffn_norm, x))
         else:
-            ffn_out = self.ffn(self.ffn_norm(x))
-        return x + self.dropout(ffn_out), kv, aux
+            ffn_out = self.ffn(_norm(self.ffn_norm, x))
+        return x + drop(ffn_out), kv, aux
 
 
 def _is_shared_source(config: TextConfig, index: int) -> bool:
@@ -435,7 +489,7 @@ class DecoderLM(nn.Module, abc.ABC):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, dim) -> (B, T, V) float32
         """Vocabulary logits of final-norm hidden states."""
-        return F.linear(hidden, self.output_weight()).float()
+        return linear(hidden, self.output_weight()).float()
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | str | None = None,
                   quantized: bool = False) -> KVCache:
@@ -515,7 +569,7 @@ class DecoderLM(nn.Module, abc.ABC):
         if cache is not None:
             cache.end()
         self.aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        h = self.norm(h)
+        h = _norm(self.norm, h)
         return h if return_hidden else self.logits(h)
 
     def _context(self, h, cache, position_ids, attention_mask) -> AttentionContext:
@@ -534,7 +588,7 @@ class DecoderLM(nn.Module, abc.ABC):
                 key_valid = attention_mask.to(device=device, dtype=torch.bool)
                 positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)
             else:
-                positions = torch.arange(length, device=device).expand(batch, length)
+                positions = None  # 0 .. length-1 in every row
             query_time = torch.arange(length, device=device)
         else:
             if cache.batch_size != batch:
@@ -554,9 +608,30 @@ class DecoderLM(nn.Module, abc.ABC):
         if position_ids is not None:
             if position_ids.shape != (batch, length):
                 raise ValueError(f"position_ids must be ({batch}, {length}), got {tuple(position_ids.shape)}")
-            positions = position_ids.to(device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype=h.dtype)
+            # arbitrary user positions: computed directly, not looked up in the table
+            cos, sin = rope_cos_sin(position_ids.to(device), self.config.head_dim, self.config.rope_theta,
+                                    dtype=h.dtype)
+        elif cache is not None and cache.max_len > self.config.max_seq_len:
+            # a cache built directly (not by new_cache) may outgrow the table
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype=h.dtype)
+        else:
+            # generated positions are < max_seq_len: look them up in the precomputed table
+            cos_table, sin_table = self._rope_table(device)
+            if positions is None:
+                cos, sin = cos_table[:length].expand(batch, length, -1), sin_table[:length].expand(batch, length, -1)
+            else:
+                cos, sin = cos_table[positions], sin_table[positions]
+            cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         return AttentionContext(cos, sin, query_time, key_valid, cache)
+
+    def _rope_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (max_seq_len, D)
+        """RoPE cos/sin (float32) of positions ``0 .. max_seq_len-1``, built once per device and shape."""
+        key = (device, self.config.max_seq_len, self.config.head_dim, self.config.rope_theta)
+        tables = self.__dict__.setdefault("_rope_tables", {})  # plain attribute: not in the state dict
+        if key not in tables:
+            tables.clear()
+            tables[key] = rope_table(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device)
+        return tables[key]
 
     def loss(
         self,

@@ -1,0 +1,129 @@
+"""Decode fast paths: native gemv / RMSNorm kernels, RoPE table, single-query attention.
+
+References: ``F.linear`` / ``F.rms_norm`` / ``rope_cos_sin`` / ``attend`` (torch's SDPA), and the
+whole model run with the native kernels switched off.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmafm
+from mmafm.generate import generate
+from mmafm.layers import native
+from mmafm.layers.attention import attend
+from mmafm.layers.rope import rope_cos_sin, rope_table
+from mmafm.models.text import _single_query_attention
+
+needs_native = pytest.mark.skipif(not native.native_linear_available(),
+                                  reason=f"native kernel unavailable: {native._failure}")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("out_features,in_features", [(5, 7), (64, 48), (130, 257)])
+def test_linear_matches_f_linear(rows, out_features, in_features):
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 1, in_features), torch.randn(out_features, in_features)
+    with torch.no_grad():
+        got = native.linear(x, w)
+    assert got.shape == (rows, 1, out_features)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_linear_non_contiguous_input_and_many_rows():
+    x, w = torch.randn(16, 40).t(), torch.randn(24, 16)  # (40, 16): non-contiguous, > MAX rows
+    with torch.no_grad():
+        torch.testing.assert_close(native.linear(x[:3], w), F.linear(x[:3], w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(native.linear(x, w), F.linear(x, w))  # F.linear path
+
+
+def test_linear_keeps_autograd():
+    w = torch.randn(6, 4, requires_grad=True)
+    x = torch.randn(1, 4)
+    native.linear(x, w).sum().backward()
+    torch.testing.assert_close(w.grad, x.expand(6, 4))
+
+
+@needs_native
+def test_apply_linears_one_call_equals_modules_and_respects_hooks():
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, n, bias=False) for n in (16, 8, 8)]
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        outs = native.apply_linears(x, *layers)
+        for layer, out in zip(layers, outs):
+            torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+        seen = []
+        layers[1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+        native.apply_linears(x, *layers)
+    assert seen == [torch.Size([2, 1, 8])]  # a hooked layer is called as a module
+    with pytest.raises(ValueError, match="1 to 3"):
+        native.apply_linears(x, *layers, layers[0])
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 1, 512), (1, 1, 8, 64), (3, 5, 96), (2, 7)])
+def test_rms_norm_matches_torch(shape):
+    torch.manual_seed(1)
+    x, w = torch.randn(shape) * 3, torch.randn(shape[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(native.rms_norm(x, w, 1e-5), F.rms_norm(x, (shape[-1],), w, 1e-5),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_rope_table_equals_rope_cos_sin_bitwise():
+    positions = torch.tensor([[0, 5, 17, 99], [3, 3, 42, 1]])
+    cos_table, sin_table = rope_table(100, 16, 500_000.0)
+    cos, sin = rope_cos_sin(positions, 16, 500_000.0)
+    assert torch.equal(cos_table[positions], cos) and torch.equal(sin_table[positions], sin)
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 8, 2), (3, 4, 4)])
+def test_single_query_attention_matches_sdpa(batch, heads, kv_heads):
+    torch.manual_seed(2)
+    q = torch.randn(batch, heads, 1, 16)
+    k_store, v_store = torch.randn(batch, kv_heads, 40, 16), torch.randn(batch, kv_heads, 40, 16)
+    k, v = k_store.narrow(2, 0, 29), v_store.narrow(2, 0, 29)  # a cache prefix, as in decoding
+    torch.testing.assert_close(_single_query_attention(q, k, v), attend(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_model_decode_with_and_without_native_kernels(monkeypatch):
+    torch.manual_seed(3)
+    model = mmafm.create_model("afm_2025_device_tiny").eval()  # KV sharing + GQA
+    prompts = [[5, 9, 2, 7, 1], [4, 4]]
+    fast = generate(model, prompts, max_new_tokens=6)
+    ids = torch.tensor([[5, 9, 2, 7, 1]])
+    with torch.no_grad():
+        cache = model.new_cache(1, 8)
+        model(ids[:, :4], cache=cache)
+        fast_logits = model(ids[:, 4:], cache=cache)
+    monkeypatch.setattr(native, "_kernel", False)  # every call now takes the torch path
+    assert generate(model, prompts, max_new_tokens=6) == fast
+    with torch.no_grad():
+        reference = model(ids)[:, -1:]
+    torch.testing.assert_close(fast_logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_longer_than_rope_table_computes_positions_directly():
+    import dataclasses
+
+    from mmafm.layers.kv_cache import KVCache
+    from mmafm.models.text import TextModel, cache_specs
+
+    torch.manual_seed(4)
+    model = mmafm.create_model("afm_2024_device_tiny", max_seq_len=8).eval()
+    longer = TextModel(dataclasses.replace(model.config, max_seq_len=16)).eval()
+    longer.load_state_dict(model.state_dict())
+    config = model.config
+    cache = KVCache(cache_specs(config), 1, 12, config.n_kv_heads, config.head_dim)  # > max_seq_len
+    ids = torch.randint(0, config.vocab_size, (1, 10))
+    with torch.no_grad():
+        model(ids[:, :6], cache=cache)
+        for t in range(6, 10):
+            step = model(ids[:, t : t + 1], cache=cache)
+        reference = longer(ids)[:, -1:]
+    torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)
