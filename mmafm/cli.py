@@ -6,6 +6,7 @@
     mmafm list models | mmafm list stages | mmafm list models --params
     mmafm config afm_2025_device                    # a model preset's config as YAML
     mmafm report runs/tiny                          # runs/tiny/REPORT.md: numbers + figures
+    mmafm numbers                                   # the reports' numbers, computed from configs
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write RUN_DIR/REPORT.md from the stages' manifests")
     rep.add_argument("run_dir", help="e.g. runs/tiny")
+
+    sub.add_parser("numbers", help="the reports' reproducible numbers, computed from the configs")
 
     cfg = sub.add_parser("config", help="print a model preset's config as YAML")
     cfg.add_argument("name")
@@ -99,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmafm.report import write_report
 
             print(f"[mmafm] report written to {write_report(args.run_dir)}")
+        elif args.command == "numbers":
+            from mmafm.report import reference_numbers
+
+            print(reference_numbers())
         elif args.command == "config":
             from mmafm import get_config
 

@@ -57,3 +57,45 @@ def write_report(run_dir: str | Path) -> Path:
     path = Path(run_dir) / "REPORT.md"
     atomic_write_text(path, render(run_dir))
     return path
+
+
+def reference_numbers() -> str:
+    """The reports' reproducible numbers, computed from the full-size configs (meta device).
+
+    ``mmafm numbers`` prints this; README.md pastes its output.
+    """
+    import torch
+
+    from mmafm.registry import create_model, get_config
+    from mmafm.text import kv_cache_bytes, sync_points
+
+    device = get_config("afm_2025_device")
+    shared = kv_cache_bytes(device, 4096, 1, torch.bfloat16)
+    plain = kv_cache_bytes(get_config("afm_2025_device", kv_share_segments=None), 4096, 1, torch.bfloat16)
+    sync = sync_points(get_config("afm_2025_server"))
+    vl = create_model("afm_vl_2025_device", device="meta")
+    adapter = sum(p.numel() for p in vl.adapter.parameters())
+    tokens = {mode: vl.num_image_tokens(mode) for mode in ("rapid", "balanced", "high_res")}
+    rows = [
+        "| number | report | computed here |",
+        "| --- | --- | --- |",
+        f"| KV cache of `afm_2025_device`, 4,096 tokens, bf16 | -37.5% (5:3 sharing) | "
+        f"{shared:,} B vs {plain:,} B without sharing: {shared / plain - 1:+.1%} |",
+        f"| sync points of `afm_2025_server` (L={sync['tensor_parallel'] // 2} per track, D="
+        f"{get_config('afm_2025_server').track_block_depth}) | 2L vs L/D (-87.5%) | "
+        f"{sync['tensor_parallel']} vs {sync['parallel_track']}: {-sync['reduction']:+.1%} |",
+        f"| image tokens per mode (rapid / balanced / high-res) | 9 / 144 / 720 | "
+        f"{tokens['rapid']} / {tokens['balanced']} / {tokens['high_res']} |",
+        f"| vision-language adapter, on device (ViTDet-L -> 2048) | [open] | {adapter:,} params |",
+    ]
+    reported = {  # ../shared/REFERENCE.md
+        "vit_giant_patch14": "~1B",
+        "vitdet_large_patch16": "~300M",
+        "afm_2024_device": "2.58B non-embedding + 0.15B embedding",
+        "afm_2025_device": "~3.11B",
+    }
+    for name, claim in reported.items():
+        model = create_model(name, device="meta")
+        count = sum(p.numel() for p in model.parameters())
+        rows.append(f"| parameters of `{name}` | {claim} | {count:,} |")
+    return "\n".join(rows)

@@ -16,8 +16,8 @@ linear warm-up then cosine decay to ``min_lr_ratio`` of the peak, global grad-no
 1.0 before the update. Everything else (gradient accumulation, bf16 autocast, checkpoints with
 exact resume, DDP/FSDP2 under torchrun) is standard practice as in nanoGPT and torchtitan.
 
-Checkpoints live in ``stage_dir.checkpoint_dir``: ``step_XXXXXXXX.safetensors`` (model weights,
-optimizer tensors, RNG states) + ``step_XXXXXXXX.json`` (step, data position, scheduler, optimizer
+Checkpoints live in ``stage_dir.checkpoint_dir``: ``step_<8-digit step>.safetensors`` (model weights,
+optimizer tensors, RNG states) + ``step_<8-digit step>.json`` (step, data position, scheduler, optimizer
 hyper-parameters, Python/NumPy RNG, the config), ``latest.json`` naming the newest one, and the
 final weights as ``final.safetensors``. A trainer started on a stage dir holding a checkpoint
 resumes from it exactly.
