@@ -1,6 +1,7 @@
 """Stage 00_data: build the image-text shards, the tokenizer and the token shards.
 
-Sources (see ``data_cards/``): procedurally generated shape scenes (built in), emoji, OpenClipArt
+Sources (see ``data_cards/``): procedurally generated shape scenes and drawn garment
+silhouettes of the ten Fashion-MNIST concepts (both built in), emoji, OpenClipArt
 and Tux Paint stamps (Debian packages from ``make data``) as image-caption pairs; Wikipedia
 summaries, WordNet glosses, fortunes, the Jargon File and the pairs' own captions as text;
 Fashion-MNIST checked and held out for zero-shot evaluation. The tokenizer is SentencePiece BPE
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from mmafm.config import to_dict
 from mmafm.data import Pair, SourceStats
 from mmafm.data import fashion_mnist as fmnist
+from mmafm.data import garments
 from mmafm.data.shards import PairShardWriter, split_of, write_token_shards
 from mmafm.data.sources import IMAGE_SOURCES
 from mmafm.data.synthetic import LICENSE as SYNTHETIC_LICENSE
@@ -38,7 +40,7 @@ from mmafm.tokenizer import Tokenizer, train_tokenizer
 __all__ = ["DataStageConfig", "run", "parse_sources", "plot_samples", "plot_token_lengths", "counts_table"]
 
 STAGE = "00_data"
-IMAGE_SOURCE_NAMES = ("synthetic",) + tuple(IMAGE_SOURCES)
+IMAGE_SOURCE_NAMES = ("synthetic", "garments") + tuple(IMAGE_SOURCES)
 TEXT_SOURCE_NAMES = ("captions",) + tuple(TEXT_SOURCES)
 SAMPLES_PER_SOURCE = 8  # shown in the sample grid
 HISTOGRAM_DOCS = 2000  # documents per text source re-encoded for the length histogram
@@ -71,9 +73,10 @@ def parse_sources(value: str, allowed: tuple[str, ...], field_name: str) -> list
 class DataStageConfig(StageConfig):
     """Tiny defaults: synthetic + 300 of each real image source, 2,000 of each text source."""
 
-    # Comma-separated image-caption sources, from: synthetic, emoji, openclipart, tuxpaint.
-    image_sources: str = "synthetic,emoji,openclipart,tuxpaint"
+    # Comma-separated image-caption sources, from: synthetic, garments, emoji, openclipart, tuxpaint.
+    image_sources: str = "synthetic,garments,emoji,openclipart,tuxpaint"
     synthetic_pairs: int = field(default=2000, metadata={"min": 0})  # generated shape scenes
+    garment_pairs: int = field(default=2000, metadata={"min": 0})  # drawn garment silhouettes (mmafm.data.garments) [open]
     real_cap: int = field(default=300, metadata={"min": 0})  # max pairs per real image source; 0 = all
     image_size: int = field(default=64, metadata={"min": 8, "max": 1024})  # stored square side, pixels
     # Comma-separated text sources, from: captions (the pairs' captions), wikipedia, wordnet,
@@ -102,12 +105,21 @@ def _image_pairs(name: str, cfg: DataStageConfig, stats: SourceStats) -> Iterato
         if stats.kept == 0:
             raise ValueError("image source 'synthetic' is listed but synthetic_pairs = 0")
         return
+    if name == "garments":
+        for pair in garments.generate_pairs(cfg.garment_pairs, cfg.seed, cfg.image_size):
+            stats.kept += 1
+            yield pair
+        if stats.kept == 0:
+            raise ValueError("image source 'garments' is listed but garment_pairs = 0")
+        return
     yield from IMAGE_SOURCES[name].pairs(cfg.image_size, cfg.real_cap, cfg.seed, stats)
 
 
 def _source_stats(name: str) -> SourceStats:
     if name == "synthetic":
         return SourceStats("synthetic", "built in (mmafm.data.synthetic)", SYNTHETIC_LICENSE)
+    if name == "garments":
+        return SourceStats("garments", garments.PACKAGE, garments.LICENSE)
     if name == "captions":
         return SourceStats("captions", "the image sources above", "as each image source")
     if name in IMAGE_SOURCES:
