@@ -41,7 +41,11 @@ def render(run_dir: str | Path) -> str:
     lines = [f"# Report of `{run_dir.name}`", ""]
     for stage, manifest in collect(run_dir).items():
         lines += [f"## {stage}", "", f"finished {manifest.get('finished_at', '?')}", ""]
-        summary = manifest.get("summary") or {}
+        summary = {  # scalars only: lists and tables live in the notebook and figures
+            key: value
+            for key, value in (manifest.get("summary") or {}).items()
+            if isinstance(value, (int, float, str, bool))
+        }
         if summary:
             lines += ["| metric | value |", "|---|---|"]
             lines += [f"| {key} | {_format(value)} |" for key, value in summary.items()]
