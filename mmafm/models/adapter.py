@@ -42,6 +42,7 @@ from torch import nn
 
 from mmafm.layers.mlp import Mlp
 from mmafm.layers.vision_attention import Attention
+from mmafm.layers.init import trunc_normal_linears_
 
 __all__ = [
     "MODES",
@@ -240,11 +241,7 @@ class VisionLanguageAdapter(nn.Module):
 
     def init_weights(self) -> None:
         """Truncated normal (std 0.02) for the linears, zero biases (as the ViT blocks)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        trunc_normal_linears_(self)
 
     def forward(
         self,

@@ -33,6 +33,7 @@ from mmafm.layers.patch import (
     take_indices,
 )
 from mmafm.layers.vision_attention import Attention
+from mmafm.layers.init import trunc_normal_linears_
 from mmafm.registry import register_model
 
 __all__ = [
@@ -156,11 +157,7 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """timm's ViT init: truncated normal (std 0.02) for linears and position embeddings."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        trunc_normal_linears_(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)

@@ -47,6 +47,7 @@ from mmafm.layers.window import (
     window_partition,
     window_unpartition,
 )
+from mmafm.layers.init import trunc_normal_linears_
 from mmafm.models.vit import drop_path
 from mmafm.registry import register_model
 
@@ -208,11 +209,7 @@ class VisionTransformerDet(nn.Module):
 
     def init_weights(self) -> None:
         """Truncated normal (std 0.02) for linears, position embeddings and registers."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        trunc_normal_linears_(self)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.num_registers:
