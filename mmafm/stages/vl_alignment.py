@@ -89,7 +89,7 @@ class VLAlignmentConfig(StageConfig):
     image_tokens: int = field(default=16, metadata={"min": 0})  # tokens per view in `mode` (a square); 0 = preset's [paper: 144]
     max_caption_tokens: int = field(default=40, metadata={"min": 4})  # caption tokens kept (EOS included)
     # --- optimisation ---
-    steps: int = field(default=300, metadata={"min": 1})  # optimizer steps
+    steps: int = field(default=1000, metadata={"min": 1})  # optimizer steps
     batch_size: int = field(default=32, metadata={"min": 1})  # pairs per step
     lr: float = field(default=2e-3, metadata={"min": 0.0})  # peak learning rate [open]
     warmup_steps: int = field(default=30, metadata={"min": 0})  # linear warm-up
@@ -98,8 +98,8 @@ class VLAlignmentConfig(StageConfig):
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})  # bf16 autocast on GPUs
     num_workers: int = field(default=0, metadata={"min": 0})  # DataLoader processes (2-core machine: 0)
     log_every: int = field(default=10, metadata={"min": 1})  # metrics record cadence
-    eval_every: int = field(default=50, metadata={"min": 0})  # steps between held-out perplexity checks (64 pairs); 0 = end only
-    ckpt_every: int = field(default=200, metadata={"min": 0})  # resumable checkpoint cadence (0 = end only)
+    eval_every: int = field(default=250, metadata={"min": 0})  # steps between held-out perplexity checks (64 pairs); 0 = end only
+    ckpt_every: int = field(default=500, metadata={"min": 0})  # resumable checkpoint cadence (0 = end only)
     # --- evaluation ---
     eval_pairs: int = field(default=128, metadata={"min": 2})  # held-out pairs (the first N of the val split)
     num_candidates: int = field(default=4, metadata={"min": 2})  # captions per image in "pick the right caption"
