@@ -25,15 +25,6 @@ import _train_script as tiny  # noqa: E402
 SCRIPT = Path(__file__).parent / "_train_script.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread, like each torchrun worker (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _losses(records: list[dict]) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 

@@ -34,15 +34,6 @@ import _train_script as tiny  # noqa: E402
 SCRIPT = Path(__file__).parent / "_train_script.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded on a busy machine (and like the subprocesses)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sgd(lr: float):
     return lambda model, config: torch.optim.SGD(model.parameters(), lr=lr)
 

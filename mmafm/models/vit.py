@@ -124,7 +124,24 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
-class VisionTransformer(nn.Module):
+class TimmInterface:
+    """The timm methods both vision families share (``self.config.patch_size``, ``self.head``,
+    ``self.num_prefix_tokens``: [CLS] for ViT, registers for ViTDet-RW)."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """Tokens the blocks see for an unmasked ``height x width`` image (patches + prefix)."""
+        patch = self.config.patch_size
+        return (height // patch) * (width // patch) + self.num_prefix_tokens
+
+
+class VisionTransformer(TimmInterface, nn.Module):
     """ViT with timm's model interface (``forward_features``, ``forward_head``,
     ``forward_intermediates``, ``set_grad_checkpointing``, ``no_weight_decay``)."""
 
@@ -167,17 +184,6 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def num_tokens(self, height: int, width: int) -> int:
-        """Tokens the blocks see for an unmasked ``height x width`` image (patches + [CLS])."""
-        patch = self.config.patch_size
-        return (height // patch) * (width // patch) + self.num_prefix_tokens
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patches plus (resampled) position embeddings, without prefix tokens."""

@@ -48,7 +48,7 @@ from mmafm.layers.window import (
     window_unpartition,
 )
 from mmafm.layers.init import trunc_normal_linears_
-from mmafm.models.vit import drop_path
+from mmafm.models.vit import TimmInterface, drop_path
 from mmafm.registry import register_model
 
 __all__ = ["ViTDetConfig", "VisionTransformerDet", "DetBlock", "LayerNorm2d"]
@@ -164,7 +164,7 @@ class DetBlock(nn.Module):
         return tokens + drop_path(self.mlp(self.norm2(tokens)), self.drop_path_rate, self.training)
 
 
-class VisionTransformerDet(nn.Module):
+class VisionTransformerDet(TimmInterface, nn.Module):
     """ViTDet / ViTDet with Register-Window, with timm's model interface.
 
     ``forward_features`` returns the final feature map ``(B, num_features, Gh, Gw)`` (timm
@@ -220,17 +220,10 @@ class VisionTransformerDet(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "registers"}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def num_tokens(self, height: int, width: int) -> int:
-        """Tokens of a global block for a ``height x width`` image (patches + registers)."""
-        patch = self.config.patch_size
-        return (height // patch) * (width // patch) + self.num_registers
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Register tokens before the patches in a global block."""
+        return self.num_registers
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``(B, R + Gh*Gw, C)`` registers then patches (plus position embeddings)."""
