@@ -153,6 +153,8 @@ def generate(
                                 quantized=quantized_cache)
         padded = bool((mask == 0).any())
         logits = _last_logits(model, ids, cache, mask if padded else None)  # (B, V)
+        # the decode steps in one native call each where the model allows it (CPU float32 dense)
+        fused = model.fused_decoder(cache) if isinstance(model, DecoderLM) else None
         finished = [False] * len(prompts)
         greedy = temperature == 0.0
         for step in range(max_new_tokens):
@@ -169,7 +171,10 @@ def generate(
                     outputs[row].append(token)
             if all(finished) or step == max_new_tokens - 1:
                 break
-            logits = _last_logits(model, next_tokens[:, None], cache, None)
+            if fused is not None:
+                logits = fused(next_tokens)
+            else:
+                logits = _last_logits(model, next_tokens[:, None], cache, None)
     finally:
         model.train(was_training)
     return outputs

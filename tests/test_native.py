@@ -127,3 +127,119 @@ def test_cache_longer_than_rope_table_computes_positions_directly():
             step = model(ids[:, t : t + 1], cache=cache)
         reference = longer(ids)[:, -1:]
     torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- fused decode
+# Reference: the same model and cache run module by module with every native kernel off.
+
+_VARIANTS = {
+    "dense_2024": ("afm_2024_device_tiny", {}),
+    "kv_shared_2025": ("afm_2025_device_tiny", {}),
+    "ring_and_nope": ("afm_2024_device_tiny", {"local_global_pattern": (1, 1), "sliding_window": 6}),
+    "llama_layout_untied": ("afm_2024_device_tiny", {"qk_norm": False, "tie_embeddings": False}),
+    "moe_teacher": ("afm_2025_moe_teacher_tiny", {}),
+}
+
+
+def _variant(name):
+    preset, overrides = _VARIANTS[name]
+    torch.manual_seed(11)
+    return mmafm.create_model(preset, max_seq_len=32, **overrides).eval()
+
+
+def _decode_logits(model, prompt, steps, use_fused_decoder):
+    """Prefill ``prompt`` (B, T), then feed ``steps`` (B, N) one column at a time; returns the
+    decode logits (B, N, V) and the cache."""
+    with torch.no_grad():
+        cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps.shape[1])
+        model(prompt, cache=cache)
+        fused = model.fused_decoder(cache) if use_fused_decoder else None
+        out = []
+        for t in range(steps.shape[1]):
+            if fused is not None:
+                out.append(fused(steps[:, t]))
+            else:
+                out.append(model(steps[:, t : t + 1], cache=cache)[:, -1])
+    return torch.stack(out, dim=1), cache
+
+
+def _cache_tensors(cache):
+    return [t for layer in cache.layers if layer is not None for t in (layer.keys, layer.values)]
+
+
+@needs_native
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+@pytest.mark.parametrize("use_fused_decoder", [False, True], ids=["per_layer", "whole_step"])
+def test_fused_decode_matches_module_path(variant, use_fused_decoder, monkeypatch):
+    model = _variant(variant)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    steps = torch.randint(0, model.config.vocab_size, (2, 9))  # past the ring's 6 slots
+    if use_fused_decoder:
+        with torch.no_grad():
+            probe = model.new_cache(2, 14)
+            model(prompt, cache=probe)
+            assert (model.fused_decoder(probe) is None) == (variant == "moe_teacher")
+    from mmafm.models import text
+
+    calls = []
+    real = text.decode_attention_block
+    monkeypatch.setattr(text, "decode_attention_block", lambda *args: calls.append(1) or real(*args))
+    got, cache = _decode_logits(model, prompt, steps, use_fused_decoder)
+    # the per-layer kernels ran (every layer, every step) unless the whole-step kernel did
+    assert len(calls) == (0 if use_fused_decoder and variant != "moe_teacher" else 9 * model.config.n_layers)
+    monkeypatch.setattr(native, "_kernel", False)
+    want, reference_cache = _decode_logits(model, prompt, steps, False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(_cache_tensors(cache), _cache_tensors(reference_cache)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("variant", ["kv_shared_2025", "ring_and_nope"])
+def test_generate_with_padded_prompts_matches_module_path(variant, monkeypatch):
+    model = _variant(variant)
+    prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4], [6, 1, 2]]
+    fast = generate(model, prompts, max_new_tokens=12)
+    sampled = generate(model, prompts, max_new_tokens=12, temperature=0.8, top_k=20, seed=3)
+    monkeypatch.setattr(native, "_kernel", False)
+    assert generate(model, prompts, max_new_tokens=12) == fast
+    assert generate(model, prompts, max_new_tokens=12, temperature=0.8, top_k=20, seed=3) == sampled
+    # each row as it would generate alone
+    assert [generate(model, [p], max_new_tokens=12)[0] for p in prompts] == fast
+
+
+@needs_native
+def test_fused_decoder_declines_what_it_cannot_run():
+    model = _variant("dense_2024")
+    with torch.no_grad():
+        cache = model.new_cache(1, 8)
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        assert model.fused_decoder(cache) is not None
+        assert model.fused_decoder(model.new_cache(1, 8, quantized=True)) is None  # int8 cache
+        assert model.fused_decoder(model.new_cache(1, 8, dtype=torch.bfloat16)) is None
+        handle = model.layers[1].attn.q_proj.register_forward_hook(lambda *args: None)
+        assert model.fused_decoder(cache) is None  # a hook must run: module by module
+        handle.remove()
+        assert model.fused_decoder(cache) is not None
+        original = model.layers[0].ffn.w_up
+        model.layers[0].ffn.w_up = nn.Sequential(original)  # e.g. an adapter wrapping the layer
+        assert model.fused_decoder(cache) is None
+        model.layers[0].ffn.w_up = original
+        ptmoe = mmafm.create_model("afm_2025_server_tiny").eval()
+        assert ptmoe.fused_decoder(ptmoe.new_cache(1, 8)) is None
+    assert model.fused_decoder(cache) is None  # autograd on: the kernels do not record it
+
+
+@needs_native
+def test_fused_decoder_rejects_out_of_vocabulary_tokens_and_leaves_the_cache_usable():
+    model = _variant("dense_2024")
+    with torch.no_grad():
+        cache = model.new_cache(1, 8)
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        fused = model.fused_decoder(cache)
+        with pytest.raises(ValueError, match="outside"):
+            fused(torch.tensor([model.config.vocab_size]))
+        assert cache.length == 3
+        step = fused(torch.tensor([4]))
+        reference = model(torch.tensor([[1, 2, 3, 4]]))[:, -1]
+    torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)

@@ -10,7 +10,14 @@ only (no autograd, CPU, float32, not under ``torch.compile``):
   streams each weight row once for all input rows (up to three weights sharing an input, e.g.
   Q/K/V, in one call); more rows (prefill) go to oneDNN's matmul;
 - :func:`rms_norm`: up to :data:`MAX_NATIVE_NORM_ELEMENTS` elements in one C loop;
-- :func:`single_query_attention`: one query per row over K/V cache views (GQA), one C call.
+- :func:`single_query_attention`: one query per row over K/V cache views (GQA), one C call;
+- fused decode: :func:`decode_attention_block` (RMSNorm, Q/K/V, QK-norm, RoPE, cache write,
+  attention, output projection and residual of one layer) and :func:`decode_swiglu_block` (the
+  FFN half) are one call each, taken by :class:`mmafm.models.text.Block` in a decode step; and
+  :func:`decode_step` runs a whole step of a dense model (embedding to logits) in one call, which
+  ``generate`` uses through :meth:`mmafm.models.text.DecoderLM.fused_decoder`. Python's per-op
+  overhead (~1 ms per token at 8 layers) is then gone, and a step costs about one read of the
+  weights.
 
 Everything else — training, other dtypes or devices, tracing — takes the plain torch call.
 
@@ -49,6 +56,13 @@ __all__ = [
     "rms_norm",
     "single_query_attention",
     "native_linear_available",
+    "plain_linear",
+    "decode_attention_block",
+    "decode_swiglu_block",
+    "decode_layer",
+    "decode_step",
+    "DecodeLayer",
+    "DecodeStep",
     "MAX_NATIVE_ROWS",
     "MAX_NATIVE_NORM_ELEMENTS",
 ]
@@ -88,9 +102,9 @@ static void gemv(const float* restrict x, const float* restrict w, float* restri
   }
 }
 
-/* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows r (RMSNorm, the arithmetic order of torch's) */
-void mmafm_rms_norm_f32(const float* restrict x, const float* restrict w, float* restrict y,
-                        long rows, long dim, float eps) {
+/* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows r (RMSNorm, the arithmetic order of torch's);
+   y may be x (in place) */
+void mmafm_rms_norm_f32(const float* x, const float* w, float* y, long rows, long dim, float eps) {
   for (long r = 0; r < rows; ++r) {
     const float* xr = x + r * dim;
     float* yr = y + r * dim;
@@ -106,54 +120,6 @@ void mmafm_rms_norm_f32(const float* restrict x, const float* restrict w, float*
   }
 }
 
-/* softmax(q k^T * scale) v for ONE query per (row, head), grouped-query heads: query head h reads
-   KV head h / (heads / kv_heads). q, out: (batch, heads, dim) contiguous; k, v: (batch, kv_heads,
-   keys, dim) with the given batch / head strides (views of a KV cache). Returns 0, or 1 when out
-   of memory (nothing written). */
-int mmafm_decode_attention_f32(const float* restrict q, const float* restrict k, const float* restrict v,
-                               float* restrict out, long batch, long heads, long kv_heads, long keys,
-                               long dim, long kv_batch_stride, long kv_head_stride, float scale) {
-  float* scores = malloc(sizeof(float) * (keys > 0 ? keys : 1));
-  if (!scores) return 1;
-  const long group = heads / kv_heads;
-  for (long b = 0; b < batch; ++b) {
-    for (long h = 0; h < heads; ++h) {
-      const float* qh = q + (b * heads + h) * dim;
-      const float* kh = k + b * kv_batch_stride + (h / group) * kv_head_stride;
-      const float* vh = v + b * kv_batch_stride + (h / group) * kv_head_stride;
-      float best = -INFINITY;
-      for (long t = 0; t < keys; ++t) {
-        const float* kt = kh + t * dim;
-        float acc[16] = {0};  /* 16 lanes so the dot product vectorises without -ffast-math */
-        long d = 0;
-        for (; d + 16 <= dim; d += 16)
-          for (int j = 0; j < 16; ++j) acc[j] += qh[d + j] * kt[d + j];
-        float dot = 0.0f;
-        for (int j = 0; j < 16; ++j) dot += acc[j];
-        for (; d < dim; ++d) dot += qh[d] * kt[d];
-        dot *= scale;
-        scores[t] = dot;
-        best = dot > best ? dot : best;
-      }
-      float total = 0.0f;
-      #pragma omp simd reduction(+:total)
-      for (long t = 0; t < keys; ++t) {
-        scores[t] = expf(scores[t] - best);
-        total += scores[t];
-      }
-      float* oh = out + (b * heads + h) * dim;
-      for (long d = 0; d < dim; ++d) oh[d] = 0.0f;
-      for (long t = 0; t < keys; ++t) {
-        const float weight = scores[t] / total;
-        const float* vt = vh + t * dim;
-        for (long d = 0; d < dim; ++d) oh[d] += weight * vt[d];
-      }
-    }
-  }
-  free(scores);
-  return 0;
-}
-
 /* up to three weights sharing one input (Q/K/V, gate/up): y = [x w0^T | x w1^T | x w2^T] */
 void mmafm_gemv3_f32(const float* x, const float* w0, const float* w1, const float* w2, float* y,
                      long batch, long out0, long out1, long out2, long in, int nthreads) {
@@ -165,6 +131,222 @@ void mmafm_gemv3_f32(const float* x, const float* w0, const float* w1, const flo
     if (out2) gemv(x, w2, y + out0 + out1, batch, out2, in, stride);
   }
 }
+
+/* ---- fused decode blocks: one call per half-layer, for B rows of ONE new token each ---- */
+
+/* q (or k) heads in place: optional per-head RMSNorm (QK-norm), then optional rotate-half RoPE */
+static void norm_rope_heads(float* restrict v, long heads, long dim, const float* restrict norm_w, float eps,
+                            const float* restrict cos, const float* restrict sin, float* restrict tmp) {
+  for (long h = 0; h < heads; ++h) {
+    float* vh = v + h * dim;
+    if (norm_w) mmafm_rms_norm_f32(vh, norm_w, vh, 1, dim, eps);  /* in place */
+    if (cos) {
+      const long half = dim / 2;
+      for (long d = 0; d < half; ++d) tmp[d] = -vh[d + half];
+      for (long d = half; d < dim; ++d) tmp[d] = vh[d - half];
+      for (long d = 0; d < dim; ++d) vh[d] = vh[d] * cos[d] + tmp[d] * sin[d];
+    }
+  }
+}
+
+/* one (row, head) of single-query attention over keys [0, keys) of a K/V cache view;
+   valid: NULL or one byte per key column (0 = padding, skipped) */
+static void attend_one(const float* restrict qh, const float* restrict kh, const float* restrict vh,
+                       float* restrict oh, float* restrict scores, long keys, long dim, float scale,
+                       const unsigned char* restrict valid) {
+  float best = -INFINITY;
+  for (long t = 0; t < keys; ++t) {
+    if (valid && !valid[t]) { scores[t] = -INFINITY; continue; }
+    const float* kt = kh + t * dim;
+    float acc[16] = {0};
+    long d = 0;
+    for (; d + 16 <= dim; d += 16)
+      for (int j = 0; j < 16; ++j) acc[j] += qh[d + j] * kt[d + j];
+    float dot = 0.0f;
+    for (int j = 0; j < 16; ++j) dot += acc[j];
+    for (; d < dim; ++d) dot += qh[d] * kt[d];
+    dot *= scale;
+    scores[t] = dot;
+    best = dot > best ? dot : best;
+  }
+  float total = 0.0f;
+  for (long t = 0; t < keys; ++t) {
+    scores[t] = expf(scores[t] - best);  /* exp(-inf) = 0 for padding */
+    total += scores[t];
+  }
+  for (long d = 0; d < dim; ++d) oh[d] = 0.0f;
+  for (long t = 0; t < keys; ++t) {
+    if (scores[t] == 0.0f) continue;
+    const float weight = scores[t] / total;
+    const float* vt = vh + t * dim;
+    for (long d = 0; d < dim; ++d) oh[d] += weight * vt[d];
+  }
+}
+
+/* softmax(q k^T * scale) v for ONE query per (row, head), grouped-query heads: query head h reads
+   KV head h / (heads / kv_heads). q, out: (batch, heads, dim) contiguous; k, v: (batch, kv_heads,
+   keys, dim) with the given batch / head strides (views of a KV cache). Returns 0, or 1 when out
+   of memory (nothing written). */
+int mmafm_decode_attention_f32(const float* restrict q, const float* restrict k, const float* restrict v,
+                               float* restrict out, long batch, long heads, long kv_heads, long keys,
+                               long dim, long kv_batch_stride, long kv_head_stride, float scale) {
+  float* scores = malloc(sizeof(float) * (keys > 0 ? keys : 1));
+  if (!scores) return 1;
+  const long group = heads / kv_heads;
+  for (long b = 0; b < batch; ++b)
+    for (long h = 0; h < heads; ++h) {
+      const long kv_at = b * kv_batch_stride + (h / group) * kv_head_stride;
+      attend_one(q + (b * heads + h) * dim, k + kv_at, v + kv_at, out + (b * heads + h) * dim, scores, keys,
+                 dim, scale, NULL);
+    }
+  free(scores);
+  return 0;
+}
+
+/* y = x + o_proj(attention(rope(qk_norm(q, k)), v)) of x_norm = rms_norm(x): the attention half of a
+   pre-norm decoder layer for one new token per row. With wk == NULL the layer shares K/V: it reads
+   keys [0, keys) of k_cache / v_cache and writes nothing; otherwise its new K/V go to cache slot
+   write_slot first (so keys includes them). Caches are (batch, kv_heads, slots, head_dim) float32
+   with unit inner strides. cos, sin: (batch, head_dim) or NULL (no RoPE); q_norm_w, k_norm_w: NULL
+   without QK-norm; valid: NULL or (batch, valid_stride) bytes per key column. Returns 0, or 1 when
+   out of memory (y untouched). */
+int mmafm_attention_decode_f32(
+    const float* restrict x, float* restrict y, const float* norm_w, float eps,
+    const float* wq, const float* wk, const float* wv, const float* wo,
+    const float* q_norm_w, const float* k_norm_w, const float* cos, const float* sin,
+    float* k_cache, float* v_cache, long kv_batch_stride, long kv_head_stride, long write_slot, long keys,
+    const unsigned char* valid, long valid_stride,
+    long batch, long dim, long heads, long kv_heads, long head_dim, int nthreads) {
+  const long q_width = heads * head_dim, kv_width = wk ? kv_heads * head_dim : 0;
+  const long qkv_width = q_width + 2 * kv_width;
+  float* xn = malloc(sizeof(float) * batch * (dim + qkv_width + q_width + dim + head_dim));
+  float* scores = malloc(sizeof(float) * batch * heads * (keys > 0 ? keys : 1));
+  if (!xn || !scores) { free(xn); free(scores); return 1; }
+  float* qkv = xn + batch * dim;        /* (batch, q | k | v) */
+  float* att = qkv + batch * qkv_width; /* (batch, heads, head_dim) */
+  float* out = att + batch * q_width;   /* (batch, dim) */
+  float* tmp = out + batch * dim;       /* (head_dim) */
+  mmafm_rms_norm_f32(x, norm_w, xn, batch, dim, eps);
+  mmafm_gemv3_f32(xn, wq, wk, wv, qkv, batch, q_width, kv_width, kv_width, dim, nthreads);
+  for (long b = 0; b < batch; ++b) {
+    float* row = qkv + b * qkv_width;
+    const float* cb = cos ? cos + b * head_dim : NULL;
+    const float* sb = sin ? sin + b * head_dim : NULL;
+    norm_rope_heads(row, heads, head_dim, q_norm_w, eps, cb, sb, tmp);
+    if (!wk) continue;
+    norm_rope_heads(row + q_width, kv_heads, head_dim, k_norm_w, eps, cb, sb, tmp);
+    for (long h = 0; h < kv_heads; ++h) {
+      const long at = b * kv_batch_stride + h * kv_head_stride + write_slot * head_dim;
+      for (long d = 0; d < head_dim; ++d) {
+        k_cache[at + d] = row[q_width + h * head_dim + d];
+        v_cache[at + d] = row[q_width + kv_width + h * head_dim + d];
+      }
+    }
+  }
+  const long group = heads / kv_heads, pairs = batch * heads;
+  const float scale = 1.0f / sqrtf((float)head_dim);
+  #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && pairs > 1 && pairs * keys * head_dim >= 65536L)
+  for (long p = 0; p < pairs; ++p) {
+    const long b = p / heads, h = p % heads;
+    const long kv_at = b * kv_batch_stride + (h / group) * kv_head_stride;
+    attend_one(qkv + b * qkv_width + h * head_dim, k_cache + kv_at, v_cache + kv_at, att + p * head_dim,
+               scores + p * keys, keys, head_dim, scale, valid ? valid + b * valid_stride : NULL);
+  }
+  mmafm_gemv3_f32(att, wo, NULL, NULL, out, batch, dim, 0, 0, q_width, nthreads);
+  for (long i = 0; i < batch * dim; ++i) y[i] = x[i] + out[i];
+  free(xn);
+  free(scores);
+  return 0;
+}
+
+/* x += w_down(silu(w_gate x_norm) * w_up x_norm), x_norm = rms_norm(x): the SwiGLU half of a
+   pre-norm decoder layer, in place on (batch, dim). Returns 0, or 1 when out of memory. */
+int mmafm_swiglu_decode_f32(float* x, const float* norm_w, float eps, const float* w_gate,
+                            const float* w_up, const float* w_down, long batch, long dim, long hidden,
+                            int nthreads) {
+  float* xn = malloc(sizeof(float) * batch * (dim + 2 * hidden + hidden + dim));
+  if (!xn) return 1;
+  float* gate_up = xn + batch * dim;          /* (batch, gate | up) */
+  float* act = gate_up + batch * 2 * hidden;  /* (batch, hidden) */
+  float* out = act + batch * hidden;          /* (batch, dim) */
+  mmafm_rms_norm_f32(x, norm_w, xn, batch, dim, eps);
+  mmafm_gemv3_f32(xn, w_gate, w_up, NULL, gate_up, batch, hidden, hidden, 0, dim, nthreads);
+  for (long b = 0; b < batch; ++b)
+    for (long i = 0; i < hidden; ++i) {
+      const float g = gate_up[b * 2 * hidden + i];
+      act[b * hidden + i] = g / (1.0f + expf(-g)) * gate_up[b * 2 * hidden + hidden + i];
+    }
+  mmafm_gemv3_f32(act, w_down, NULL, NULL, out, batch, dim, 0, 0, hidden, nthreads);
+  for (long i = 0; i < batch * dim; ++i) x[i] += out[i];
+  free(xn);
+  return 0;
+}
+
+/* ---- a whole decode step of a dense decoder (generate's inner loop) in one call ---- */
+
+/* one decoder layer's weights and K/V storage (layout mirrored by DecodeLayer in Python) */
+typedef struct {
+  const float *attn_norm, *wq, *wk, *wv, *wo, *q_norm, *k_norm;  /* wk = wv = NULL: shares K/V */
+  const float *ffn_norm, *w_gate, *w_up, *w_down;
+  float *k_cache, *v_cache;  /* (batch, kv_heads, slots, head_dim): its own, or its source layer's */
+  long kv_batch_stride, kv_head_stride, slots;
+  long ring;    /* 1: sliding-window ring buffer, column t in slot t % slots */
+  long rope;    /* 1: RoPE, 0: no positional encoding */
+  long hidden;  /* SwiGLU width */
+} mmafm_layer_t;
+
+/* logits (batch, vocab) of one new token per row: embed, every layer (attention half, SwiGLU
+   half), final RMSNorm, output head. column: the cache column of the new tokens (the K/V go there,
+   or to column % slots in a ring); positions (batch,): their RoPE positions, rows of cos_table /
+   sin_table (max_position, head_dim); valid: NULL or (batch, valid_stride) bytes, 0 = padding
+   column (only with linear caches). Returns 0; 1 out of memory (this column of the cache may be
+   part written); 2 a token outside the vocabulary or a position outside the table (nothing
+   written). */
+int mmafm_decode_step_f32(
+    const long* tokens, const float* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const float* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads) {
+  for (long b = 0; b < batch; ++b)
+    if (tokens[b] < 0 || tokens[b] >= vocab || positions[b] < 0 || positions[b] >= max_position) return 2;
+  float* block = malloc(sizeof(float) * batch * (3 * dim + 2 * head_dim));
+  if (!block) return 1;
+  float* x = block;  /* the residual stream, ping-ponged with y */
+  float* y = x + batch * dim;
+  float* xn = y + batch * dim;
+  float* cos = xn + batch * dim;     /* (batch, head_dim) rows of this step's positions */
+  float* sin = cos + batch * head_dim;
+  for (long b = 0; b < batch; ++b) {
+    for (long i = 0; i < dim; ++i) x[b * dim + i] = embed[tokens[b] * dim + i];
+    for (long d = 0; d < head_dim; ++d) {
+      cos[b * head_dim + d] = cos_table[positions[b] * head_dim + d];
+      sin[b * head_dim + d] = sin_table[positions[b] * head_dim + d];
+    }
+  }
+  int failed = 0;
+  for (long l = 0; l < n_layers && !failed; ++l) {
+    const mmafm_layer_t* L = layers + l;
+    const long num_keys = L->ring ? (column + 1 < L->slots ? column + 1 : L->slots) : column + 1;
+    const long slot = L->ring ? column % L->slots : column;
+    failed = mmafm_attention_decode_f32(
+        x, y, L->attn_norm, eps, L->wq, L->wk, L->wv, L->wo, L->q_norm, L->k_norm,
+        L->rope ? cos : NULL, L->rope ? sin : NULL, L->k_cache, L->v_cache, L->kv_batch_stride,
+        L->kv_head_stride, slot, num_keys, L->ring ? NULL : valid, valid_stride,
+        batch, dim, heads, kv_heads, head_dim, nthreads);
+    if (!failed)
+      failed = mmafm_swiglu_decode_f32(y, L->ffn_norm, eps, L->w_gate, L->w_up, L->w_down, batch, dim,
+                                       L->hidden, nthreads);
+    float* swap = x; x = y; y = swap;
+  }
+  if (!failed) {
+    mmafm_rms_norm_f32(x, final_norm, xn, batch, dim, eps);
+    mmafm_gemv3_f32(xn, head, NULL, NULL, logits, batch, vocab, 0, 0, dim, nthreads);
+  }
+  free(block);
+  return failed;
+}
+
 """
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
@@ -172,7 +354,19 @@ _lock = threading.Lock()
 _kernel = None  # the ctypes gemv function once loaded; False when unavailable
 _norm_kernel = None  # the ctypes RMSNorm function, loaded with _kernel
 _attention_kernel = None  # the ctypes single-query attention function, loaded with _kernel
+_attention_block_kernel = None  # the fused decode halves of a decoder layer, loaded with _kernel
+_swiglu_block_kernel = None
+_decode_step_kernel = None  # a whole decode step of a dense decoder, loaded with _kernel
 _failure = ""  # why the kernel is unavailable
+
+
+class DecodeLayer(ctypes.Structure):
+    """One decoder layer for :class:`DecodeStep` (mirrors the C ``mmafm_layer_t``)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "attn_norm", "wq", "wk", "wv", "wo", "q_norm", "k_norm", "ffn_norm", "w_gate", "w_up", "w_down",
+        "k_cache", "v_cache",
+    )] + [(name, ctypes.c_long) for name in ("kv_batch_stride", "kv_head_stride", "slots", "ring", "rope", "hidden")]
 
 
 def _cpu_id() -> str:
@@ -206,7 +400,8 @@ def _build() -> ctypes.CDLL:
 
 
 def _load():
-    global _kernel, _norm_kernel, _attention_kernel, _failure
+    global _kernel, _norm_kernel, _attention_kernel, _attention_block_kernel, _swiglu_block_kernel
+    global _decode_step_kernel, _failure
     with _lock:
         if _kernel is not None:
             return _kernel
@@ -224,7 +419,26 @@ def _load():
             attention = library.mmafm_decode_attention_f32
             attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 7 + [ctypes.c_float]
             attention.restype = ctypes.c_int
+            attention_block = library.mmafm_attention_decode_f32
+            attention_block.argtypes = (
+                [ctypes.c_void_p] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 10 + [ctypes.c_long] * 4
+                + [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_long] * 5 + [ctypes.c_int]
+            )
+            attention_block.restype = ctypes.c_int
+            swiglu_block = library.mmafm_swiglu_decode_f32
+            swiglu_block.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 3
+                                     + [ctypes.c_long] * 3 + [ctypes.c_int])
+            swiglu_block.restype = ctypes.c_int
             _kernel, _norm_kernel, _attention_kernel = function, norm, attention
+            step = library.mmafm_decode_step_f32
+            step.argtypes = (
+                [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_void_p, ctypes.c_long]
+                + [ctypes.POINTER(DecodeLayer), ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 6
+                + [ctypes.c_float, ctypes.c_int]
+            )
+            step.restype = ctypes.c_int
+            _attention_block_kernel, _swiglu_block_kernel = attention_block, swiglu_block
+            _decode_step_kernel = step
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _kernel, _failure = False, str(error)
             warnings.warn(f"mmafm: native gemv kernel unavailable ({error}); using F.linear", stacklevel=3)
@@ -338,7 +552,8 @@ def single_query_attention(
     return None if failed else out
 
 
-def _plain(module: nn.Module) -> bool:
+def plain_linear(module: nn.Module) -> bool:
+    """Is ``module`` exactly a bias-free ``nn.Linear`` without hooks (so ``x @ weight.T`` is all it does)?"""
     return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
             and not module._forward_pre_hooks and not _global_forward_hooks and not _global_forward_pre_hooks)
 
@@ -351,7 +566,7 @@ def apply_linears(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, .
         raise ValueError(f"apply_linears takes 1 to 3 layers, got {len(modules)}")
     if (
         (_kernel if _kernel is not None else _load())
-        and all(_plain(m) for m in modules)
+        and all(plain_linear(m) for m in modules)
         and all(_native_ok(x, m.weight) for m in modules)
     ):
         weights = tuple(m.weight for m in modules)
@@ -364,6 +579,214 @@ def apply_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Anything else (adapters replacing the layer, hooks, biases) is called as a module.
     """
-    if _plain(module):
+    if plain_linear(module):
         return linear(x, module.weight)
     return module(x)
+
+
+# ----------------------------------------------------------------------------- fused decode blocks
+
+
+_PLAIN_TYPES = (_Tensor, nn.Parameter)  # no tensor subclasses (DTensor, fake tensors, proxies)
+
+
+def _f32_cpu(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype == _F32 and t.is_cpu and type(t) in _PLAIN_TYPES) for t in tensors)
+
+
+def _contiguous(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or t.is_contiguous() for t in tensors)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def decode_attention_block(
+    x: torch.Tensor,  # (B, 1, dim): the residual stream of one new token per row
+    norm_weight: torch.Tensor,  # (dim,) pre-attention RMSNorm gain
+    eps: float,
+    wq: torch.Tensor,  # (H * D, dim)
+    wk: torch.Tensor | None,  # (Hkv * D, dim); None: the layer shares K/V (reads the cache, writes nothing)
+    wv: torch.Tensor | None,  # (Hkv * D, dim)
+    wo: torch.Tensor,  # (dim, H * D)
+    q_norm_weight: torch.Tensor | None,  # (D,) QK-norm gains, None without QK-norm
+    k_norm_weight: torch.Tensor | None,
+    cos: torch.Tensor | None,  # (B, 1, D) RoPE of the new positions; None = no positional encoding
+    sin: torch.Tensor | None,
+    k_cache: torch.Tensor,  # (B, Hkv, S, D) float32 storage (or a view with unit inner strides)
+    v_cache: torch.Tensor,
+    write_slot: int,  # slot of the new K/V (ignored when sharing)
+    num_keys: int,  # attend over slots [0, num_keys), the new one included
+    key_valid: torch.Tensor | None = None,  # (B, >= num_keys) bool, False = padding column
+) -> torch.Tensor | None:  # (B, 1, dim), or None where the fused kernel does not apply
+    """The attention half of a pre-norm decoder layer for one decode step, in one native call:
+    ``x + o_proj(attn(rope(qk_norm(q)), rope(qk_norm(k)), v))`` of ``rms_norm(x)``, writing the new
+    K/V into the cache. For CPU float32 inference (the caller checks autograd); None otherwise.
+
+    Equal to the module-by-module computation up to float32 summation order."""
+    if not (_kernel if _kernel is not None else _load()):
+        return None
+    if x.dim() != 3 or x.shape[1] != 1 or k_cache.dim() != 4:
+        return None
+    batch, _, dim = x.shape
+    _, kv_heads, slots, head_dim = k_cache.shape
+    q_width = wq.shape[0]
+    if not (
+        _f32_cpu(x, norm_weight, wq, wk, wv, wo, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache)
+        and _contiguous(x, norm_weight, wq, wk, wv, wo, q_norm_weight, k_norm_weight, cos, sin)
+        and (wk is None) == (wv is None) and (cos is None) == (sin is None)
+        and q_width % head_dim == 0 and (q_width // head_dim) % kv_heads == 0
+        and wq.shape == (q_width, dim) and wo.shape == (dim, q_width) and norm_weight.shape == (dim,)
+        and (wk is None or wk.shape == wv.shape == (kv_heads * head_dim, dim))
+        and (q_norm_weight is None or q_norm_weight.shape == (head_dim,))
+        and (k_norm_weight is None or k_norm_weight.shape == (head_dim,))
+        and (cos is None or cos.shape == sin.shape == (batch, 1, head_dim))
+        and k_cache.shape == v_cache.shape and k_cache.shape[0] == batch
+        and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim
+        and 0 < num_keys <= slots and (wk is None or 0 <= write_slot < num_keys)
+        and (key_valid is None or (key_valid.dtype == torch.bool and key_valid.dim() == 2
+                                   and key_valid.shape[0] == batch and key_valid.shape[1] >= num_keys
+                                   and key_valid.stride(1) == 1))
+    ):
+        return None
+    y = torch.empty_like(x)
+    failed = _attention_block_kernel(
+        x.data_ptr(), y.data_ptr(), norm_weight.data_ptr(), eps,
+        wq.data_ptr(), _ptr(wk), _ptr(wv), wo.data_ptr(), _ptr(q_norm_weight), _ptr(k_norm_weight),
+        _ptr(cos), _ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+        write_slot, num_keys, _ptr(key_valid), 0 if key_valid is None else key_valid.stride(0),
+        batch, dim, q_width // head_dim, kv_heads, head_dim, torch.get_num_threads(),
+    )
+    return None if failed else y
+
+
+def decode_swiglu_block(
+    x: torch.Tensor,  # (B, 1, dim), updated in place
+    norm_weight: torch.Tensor,  # (dim,) pre-FFN RMSNorm gain
+    eps: float,
+    w_gate: torch.Tensor,  # (hidden, dim)
+    w_up: torch.Tensor,  # (hidden, dim)
+    w_down: torch.Tensor,  # (dim, hidden)
+) -> bool:
+    """``x += w_down(silu(w_gate n) * w_up n)`` with ``n = rms_norm(x)``, in place, in one native
+    call (CPU float32 inference, the caller checks autograd). False, with ``x`` untouched, where
+    the kernel does not apply."""
+    if not (_kernel if _kernel is not None else _load()):
+        return False
+    if x.dim() != 3 or x.shape[1] != 1:
+        return False
+    batch, _, dim = x.shape
+    hidden = w_gate.shape[0]
+    if not (
+        _f32_cpu(x, norm_weight, w_gate, w_up, w_down)
+        and _contiguous(x, norm_weight, w_gate, w_up, w_down)
+        and norm_weight.shape == (dim,) and w_gate.shape == w_up.shape == (hidden, dim)
+        and w_down.shape == (dim, hidden)
+    ):
+        return False
+    failed = _swiglu_block_kernel(x.data_ptr(), norm_weight.data_ptr(), eps, w_gate.data_ptr(), w_up.data_ptr(),
+                                  w_down.data_ptr(), batch, dim, hidden, torch.get_num_threads())
+    return not failed
+
+
+class DecodeStep:
+    """A whole decode step of a dense pre-norm decoder (``generate``'s inner loop) in one native
+    call: embedding, every layer through the fused attention and SwiGLU halves, final RMSNorm and
+    output head, K/V written into the cache. Built by :func:`decode_step` from validated tensors,
+    which it keeps alive; the caller keeps the cache's bookkeeping (columns, positions)."""
+
+    def __init__(self, layers: list[tuple[DecodeLayer, tuple]], embed: torch.Tensor, final_norm: torch.Tensor,
+                 head: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, heads: int, kv_heads: int,
+                 head_dim: int, eps: float):
+        self._tensors = [t for _, kept in layers for t in kept] + [embed, final_norm, head, cos_table, sin_table]
+        self._layers = (DecodeLayer * len(layers))(*(layer for layer, _ in layers))
+        self.n_layers, self.dim = len(layers), embed.shape[1]
+        self.embed, self.final_norm, self.head = embed, final_norm, head
+        self.cos_table, self.sin_table = cos_table, sin_table
+        self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,  # (B,) int64, one new token per row
+        positions: torch.Tensor,  # (B,) int64 RoPE positions
+        column: int,  # cache column of the new tokens
+        key_valid: torch.Tensor | None = None,  # (B, >= column + 1) bool, False = padding column
+    ) -> torch.Tensor:  # (B, V) float32 logits
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        if tokens.dtype != torch.int64 or positions.dtype != torch.int64 or tokens.dim() != 1 \
+                or positions.shape != tokens.shape:
+            raise ValueError(f"tokens and positions must be (batch,) int64, got {tokens.dtype} {tuple(tokens.shape)} "
+                             f"and {positions.dtype} {tuple(positions.shape)}")
+        batch = tokens.shape[0]
+        if key_valid is not None and not (key_valid.dtype == torch.bool and key_valid.dim() == 2
+                                          and key_valid.shape[0] == batch and key_valid.shape[1] > column
+                                          and key_valid.stride(1) == 1):
+            raise ValueError(f"key_valid must be ({batch}, > {column}) bool with unit column stride")
+        logits = torch.empty((batch, self.head.shape[0]), dtype=_F32)
+        failed = _decode_step_kernel(
+            tokens.data_ptr(), self.embed.data_ptr(), positions.data_ptr(), self.cos_table.data_ptr(),
+            self.sin_table.data_ptr(), self.cos_table.shape[0], column, _ptr(key_valid),
+            0 if key_valid is None else key_valid.stride(0), self._layers, self.n_layers,
+            self.final_norm.data_ptr(), self.head.data_ptr(), logits.data_ptr(), batch, self.dim, self.heads,
+            self.kv_heads, self.head_dim, self.head.shape[0], self.eps, torch.get_num_threads(),
+        )
+        if failed == 2:
+            raise ValueError(f"decode step: a token outside [0, {self.head.shape[0]}) or a position outside "
+                             f"[0, {self.cos_table.shape[0]})")
+        if failed:
+            raise MemoryError("decode step: out of memory in the native kernel")
+        return logits
+
+
+def decode_layer(
+    attn_norm: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor | None, wv: torch.Tensor | None, wo: torch.Tensor,
+    q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, ffn_norm: torch.Tensor, w_gate: torch.Tensor,
+    w_up: torch.Tensor, w_down: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ring: bool, rope: bool,
+    heads: int,
+) -> tuple[DecodeLayer, tuple] | None:
+    """One layer of a :class:`DecodeStep` (weights as in :func:`decode_attention_block` and
+    :func:`decode_swiglu_block`; ``k_cache`` / ``v_cache`` the whole (B, Hkv, slots, D) storage of
+    the layer, or of its source when ``wk`` is None; ``heads`` query heads), or None where the
+    native step cannot run it."""
+    if k_cache.dim() != 4:
+        return None
+    _, kv_heads, slots, head_dim = k_cache.shape
+    dim, hidden, q_width = wq.shape[1], w_gate.shape[0], wq.shape[0]
+    tensors = (attn_norm, wq, wk, wv, wo, q_norm, k_norm, ffn_norm, w_gate, w_up, w_down)
+    if not (
+        _f32_cpu(*tensors, k_cache, v_cache) and _contiguous(*tensors)
+        and (wk is None) == (wv is None)
+        and attn_norm.shape == ffn_norm.shape == (dim,) and q_width == heads * head_dim and heads % kv_heads == 0
+        and wo.shape == (dim, q_width) and (wk is None or wk.shape == wv.shape == (kv_heads * head_dim, dim))
+        and (q_norm is None or q_norm.shape == (head_dim,)) and (k_norm is None or k_norm.shape == (head_dim,))
+        and w_gate.shape == w_up.shape == (hidden, dim) and w_down.shape == (dim, hidden)
+        and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+        and k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim
+    ):
+        return None
+    layer = DecodeLayer(
+        *(_ptr(t) for t in tensors), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.stride(0), k_cache.stride(1), slots, int(ring), int(rope), hidden,
+    )
+    return layer, tuple(t for t in (*tensors, k_cache, v_cache) if t is not None)
+
+
+def decode_step(
+    layers: list[tuple[DecodeLayer, tuple]], embed: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor,
+    cos_table: torch.Tensor, sin_table: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float,
+) -> DecodeStep | None:
+    """A :class:`DecodeStep` over ``layers`` (from :func:`decode_layer`), or None without the
+    native kernels or with tensors they cannot take. ``embed`` (V, dim), ``head`` (V', dim)."""
+    if not (_kernel if _kernel is not None else _load()):
+        return None
+    if not (
+        layers and _f32_cpu(embed, final_norm, head, cos_table, sin_table)
+        and _contiguous(embed, final_norm, head, cos_table, sin_table)
+        and embed.dim() == head.dim() == 2 and embed.shape[1] == head.shape[1] == final_norm.shape[0]
+        and cos_table.shape == sin_table.shape == (cos_table.shape[0], head_dim)
+        and heads % kv_heads == 0
+        and all(kept[1].shape == (heads * head_dim, embed.shape[1]) and layer.hidden for layer, kept in layers)
+    ):
+        return None
+    return DecodeStep(layers, embed, final_norm, head, cos_table, sin_table, heads, kv_heads, head_dim, eps)

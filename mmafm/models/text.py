@@ -33,7 +33,18 @@ from torch.utils.checkpoint import checkpoint
 
 from mmafm.config import ConfigError
 from mmafm.layers.attention import attend
-from mmafm.layers.native import apply_linear, apply_linears, linear, rms_norm, single_query_attention
+from mmafm.layers.native import (
+    apply_linear,
+    apply_linears,
+    decode_attention_block,
+    decode_layer,
+    decode_step,
+    decode_swiglu_block,
+    linear,
+    plain_linear,
+    rms_norm,
+    single_query_attention,
+)
 from mmafm.layers.kv_cache import CacheSpec, KVCache, kv_cache_nbytes
 from mmafm.layers.moe import MoEFeedForward, upcycle_ffn
 from mmafm.layers.norm import RMSNorm
@@ -57,6 +68,7 @@ __all__ = [
     "cache_specs",
     "kv_cache_bytes",
     "upcycle",
+    "FusedDecoder",
 ]
 
 
@@ -246,6 +258,9 @@ class AttentionContext:
     key_valid: torch.Tensor | None  # (B, C) real-token columns; None when there is no padding
     cache: KVCache | None = None
     masks: dict = field(default_factory=dict)
+    # a decode step (one new token, float32 CPU cache, no autograd) that may take the fused
+    # native kernels of mmafm.layers.native, one call per half-layer
+    fused_decode: bool = False
 
     def __post_init__(self) -> None:
         self.head_cos, self.head_sin = self.cos[:, :, None], self.sin[:, :, None]  # (B, T, 1, D)
@@ -269,10 +284,15 @@ class AttentionContext:
         return result
 
 
+def _plain_norm(norm: nn.Module | None) -> bool:
+    """Is ``norm`` exactly an :class:`RMSNorm` without hooks (so its math may run elsewhere)?"""
+    return type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks)
+
+
 def _norm(norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)``; a plain :class:`RMSNorm` runs through :func:`mmafm.layers.native.rms_norm`,
     which takes a native path for decode-sized CPU inputs (the shared RMSNorm module is unchanged)."""
-    if type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks):
+    if _plain_norm(norm):
         return rms_norm(x, norm.weight, norm.eps)
     return norm(x)
 
@@ -314,6 +334,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.owns_kv = kv_source_layer(config, layer_index) == layer_index
         self.window = layer_window(config, layer_index)
+        self.kv_window = layer_window(config, kv_source_layer(config, layer_index))  # of the layer whose K/V it reads
         self.use_rope = layer_uses_rope(config, layer_index)
         self.cache_index = layer_index if cache_index is None else cache_index
         q_width, kv_width = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
@@ -398,6 +419,10 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """Returns ``(x, (keys, values, key_time), load-balancing loss or None)``."""
         drop = self.dropout if self.training and self.dropout.p > 0 else _identity
+        if ctx.fused_decode and drop is _identity:
+            fused = self._fused_decode(x, ctx, shared_kv)
+            if fused is not None:
+                return fused
         attn_out, kv = self.attn(_norm(self.attn_norm, x), ctx, shared_kv)
         x = x + drop(attn_out)
         aux = None
@@ -406,6 +431,87 @@ class Block(nn.Module):
         else:
             ffn_out = self.ffn(_norm(self.ffn_norm, x))
         return x + drop(ffn_out), kv, aux
+
+
+    def _fused_decode(
+        self, x: torch.Tensor, ctx: AttentionContext, shared_kv: tuple | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None] | None:
+        """:meth:`forward` of one decode step through the fused native kernels (one call for the
+        attention half, one for a SwiGLU FFN); None, with nothing done, where they do not apply
+        (hooked or replaced modules, sliding windows over padded batches, int8 caches, ...)."""
+        attn = self.attn
+        if not (
+            _plain_norm(self.attn_norm)
+            and (attn.q_norm is None or _plain_norm(attn.q_norm))
+            and plain_linear(attn.q_proj)
+            and plain_linear(attn.o_proj)
+        ):
+            return None
+        valid = ctx.key_valid
+        if attn.owns_kv:
+            if not (plain_linear(attn.k_proj) and plain_linear(attn.v_proj)
+                    and (attn.k_norm is None or _plain_norm(attn.k_norm))):
+                return None
+            if valid is not None and attn.window is not None:
+                return None  # padded ring buffer: the general path masks by column
+            target = ctx.cache.decode_target(attn.cache_index)
+            if target is None:
+                return None
+            keys, values, slot, num_keys, key_time = target
+            wk, wv = attn.k_proj.weight, attn.v_proj.weight
+        else:
+            if shared_kv is None or attn.window is not None or attn.kv_window is not None:
+                return None  # a window or a ring of the source needs the general path's mask
+            keys, values, key_time = shared_kv
+            slot, num_keys, wk, wv = 0, keys.shape[2], None, None
+        rope = (ctx.cos, ctx.sin) if attn.use_rope else (None, None)
+        y = decode_attention_block(
+            x, self.attn_norm.weight, self.attn_norm.eps, attn.q_proj.weight, wk, wv, attn.o_proj.weight,
+            None if attn.q_norm is None else attn.q_norm.weight, None if attn.k_norm is None else attn.k_norm.weight,
+            *rope, keys, values, slot, num_keys, valid,
+        )
+        if y is None:
+            return None
+        if attn.owns_kv and attn.window is None:
+            keys, values = keys.narrow(2, 0, num_keys), values.narrow(2, 0, num_keys)  # what update returns
+        kv = (keys, values, key_time)
+        ffn, aux = self.ffn, None
+        fused_ffn = (
+            type(ffn) is SwiGLU and not (ffn._forward_hooks or ffn._forward_pre_hooks)
+            and _plain_norm(self.ffn_norm)
+            and all(plain_linear(m) for m in (ffn.w_gate, ffn.w_up, ffn.w_down))
+            and decode_swiglu_block(y, self.ffn_norm.weight, self.ffn_norm.eps,
+                                    ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight)
+        )
+        if not fused_ffn:
+            if self.is_moe:
+                ffn_out, aux = ffn(_norm(self.ffn_norm, y))
+            else:
+                ffn_out = ffn(_norm(self.ffn_norm, y))
+            y = y + ffn_out
+        return y, kv, aux
+
+
+class FusedDecoder:
+    """``generate``'s decode step of a dense :class:`TextModel` in one native call
+    (:class:`mmafm.layers.native.DecodeStep`): logits of one new token per row, K/V appended to the
+    cache. Built by :meth:`DecoderLM.fused_decoder` for one cache; valid while the model's modules
+    and parameters stay the same objects (a ``generate`` call), like any compiled plan."""
+
+    def __init__(self, step, cache: KVCache):
+        self.step, self.cache = step, cache
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, V) float32
+        cache = self.cache
+        column = cache.length
+        positions = cache.begin(1)  # (B, 1)
+        try:
+            logits = self.step(tokens, positions.view(-1), column, cache.key_valid() if cache.has_padding else None)
+        except BaseException:
+            cache.abort()
+            raise
+        cache.end()
+        return logits
 
 
 def _is_shared_source(config: TextConfig, index: int) -> bool:
@@ -504,6 +610,60 @@ class DecoderLM(nn.Module, abc.ABC):
             dtype=weight.dtype if dtype is None else _as_dtype(dtype), device=weight.device,
             quantized=quantized,
         )
+
+    def fused_decoder(self, cache: KVCache) -> FusedDecoder | None:
+        """The whole decode step in one native call, for ``generate``: a dense single-track model
+        of plain modules (no MoE, adapters or hooks) in float32 on the CPU, with a float32 cache
+        built by :meth:`new_cache`, under ``torch.no_grad``. None where any of that does not hold
+        (or the native kernels are unavailable): decode then runs module by module."""
+        config = self.config
+        if (
+            type(self)._trunk is not TextModel._trunk or config.num_experts or torch.is_grad_enabled()
+            or torch.compiler.is_compiling() or cache.quantized or cache.dtype != torch.float32
+            or cache.max_len > config.max_seq_len or cache.device.type != "cpu"
+            or not _plain_norm(self.norm) or (not config.tie_embeddings and not plain_linear(self.lm_head))
+            or type(self.embed) is not nn.Embedding or self.embed.max_norm is not None
+            or self.embed._forward_hooks or self.embed._forward_pre_hooks
+            or self._forward_hooks or self._forward_pre_hooks
+        ):
+            return None
+        layers = []
+        for index, block in enumerate(self.layers):
+            attn, ffn = block.attn, block.ffn
+            if not (
+                type(block) is Block and not (block._forward_hooks or block._forward_pre_hooks)
+                and type(attn) is Attention and not (attn._forward_hooks or attn._forward_pre_hooks)
+                and type(ffn) is SwiGLU and not (ffn._forward_hooks or ffn._forward_pre_hooks)
+                and all(_plain_norm(n) for n in (block.attn_norm, block.ffn_norm))
+                and all(n is None or _plain_norm(n) for n in (attn.q_norm, attn.k_norm))
+                and all(plain_linear(m) for m in (attn.q_proj, attn.o_proj, ffn.w_gate, ffn.w_up, ffn.w_down))
+                and (not attn.owns_kv or (plain_linear(attn.k_proj) and plain_linear(attn.v_proj)))
+            ):
+                return None
+            source = kv_source_layer(config, index)
+            if not attn.owns_kv and attn.window is not None:
+                return None  # a window over a shared source's keys needs the general path's mask
+            store = cache.layers[self.layers[source].attn.cache_index]
+            if store is None:
+                return None
+            ring = layer_window(config, source) is not None
+            if ring and cache.has_padding:
+                return None  # padded ring buffers: the general path masks by column
+            layer = decode_layer(
+                block.attn_norm.weight, attn.q_proj.weight,
+                attn.k_proj.weight if attn.owns_kv else None, attn.v_proj.weight if attn.owns_kv else None,
+                attn.o_proj.weight, None if attn.q_norm is None else attn.q_norm.weight,
+                None if attn.k_norm is None else attn.k_norm.weight, block.ffn_norm.weight,
+                ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight, store.keys, store.values,
+                ring=ring, rope=attn.use_rope, heads=config.n_heads,
+            )
+            if layer is None:
+                return None
+            layers.append(layer)
+        cos_table, sin_table = self._rope_table(cache.device)
+        step = decode_step(layers, self.embed.weight, self.norm.weight, self.output_weight(), cos_table, sin_table,
+                           config.n_heads, config.n_kv_heads, config.head_dim, self.norm.eps)
+        return None if step is None else FusedDecoder(step, cache)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; ``non_embedding`` drops the token embedding (and an untied head)."""
@@ -622,7 +782,12 @@ class DecoderLM(nn.Module, abc.ABC):
             else:
                 cos, sin = cos_table[positions], sin_table[positions]
             cos, sin = cos.to(h.dtype), sin.to(h.dtype)
-        return AttentionContext(cos, sin, query_time, key_valid, cache)
+        fused_decode = (
+            cache is not None and length == 1 and not torch.is_grad_enabled() and h.dtype == torch.float32
+            and h.device.type == "cpu" and not cache.quantized and cache.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+        )
+        return AttentionContext(cos, sin, query_time, key_valid, cache, fused_decode=fused_decode)
 
     def _rope_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (max_seq_len, D)
         """RoPE cos/sin (float32) of positions ``0 .. max_seq_len-1``, built once per device and shape."""
