@@ -12,6 +12,8 @@ interleaved (so background load hits both alike):
 - decode tokens/s: greedy ``generate`` of ``N + 1`` tokens minus that of 1 token, per token (each
   library's own generate: ours :func:`mmafm.generate.generate`, theirs ``model.generate``);
 - ratios ours/HF (issue 5's goals: prefill >= 1.0, decode >= 3);
+- ``--dtype bfloat16`` runs both models with bf16 weights (and KV cache): decode then reads half
+  the bytes per token (ours keeps activations in float32, HF computes in bf16);
 - what the CPU allows: the prefill's matmul FLOP/s as a fraction of the measured matmul peak, and
   decode tokens/s against the memory-bandwidth bound (weight bytes read per token / measured
   copy bandwidth);
@@ -42,9 +44,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 5) -> float:
-    """Median fp32 GFLOP/s of a square matmul (the CPU's practical peak)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Median GFLOP/s of a square matmul in ``dtype`` (the CPU's practical peak)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     times = [_timed(lambda: a @ b) for _ in range(repeats)]
     return 2 * size**3 / statistics.median(times) / 1e9
@@ -84,7 +86,8 @@ def build_pair(args: argparse.Namespace):
     ).eval()
     theirs = to_hf(ours).eval()
     theirs.generation_config.pad_token_id = 0
-    return ours, theirs
+    dtype = getattr(torch, args.dtype)
+    return ours.to(dtype), theirs.to(dtype)
 
 
 @torch.no_grad()
@@ -137,13 +140,14 @@ def measure(args: argparse.Namespace) -> dict:
     result["decode_ratio"] = result["decode_tok_s_ours"] / result["decode_tok_s_hf"]
     # 2 FLOPs per weight per token for the matmuls (attention's T^2 term is small at these lengths)
     prefill_flops = 2 * (non_embed + ours.embed.weight.numel()) * args.prompt
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(dtype=ours.embed.weight.dtype)
     bandwidth = copy_bandwidth_gbps()
     result["matmul_peak_gflops"] = peak
     result["prefill_frac_of_peak_ours"] = prefill_flops / med["prefill_ours"] / 1e9 / peak
     result["prefill_frac_of_peak_hf"] = prefill_flops / med["prefill_hf"] / 1e9 / peak
     result["copy_bandwidth_gbps"] = bandwidth
-    result["decode_bound_tok_s"] = bandwidth * 1e9 / (params * 4)  # every fp32 weight read once per token
+    weight_bytes = params * ours.embed.weight.element_size()
+    result["decode_bound_tok_s"] = bandwidth * 1e9 / weight_bytes  # every weight read once per token
     result["params_M"] = params / 1e6
     return result
 
@@ -161,12 +165,14 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256, help="prefill length")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weights (and KV cache) of both models; bf16 decode reads half the bytes")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     shape = {k: getattr(args, k) for k in ("dim", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab")}
-    print(f"torch {torch.__version__}, {args.threads} threads; shape {shape}; prompt {args.prompt}, "
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; shape {shape}; prompt {args.prompt}, "
           f"{args.new_tokens} decode steps, median of {args.repeats}")
     result = measure(args)
     print(f"greedy tokens equal (ours vs HF): {result['greedy_tokens_equal']}")
@@ -174,9 +180,9 @@ def main() -> None:
     for what in ("prefill", "decode"):
         print(f"{what + ' tok/s':16}{result[f'{what}_tok_s_ours']:>6.0f}{result[f'{what}_tok_s_hf']:>12.0f}"
               f"{result[f'{what}_ratio']:>8.2f}")
-    print(f"prefill matmul FLOP/s as a share of the {result['matmul_peak_gflops']:.0f} GFLOP/s peak: "
+    print(f"prefill matmul FLOP/s as a share of the {result['matmul_peak_gflops']:.0f} GFLOP/s {args.dtype} peak: "
           f"ours {result['prefill_frac_of_peak_ours']:.0%}, HF {result['prefill_frac_of_peak_hf']:.0%}")
-    print(f"decode bound at {result['copy_bandwidth_gbps']:.1f} GB/s for {result['params_M']:.1f}M fp32 "
+    print(f"decode bound at {result['copy_bandwidth_gbps']:.1f} GB/s for {result['params_M']:.1f}M {args.dtype} "
           f"weights: {result['decode_bound_tok_s']:.0f} tok/s (ours reaches "
           f"{result['decode_tok_s_ours'] / result['decode_bound_tok_s']:.0%})")
     kv = kv_bytes_per_token()

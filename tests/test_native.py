@@ -243,3 +243,24 @@ def test_fused_decoder_rejects_out_of_vocabulary_tokens_and_leaves_the_cache_usa
         step = fused(torch.tensor([4]))
         reference = model(torch.tensor([[1, 2, 3, 4]]))[:, -1]
     torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("variant", ["kv_shared_2025", "ring_and_nope"])
+def test_bf16_decode_step_matches_float32_math_on_the_same_weights(variant):
+    """A bf16 model's whole-step decode reads bf16 weights and K/V but keeps float32 activations:
+    it must track a float32 model holding the same (bf16-rounded) weights to bf16 K/V rounding."""
+    model = _variant(variant).to(torch.bfloat16)
+    reference = _variant(variant)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ids = torch.randint(0, model.config.vocab_size, (2, 14))
+    with torch.no_grad():
+        cache = model.new_cache(2, 14)
+        model(ids[:, :5], cache=cache)
+        fused = model.fused_decoder(cache)
+        assert fused is not None and cache.dtype == torch.bfloat16
+        got = torch.stack([fused(ids[:, t]) for t in range(5, 14)], dim=1)  # (2, 9, V), past the ring
+        want = reference(ids)[:, 5:]
+    assert got.dtype == torch.float32
+    scale = want.abs().max()
+    assert (got - want).abs().max() < 0.005 * scale, f"{(got - want).abs().max()} vs logits up to {scale}"

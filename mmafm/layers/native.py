@@ -37,6 +37,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -69,38 +70,25 @@ __all__ = [
 
 MAX_NATIVE_ROWS = 8  # more rows than this: a GEMM (F.linear) reuses the weights better
 
-_SOURCE = r"""
+_COMMON_SOURCE = r"""
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define PARALLEL_MIN_ELEMENTS 131072L /* smaller weights: one thread (fork/join would dominate) */
-/* y[b, o] = sum_i x[b, i] * w[o, i] for b < batch (few rows), written with row stride ystride:
-   every weight row is read once and used for all input rows while it sits in L1; 16 float32
-   accumulators per dot product (one AVX-512 register, or two AVX2 ones, once vectorised). */
-static void gemv(const float* restrict x, const float* restrict w, float* restrict y,
-                 long batch, long out, long in, long ystride) {
-  /* orphaned work-sharing: inside mmafm_gemv3_f32's parallel region the rows are split over the
-     team (no barrier until the region ends); outside one, this is a plain loop */
-  #pragma omp for schedule(static) nowait
-  for (long o0 = 0; o0 < out; o0 += 4) {
-    const long rows = out - o0 < 4 ? out - o0 : 4;
-    for (long b = 0; b < batch; ++b) {
-      const float* xb = x + b * in;
-      for (long r = 0; r < rows; ++r) {
-        const float* wr = w + (o0 + r) * in;
-        float acc[16] = {0};
-        long i = 0;
-        for (; i + 16 <= in; i += 16)
-          for (int j = 0; j < 16; ++j) acc[j] += wr[i + j] * xb[i + j];
-        float s = 0.0f;
-        for (int j = 0; j < 16; ++j) s += acc[j];
-        for (; i < in; ++i) s += wr[i] * xb[i];
-        y[b * ystride + o0 + r] = s;
-      }
-    }
-  }
+
+/* bfloat16 storage: the upper 16 bits of a float32; stores round to nearest even like torch */
+typedef uint16_t bf16_t;
+static inline float bf16_load(bf16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline bf16_t bf16_store(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 64u); /* NaN stays NaN */
+  return (bf16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+static inline float f32_load(float v) { return v; }
+static inline float f32_store(float v) { return v; }
 
 /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows r (RMSNorm, the arithmetic order of torch's);
    y may be x (in place) */
@@ -120,20 +108,6 @@ void mmafm_rms_norm_f32(const float* x, const float* w, float* y, long rows, lon
   }
 }
 
-/* up to three weights sharing one input (Q/K/V, gate/up): y = [x w0^T | x w1^T | x w2^T] */
-void mmafm_gemv3_f32(const float* x, const float* w0, const float* w1, const float* w2, float* y,
-                     long batch, long out0, long out1, long out2, long in, int nthreads) {
-  const long stride = out0 + out1 + out2;
-  #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && stride * in >= PARALLEL_MIN_ELEMENTS)
-  {
-    gemv(x, w0, y, batch, out0, in, stride);
-    if (out1) gemv(x, w1, y + out0, batch, out1, in, stride);
-    if (out2) gemv(x, w2, y + out0 + out1, batch, out2, in, stride);
-  }
-}
-
-/* ---- fused decode blocks: one call per half-layer, for B rows of ONE new token each ---- */
-
 /* q (or k) heads in place: optional per-head RMSNorm (QK-norm), then optional rotate-half RoPE */
 static void norm_rope_heads(float* restrict v, long heads, long dim, const float* restrict norm_w, float eps,
                             const float* restrict cos, const float* restrict sin, float* restrict tmp) {
@@ -149,72 +123,120 @@ static void norm_rope_heads(float* restrict v, long heads, long dim, const float
   }
 }
 
-/* one (row, head) of single-query attention over keys [0, keys) of a K/V cache view;
-   valid: NULL or one byte per key column (0 = padding, skipped) */
-static void attend_one(const float* restrict qh, const float* restrict kh, const float* restrict vh,
-                       float* restrict oh, float* restrict scores, long keys, long dim, float scale,
-                       const unsigned char* restrict valid) {
-  float best = -INFINITY;
-  for (long t = 0; t < keys; ++t) {
-    if (valid && !valid[t]) { scores[t] = -INFINITY; continue; }
-    const float* kt = kh + t * dim;
-    float acc[16] = {0};
-    long d = 0;
-    for (; d + 16 <= dim; d += 16)
-      for (int j = 0; j < 16; ++j) acc[j] += qh[d + j] * kt[d + j];
-    float dot = 0.0f;
-    for (int j = 0; j < 16; ++j) dot += acc[j];
-    for (; d < dim; ++d) dot += qh[d] * kt[d];
-    dot *= scale;
-    scores[t] = dot;
-    best = dot > best ? dot : best;
-  }
-  float total = 0.0f;
-  for (long t = 0; t < keys; ++t) {
-    scores[t] = expf(scores[t] - best);  /* exp(-inf) = 0 for padding */
-    total += scores[t];
-  }
-  for (long d = 0; d < dim; ++d) oh[d] = 0.0f;
-  for (long t = 0; t < keys; ++t) {
-    if (scores[t] == 0.0f) continue;
-    const float weight = scores[t] / total;
-    const float* vt = vh + t * dim;
-    for (long d = 0; d < dim; ++d) oh[d] += weight * vt[d];
+/* one decoder layer's weights and K/V storage for a whole decode step (mirrored by DecodeLayer in
+   Python); matrices and caches are float32 or bfloat16 as the step's variant says, gains float32 */
+typedef struct {
+  const float* attn_norm;
+  const void *wq, *wk, *wv, *wo;  /* wk = wv = NULL: the layer shares K/V */
+  const float *q_norm, *k_norm, *ffn_norm;
+  const void *w_gate, *w_up, *w_down;
+  void *k_cache, *v_cache;  /* (batch, kv_heads, slots, head_dim): its own, or its source layer's */
+  long kv_batch_stride, kv_head_stride, slots;
+  long ring;    /* 1: sliding-window ring buffer, column t in slot t % slots */
+  long rope;    /* 1: RoPE, 0: no positional encoding */
+  long hidden;  /* SwiGLU width */
+} mmafm_layer_t;
+"""
+
+# one variant per storage type: WT / LW = weight type and its load to float32, CT / LC / SC = K/V
+# cache type, load and store, SFX = the suffix of the exported names
+_VARIANT_SOURCE = r"""
+/* ======== variant SFX: WT weights, CT K/V cache, float32 activations ======== */
+
+/* y[b, o] = sum_i x[b, i] * w[o, i] for b < batch (few rows), written with row stride ystride:
+   every weight row is read once and used for all input rows while it sits in L1; 16 float32
+   accumulators per dot product (one AVX-512 register, or two AVX2 ones, once vectorised). */
+static void gemv_SFX(const float* restrict x, const WT* restrict w, float* restrict y,
+                     long batch, long out, long in, long ystride) {
+  /* orphaned work-sharing: inside mmafm_gemv3's parallel region the rows are split over the
+     team (no barrier until the region ends); outside one, this is a plain loop */
+  #pragma omp for schedule(static) nowait
+  for (long o0 = 0; o0 < out; o0 += 4) {
+    const long rows = out - o0 < 4 ? out - o0 : 4;
+    for (long b = 0; b < batch; ++b) {
+      const float* xb = x + b * in;
+      for (long r = 0; r < rows; ++r) {
+        const WT* wr = w + (o0 + r) * in;
+        float acc[16] = {0};
+        long i = 0;
+        for (; i + 16 <= in; i += 16)
+          for (int j = 0; j < 16; ++j) acc[j] += LW(wr[i + j]) * xb[i + j];
+        float s = 0.0f;
+        for (int j = 0; j < 16; ++j) s += acc[j];
+        for (; i < in; ++i) s += LW(wr[i]) * xb[i];
+        y[b * ystride + o0 + r] = s;
+      }
+    }
   }
 }
 
-/* softmax(q k^T * scale) v for ONE query per (row, head), grouped-query heads: query head h reads
-   KV head h / (heads / kv_heads). q, out: (batch, heads, dim) contiguous; k, v: (batch, kv_heads,
-   keys, dim) with the given batch / head strides (views of a KV cache). Returns 0, or 1 when out
-   of memory (nothing written). */
-int mmafm_decode_attention_f32(const float* restrict q, const float* restrict k, const float* restrict v,
-                               float* restrict out, long batch, long heads, long kv_heads, long keys,
-                               long dim, long kv_batch_stride, long kv_head_stride, float scale) {
-  float* scores = malloc(sizeof(float) * (keys > 0 ? keys : 1));
-  if (!scores) return 1;
-  const long group = heads / kv_heads;
-  for (long b = 0; b < batch; ++b)
-    for (long h = 0; h < heads; ++h) {
-      const long kv_at = b * kv_batch_stride + (h / group) * kv_head_stride;
-      attend_one(q + (b * heads + h) * dim, k + kv_at, v + kv_at, out + (b * heads + h) * dim, scores, keys,
-                 dim, scale, NULL);
+/* up to three weights sharing one input (Q/K/V, gate/up): y = [x w0^T | x w1^T | x w2^T] */
+void mmafm_gemv3_SFX(const float* x, const WT* w0, const WT* w1, const WT* w2, float* y,
+                     long batch, long out0, long out1, long out2, long in, int nthreads) {
+  const long stride = out0 + out1 + out2;
+  #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && stride * in >= PARALLEL_MIN_ELEMENTS)
+  {
+    gemv_SFX(x, w0, y, batch, out0, in, stride);
+    if (out1) gemv_SFX(x, w1, y + out0, batch, out1, in, stride);
+    if (out2) gemv_SFX(x, w2, y + out0 + out1, batch, out2, in, stride);
+  }
+}
+
+/* single-query attention of the `group` query heads (rows of q and o, head_dim wide) that share
+   one KV head, over keys [0, keys) of a K/V cache view: each K and V row is read once for the whole
+   group. scores: group x keys scratch; valid: NULL or one byte per key column (0 = padding). */
+static void attend_group_SFX(const float* restrict q, const CT* restrict kh, const CT* restrict vh,
+                             float* restrict o, float* restrict scores, long group, long keys, long dim,
+                             float scale, const unsigned char* restrict valid) {
+  for (long t = 0; t < keys; ++t) {
+    const CT* kt = kh + t * dim;
+    for (long g = 0; g < group; ++g) {
+      if (valid && !valid[t]) { scores[g * keys + t] = -INFINITY; continue; }
+      const float* qg = q + g * dim;
+      float acc[16] = {0};  /* 16 lanes so the dot product vectorises without -ffast-math */
+      long d = 0;
+      for (; d + 16 <= dim; d += 16)
+        for (int j = 0; j < 16; ++j) acc[j] += qg[d + j] * LC(kt[d + j]);
+      float dot = 0.0f;
+      for (int j = 0; j < 16; ++j) dot += acc[j];
+      for (; d < dim; ++d) dot += qg[d] * LC(kt[d]);
+      scores[g * keys + t] = dot * scale;
     }
-  free(scores);
-  return 0;
+  }
+  for (long g = 0; g < group; ++g) {
+    float* sg = scores + g * keys;
+    float best = -INFINITY, total = 0.0f;
+    for (long t = 0; t < keys; ++t) best = sg[t] > best ? sg[t] : best;
+    for (long t = 0; t < keys; ++t) {
+      sg[t] = expf(sg[t] - best);  /* exp(-inf) = 0 for padding */
+      total += sg[t];
+    }
+    for (long t = 0; t < keys; ++t) sg[t] /= total;
+    for (long d = 0; d < dim; ++d) o[g * dim + d] = 0.0f;
+  }
+  for (long t = 0; t < keys; ++t) {
+    const CT* vt = vh + t * dim;
+    for (long g = 0; g < group; ++g) {
+      const float weight = scores[g * keys + t];
+      if (weight == 0.0f) continue;
+      float* og = o + g * dim;
+      for (long d = 0; d < dim; ++d) og[d] += weight * LC(vt[d]);
+    }
+  }
 }
 
 /* y = x + o_proj(attention(rope(qk_norm(q, k)), v)) of x_norm = rms_norm(x): the attention half of a
    pre-norm decoder layer for one new token per row. With wk == NULL the layer shares K/V: it reads
    keys [0, keys) of k_cache / v_cache and writes nothing; otherwise its new K/V go to cache slot
-   write_slot first (so keys includes them). Caches are (batch, kv_heads, slots, head_dim) float32
-   with unit inner strides. cos, sin: (batch, head_dim) or NULL (no RoPE); q_norm_w, k_norm_w: NULL
+   write_slot first (so keys includes them). Caches are (batch, kv_heads, slots, head_dim) with
+   unit inner strides. cos, sin: (batch, head_dim) or NULL (no RoPE); q_norm_w, k_norm_w: NULL
    without QK-norm; valid: NULL or (batch, valid_stride) bytes per key column. Returns 0, or 1 when
    out of memory (y untouched). */
-int mmafm_attention_decode_f32(
+int mmafm_attention_decode_SFX(
     const float* restrict x, float* restrict y, const float* norm_w, float eps,
-    const float* wq, const float* wk, const float* wv, const float* wo,
+    const WT* wq, const WT* wk, const WT* wv, const WT* wo,
     const float* q_norm_w, const float* k_norm_w, const float* cos, const float* sin,
-    float* k_cache, float* v_cache, long kv_batch_stride, long kv_head_stride, long write_slot, long keys,
+    CT* k_cache, CT* v_cache, long kv_batch_stride, long kv_head_stride, long write_slot, long keys,
     const unsigned char* valid, long valid_stride,
     long batch, long dim, long heads, long kv_heads, long head_dim, int nthreads) {
   const long q_width = heads * head_dim, kv_width = wk ? kv_heads * head_dim : 0;
@@ -227,7 +249,7 @@ int mmafm_attention_decode_f32(
   float* out = att + batch * q_width;   /* (batch, dim) */
   float* tmp = out + batch * dim;       /* (head_dim) */
   mmafm_rms_norm_f32(x, norm_w, xn, batch, dim, eps);
-  mmafm_gemv3_f32(xn, wq, wk, wv, qkv, batch, q_width, kv_width, kv_width, dim, nthreads);
+  mmafm_gemv3_SFX(xn, wq, wk, wv, qkv, batch, q_width, kv_width, kv_width, dim, nthreads);
   for (long b = 0; b < batch; ++b) {
     float* row = qkv + b * qkv_width;
     const float* cb = cos ? cos + b * head_dim : NULL;
@@ -238,21 +260,22 @@ int mmafm_attention_decode_f32(
     for (long h = 0; h < kv_heads; ++h) {
       const long at = b * kv_batch_stride + h * kv_head_stride + write_slot * head_dim;
       for (long d = 0; d < head_dim; ++d) {
-        k_cache[at + d] = row[q_width + h * head_dim + d];
-        v_cache[at + d] = row[q_width + kv_width + h * head_dim + d];
+        k_cache[at + d] = SC(row[q_width + h * head_dim + d]);
+        v_cache[at + d] = SC(row[q_width + kv_width + h * head_dim + d]);
       }
     }
   }
-  const long group = heads / kv_heads, pairs = batch * heads;
+  const long group = heads / kv_heads, pairs = batch * kv_heads;
   const float scale = 1.0f / sqrtf((float)head_dim);
-  #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && pairs > 1 && pairs * keys * head_dim >= 65536L)
-  for (long p = 0; p < pairs; ++p) {
-    const long b = p / heads, h = p % heads;
-    const long kv_at = b * kv_batch_stride + (h / group) * kv_head_stride;
-    attend_one(qkv + b * qkv_width + h * head_dim, k_cache + kv_at, v_cache + kv_at, att + p * head_dim,
-               scores + p * keys, keys, head_dim, scale, valid ? valid + b * valid_stride : NULL);
+  #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && pairs > 1 && pairs * group * keys * head_dim >= 65536L)
+  for (long p = 0; p < pairs; ++p) {  /* one (row, KV head) and its group of query heads */
+    const long b = p / kv_heads, h = p % kv_heads;
+    const long kv_at = b * kv_batch_stride + h * kv_head_stride;
+    attend_group_SFX(qkv + b * qkv_width + h * group * head_dim, k_cache + kv_at, v_cache + kv_at,
+                     att + (b * heads + h * group) * head_dim, scores + p * group * keys, group, keys, head_dim,
+                     scale, valid ? valid + b * valid_stride : NULL);
   }
-  mmafm_gemv3_f32(att, wo, NULL, NULL, out, batch, dim, 0, 0, q_width, nthreads);
+  mmafm_gemv3_SFX(att, wo, NULL, NULL, out, batch, dim, 0, 0, q_width, nthreads);
   for (long i = 0; i < batch * dim; ++i) y[i] = x[i] + out[i];
   free(xn);
   free(scores);
@@ -261,8 +284,8 @@ int mmafm_attention_decode_f32(
 
 /* x += w_down(silu(w_gate x_norm) * w_up x_norm), x_norm = rms_norm(x): the SwiGLU half of a
    pre-norm decoder layer, in place on (batch, dim). Returns 0, or 1 when out of memory. */
-int mmafm_swiglu_decode_f32(float* x, const float* norm_w, float eps, const float* w_gate,
-                            const float* w_up, const float* w_down, long batch, long dim, long hidden,
+int mmafm_swiglu_decode_SFX(float* x, const float* norm_w, float eps, const WT* w_gate,
+                            const WT* w_up, const WT* w_down, long batch, long dim, long hidden,
                             int nthreads) {
   float* xn = malloc(sizeof(float) * batch * (dim + 2 * hidden + hidden + dim));
   if (!xn) return 1;
@@ -270,30 +293,17 @@ int mmafm_swiglu_decode_f32(float* x, const float* norm_w, float eps, const floa
   float* act = gate_up + batch * 2 * hidden;  /* (batch, hidden) */
   float* out = act + batch * hidden;          /* (batch, dim) */
   mmafm_rms_norm_f32(x, norm_w, xn, batch, dim, eps);
-  mmafm_gemv3_f32(xn, w_gate, w_up, NULL, gate_up, batch, hidden, hidden, 0, dim, nthreads);
+  mmafm_gemv3_SFX(xn, w_gate, w_up, NULL, gate_up, batch, hidden, hidden, 0, dim, nthreads);
   for (long b = 0; b < batch; ++b)
     for (long i = 0; i < hidden; ++i) {
       const float g = gate_up[b * 2 * hidden + i];
       act[b * hidden + i] = g / (1.0f + expf(-g)) * gate_up[b * 2 * hidden + hidden + i];
     }
-  mmafm_gemv3_f32(act, w_down, NULL, NULL, out, batch, dim, 0, 0, hidden, nthreads);
+  mmafm_gemv3_SFX(act, w_down, NULL, NULL, out, batch, dim, 0, 0, hidden, nthreads);
   for (long i = 0; i < batch * dim; ++i) x[i] += out[i];
   free(xn);
   return 0;
 }
-
-/* ---- a whole decode step of a dense decoder (generate's inner loop) in one call ---- */
-
-/* one decoder layer's weights and K/V storage (layout mirrored by DecodeLayer in Python) */
-typedef struct {
-  const float *attn_norm, *wq, *wk, *wv, *wo, *q_norm, *k_norm;  /* wk = wv = NULL: shares K/V */
-  const float *ffn_norm, *w_gate, *w_up, *w_down;
-  float *k_cache, *v_cache;  /* (batch, kv_heads, slots, head_dim): its own, or its source layer's */
-  long kv_batch_stride, kv_head_stride, slots;
-  long ring;    /* 1: sliding-window ring buffer, column t in slot t % slots */
-  long rope;    /* 1: RoPE, 0: no positional encoding */
-  long hidden;  /* SwiGLU width */
-} mmafm_layer_t;
 
 /* logits (batch, vocab) of one new token per row: embed, every layer (attention half, SwiGLU
    half), final RMSNorm, output head. column: the cache column of the new tokens (the K/V go there,
@@ -302,10 +312,10 @@ typedef struct {
    column (only with linear caches). Returns 0; 1 out of memory (this column of the cache may be
    part written); 2 a token outside the vocabulary or a position outside the table (nothing
    written). */
-int mmafm_decode_step_f32(
-    const long* tokens, const float* embed, const long* positions, const float* cos_table,
+int mmafm_decode_step_SFX(
+    const long* tokens, const WT* embed, const long* positions, const float* cos_table,
     const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
-    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const float* head,
+    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const WT* head,
     float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
     int nthreads) {
   for (long b = 0; b < batch; ++b)
@@ -315,10 +325,10 @@ int mmafm_decode_step_f32(
   float* x = block;  /* the residual stream, ping-ponged with y */
   float* y = x + batch * dim;
   float* xn = y + batch * dim;
-  float* cos = xn + batch * dim;     /* (batch, head_dim) rows of this step's positions */
+  float* cos = xn + batch * dim;  /* (batch, head_dim) rows of this step's positions */
   float* sin = cos + batch * head_dim;
   for (long b = 0; b < batch; ++b) {
-    for (long i = 0; i < dim; ++i) x[b * dim + i] = embed[tokens[b] * dim + i];
+    for (long i = 0; i < dim; ++i) x[b * dim + i] = LW(embed[tokens[b] * dim + i]);
     for (long d = 0; d < head_dim; ++d) {
       cos[b * head_dim + d] = cos_table[positions[b] * head_dim + d];
       sin[b * head_dim + d] = sin_table[positions[b] * head_dim + d];
@@ -329,25 +339,59 @@ int mmafm_decode_step_f32(
     const mmafm_layer_t* L = layers + l;
     const long num_keys = L->ring ? (column + 1 < L->slots ? column + 1 : L->slots) : column + 1;
     const long slot = L->ring ? column % L->slots : column;
-    failed = mmafm_attention_decode_f32(
+    failed = mmafm_attention_decode_SFX(
         x, y, L->attn_norm, eps, L->wq, L->wk, L->wv, L->wo, L->q_norm, L->k_norm,
         L->rope ? cos : NULL, L->rope ? sin : NULL, L->k_cache, L->v_cache, L->kv_batch_stride,
         L->kv_head_stride, slot, num_keys, L->ring ? NULL : valid, valid_stride,
         batch, dim, heads, kv_heads, head_dim, nthreads);
     if (!failed)
-      failed = mmafm_swiglu_decode_f32(y, L->ffn_norm, eps, L->w_gate, L->w_up, L->w_down, batch, dim,
+      failed = mmafm_swiglu_decode_SFX(y, L->ffn_norm, eps, L->w_gate, L->w_up, L->w_down, batch, dim,
                                        L->hidden, nthreads);
     float* swap = x; x = y; y = swap;
   }
   if (!failed) {
     mmafm_rms_norm_f32(x, final_norm, xn, batch, dim, eps);
-    mmafm_gemv3_f32(xn, head, NULL, NULL, logits, batch, vocab, 0, 0, dim, nthreads);
+    mmafm_gemv3_SFX(xn, head, NULL, NULL, logits, batch, vocab, 0, 0, dim, nthreads);
   }
   free(block);
   return failed;
 }
-
 """
+
+_STANDALONE_SOURCE = r"""
+/* softmax(q k^T * scale) v for ONE query per (row, head), grouped-query heads: query head h reads
+   KV head h / (heads / kv_heads). q, out: (batch, heads, dim) contiguous; k, v: (batch, kv_heads,
+   keys, dim) with the given batch / head strides (views of a KV cache). Returns 0, or 1 when out
+   of memory (nothing written). */
+int mmafm_decode_attention_f32(const float* restrict q, const float* restrict k, const float* restrict v,
+                               float* restrict out, long batch, long heads, long kv_heads, long keys,
+                               long dim, long kv_batch_stride, long kv_head_stride, float scale) {
+  const long group = heads / kv_heads;
+  float* scores = malloc(sizeof(float) * group * (keys > 0 ? keys : 1));
+  if (!scores) return 1;
+  for (long b = 0; b < batch; ++b)
+    for (long h = 0; h < kv_heads; ++h) {
+      const long kv_at = b * kv_batch_stride + h * kv_head_stride;
+      attend_group_f32(q + (b * heads + h * group) * dim, k + kv_at, v + kv_at, out + (b * heads + h * group) * dim,
+                       scores, group, keys, dim, scale, NULL);
+    }
+  free(scores);
+  return 0;
+}
+"""
+
+
+def _variant_source(suffix: str, weight: str, cache: str) -> str:
+    """The variant template for ``weight`` / ``cache`` storage types (``f32`` or ``bf16``)."""
+    types = {"f32": "float", "bf16": "bf16_t"}
+    names = {"WT": types[weight], "LW": f"{weight}_load", "CT": types[cache], "LC": f"{cache}_load",
+             "SC": f"{cache}_store", "SFX": suffix}
+    return re.sub(r"\b(WT|LW|CT|LC|SC)\b|(?<=_)SFX\b|(?<= )SFX\b", lambda m: names[m.group(0)], _VARIANT_SOURCE)
+
+
+# float32 everywhere (the fp32 models), bfloat16 weights and cache (models cast to bf16)
+_SOURCE = _COMMON_SOURCE + _variant_source("f32", "f32", "f32") + _variant_source("bf16", "bf16", "bf16") \
+    + _STANDALONE_SOURCE
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -356,7 +400,7 @@ _norm_kernel = None  # the ctypes RMSNorm function, loaded with _kernel
 _attention_kernel = None  # the ctypes single-query attention function, loaded with _kernel
 _attention_block_kernel = None  # the fused decode halves of a decoder layer, loaded with _kernel
 _swiglu_block_kernel = None
-_decode_step_kernel = None  # a whole decode step of a dense decoder, loaded with _kernel
+_decode_step_kernels: dict = {}  # dtype -> a whole decode step of a dense decoder, loaded with _kernel
 _failure = ""  # why the kernel is unavailable
 
 
@@ -401,7 +445,7 @@ def _build() -> ctypes.CDLL:
 
 def _load():
     global _kernel, _norm_kernel, _attention_kernel, _attention_block_kernel, _swiglu_block_kernel
-    global _decode_step_kernel, _failure
+    global _failure
     with _lock:
         if _kernel is not None:
             return _kernel
@@ -430,15 +474,16 @@ def _load():
                                      + [ctypes.c_long] * 3 + [ctypes.c_int])
             swiglu_block.restype = ctypes.c_int
             _kernel, _norm_kernel, _attention_kernel = function, norm, attention
-            step = library.mmafm_decode_step_f32
-            step.argtypes = (
-                [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_void_p, ctypes.c_long]
-                + [ctypes.POINTER(DecodeLayer), ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 6
-                + [ctypes.c_float, ctypes.c_int]
-            )
-            step.restype = ctypes.c_int
+            for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+                step = getattr(library, f"mmafm_decode_step_{suffix}")
+                step.argtypes = (
+                    [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_void_p, ctypes.c_long]
+                    + [ctypes.POINTER(DecodeLayer), ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 6
+                    + [ctypes.c_float, ctypes.c_int]
+                )
+                step.restype = ctypes.c_int
+                _decode_step_kernels[dtype] = step
             _attention_block_kernel, _swiglu_block_kernel = attention_block, swiglu_block
-            _decode_step_kernel = step
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _kernel, _failure = False, str(error)
             warnings.warn(f"mmafm: native gemv kernel unavailable ({error}); using F.linear", stacklevel=3)
@@ -590,8 +635,12 @@ def apply_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _PLAIN_TYPES = (_Tensor, nn.Parameter)  # no tensor subclasses (DTensor, fake tensors, proxies)
 
 
+def _cpu_of(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype == dtype and t.is_cpu and type(t) in _PLAIN_TYPES) for t in tensors)
+
+
 def _f32_cpu(*tensors: torch.Tensor | None) -> bool:
-    return all(t is None or (t.dtype == _F32 and t.is_cpu and type(t) in _PLAIN_TYPES) for t in tensors)
+    return _cpu_of(_F32, *tensors)
 
 
 def _contiguous(*tensors: torch.Tensor | None) -> bool:
@@ -693,7 +742,8 @@ def decode_swiglu_block(
 class DecodeStep:
     """A whole decode step of a dense pre-norm decoder (``generate``'s inner loop) in one native
     call: embedding, every layer through the fused attention and SwiGLU halves, final RMSNorm and
-    output head, K/V written into the cache. Built by :func:`decode_step` from validated tensors,
+    output head, K/V written into the cache. Weights and cache are float32, or bfloat16 (read at
+    half the bytes, converted to float32 in registers: activations and sums stay float32). Built by :func:`decode_step` from validated tensors,
     which it keeps alive; the caller keeps the cache's bookkeeping (columns, positions)."""
 
     def __init__(self, layers: list[tuple[DecodeLayer, tuple]], embed: torch.Tensor, final_norm: torch.Tensor,
@@ -724,7 +774,7 @@ class DecodeStep:
                                           and key_valid.stride(1) == 1):
             raise ValueError(f"key_valid must be ({batch}, > {column}) bool with unit column stride")
         logits = torch.empty((batch, self.head.shape[0]), dtype=_F32)
-        failed = _decode_step_kernel(
+        failed = _decode_step_kernels[self.head.dtype](
             tokens.data_ptr(), self.embed.data_ptr(), positions.data_ptr(), self.cos_table.data_ptr(),
             self.sin_table.data_ptr(), self.cos_table.shape[0], column, _ptr(key_valid),
             0 if key_valid is None else key_valid.stride(0), self._layers, self.n_layers,
@@ -739,6 +789,14 @@ class DecodeStep:
         return logits
 
 
+_STEP_DTYPES = (torch.float32, torch.bfloat16)  # weight (and cache) storage the decode step takes
+
+
+def _gain(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A norm gain as the kernels read it: float32, contiguous (a copy for bf16 models)."""
+    return None if t is None else t.detach().float().contiguous()
+
+
 def decode_layer(
     attn_norm: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor | None, wv: torch.Tensor | None, wo: torch.Tensor,
     q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, ffn_norm: torch.Tensor, w_gate: torch.Tensor,
@@ -748,14 +806,17 @@ def decode_layer(
     """One layer of a :class:`DecodeStep` (weights as in :func:`decode_attention_block` and
     :func:`decode_swiglu_block`; ``k_cache`` / ``v_cache`` the whole (B, Hkv, slots, D) storage of
     the layer, or of its source when ``wk`` is None; ``heads`` query heads), or None where the
-    native step cannot run it."""
-    if k_cache.dim() != 4:
+    native step cannot run it. Matrices and caches are all float32 or all bfloat16; the norm gains
+    are read as float32 (copies for bf16)."""
+    if k_cache.dim() != 4 or wq.dtype not in _STEP_DTYPES:
         return None
     _, kv_heads, slots, head_dim = k_cache.shape
     dim, hidden, q_width = wq.shape[1], w_gate.shape[0], wq.shape[0]
-    tensors = (attn_norm, wq, wk, wv, wo, q_norm, k_norm, ffn_norm, w_gate, w_up, w_down)
+    matrices = (wq, wk, wv, wo, w_gate, w_up, w_down)
+    gains = tuple(_gain(t) for t in (attn_norm, q_norm, k_norm, ffn_norm))
     if not (
-        _f32_cpu(*tensors, k_cache, v_cache) and _contiguous(*tensors)
+        _cpu_of(wq.dtype, *matrices, k_cache, v_cache) and _contiguous(*matrices)
+        and all(t is None or t.is_cpu for t in (attn_norm, q_norm, k_norm, ffn_norm))
         and (wk is None) == (wv is None)
         and attn_norm.shape == ffn_norm.shape == (dim,) and q_width == heads * head_dim and heads % kv_heads == 0
         and wo.shape == (dim, q_width) and (wk is None or wk.shape == wv.shape == (kv_heads * head_dim, dim))
@@ -765,11 +826,13 @@ def decode_layer(
         and k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim
     ):
         return None
+    attn_gain, q_gain, k_gain, ffn_gain = gains
     layer = DecodeLayer(
-        *(_ptr(t) for t in tensors), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.stride(0), k_cache.stride(1), slots, int(ring), int(rope), hidden,
+        *(_ptr(t) for t in (attn_gain, wq, wk, wv, wo, q_gain, k_gain, ffn_gain, w_gate, w_up, w_down)),
+        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), slots, int(ring), int(rope),
+        hidden,
     )
-    return layer, tuple(t for t in (*tensors, k_cache, v_cache) if t is not None)
+    return layer, (wq, *(t for t in (*matrices, *gains, k_cache, v_cache) if t is not None))
 
 
 def decode_step(
@@ -777,16 +840,19 @@ def decode_step(
     cos_table: torch.Tensor, sin_table: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float,
 ) -> DecodeStep | None:
     """A :class:`DecodeStep` over ``layers`` (from :func:`decode_layer`), or None without the
-    native kernels or with tensors they cannot take. ``embed`` (V, dim), ``head`` (V', dim)."""
+    native kernels or with tensors they cannot take. ``embed`` (V, dim) and ``head`` (V', dim) in
+    the layers' storage type (float32 or bfloat16); RoPE tables float32."""
     if not (_kernel if _kernel is not None else _load()):
         return None
+    dtype = embed.dtype
     if not (
-        layers and _f32_cpu(embed, final_norm, head, cos_table, sin_table)
-        and _contiguous(embed, final_norm, head, cos_table, sin_table)
+        layers and dtype in _STEP_DTYPES and _cpu_of(dtype, embed, head) and _f32_cpu(cos_table, sin_table)
+        and final_norm.is_cpu and _contiguous(embed, head, cos_table, sin_table)
         and embed.dim() == head.dim() == 2 and embed.shape[1] == head.shape[1] == final_norm.shape[0]
         and cos_table.shape == sin_table.shape == (cos_table.shape[0], head_dim)
         and heads % kv_heads == 0
-        and all(kept[1].shape == (heads * head_dim, embed.shape[1]) and layer.hidden for layer, kept in layers)
+        and all(kept[0].dtype == dtype and kept[0].shape == (heads * head_dim, embed.shape[1]) and layer.hidden
+                for layer, kept in layers)
     ):
         return None
-    return DecodeStep(layers, embed, final_norm, head, cos_table, sin_table, heads, kv_heads, head_dim, eps)
+    return DecodeStep(layers, embed, _gain(final_norm), head, cos_table, sin_table, heads, kv_heads, head_dim, eps)

@@ -613,13 +613,14 @@ class DecoderLM(nn.Module, abc.ABC):
 
     def fused_decoder(self, cache: KVCache) -> FusedDecoder | None:
         """The whole decode step in one native call, for ``generate``: a dense single-track model
-        of plain modules (no MoE, adapters or hooks) in float32 on the CPU, with a float32 cache
+        of plain modules (no MoE, adapters or hooks) on the CPU in float32, or in bfloat16 (weights
+        and cache read as bf16, activations kept in float32), with a cache of the model's dtype
         built by :meth:`new_cache`, under ``torch.no_grad``. None where any of that does not hold
         (or the native kernels are unavailable): decode then runs module by module."""
         config = self.config
         if (
             type(self)._trunk is not TextModel._trunk or config.num_experts or torch.is_grad_enabled()
-            or torch.compiler.is_compiling() or cache.quantized or cache.dtype != torch.float32
+            or torch.compiler.is_compiling() or cache.quantized or cache.dtype != self.embed.weight.dtype
             or cache.max_len > config.max_seq_len or cache.device.type != "cpu"
             or not _plain_norm(self.norm) or (not config.tie_embeddings and not plain_linear(self.lm_head))
             or type(self.embed) is not nn.Embedding or self.embed.max_norm is not None
