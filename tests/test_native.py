@@ -264,3 +264,17 @@ def test_bf16_decode_step_matches_float32_math_on_the_same_weights(variant):
     assert got.dtype == torch.float32
     scale = want.abs().max()
     assert (got - want).abs().max() < 0.005 * scale, f"{(got - want).abs().max()} vs logits up to {scale}"
+
+
+@needs_native
+def test_per_layer_fused_decode_leaves_hooked_attention_to_the_module_path():
+    model = _variant("dense_2024")
+    seen = []
+    model.layers[1].attn.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+    with torch.no_grad():
+        cache = model.new_cache(1, 8)
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        step = model(torch.tensor([[4]]), cache=cache)[:, -1]
+        reference = model(torch.tensor([[1, 2, 3, 4]]))[:, -1]
+    assert seen == [(1, 3, model.config.dim), (1, 1, model.config.dim), (1, 4, model.config.dim)]
+    torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)

@@ -384,6 +384,8 @@ class MultimodalModel(nn.Module):
         batch, length = expanded.input_ids.shape
         cache = self.text.new_cache(batch, length + max_new_tokens)
         logits = self.text(inputs_embeds=embeds, cache=cache, attention_mask=expanded.attention_mask)[:, -1]
+        # decode steps in one native call each where the decoder allows it (CPU, dense, fp32/bf16)
+        fused = self.text.fused_decoder(cache) if hasattr(self.text, "fused_decoder") else None
         tokens, step_logits = [], []
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
@@ -395,7 +397,7 @@ class MultimodalModel(nn.Module):
             tokens.append(next_token)
             if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 break
-            logits = self.text(next_token[:, None], cache=cache)[:, -1]
+            logits = fused(next_token) if fused is not None else self.text(next_token[:, None], cache=cache)[:, -1]
         new_tokens = torch.stack(tokens, dim=1)
         if eos_id is not None and new_tokens.shape[1] < max_new_tokens:
             fill = new_tokens.new_full((batch, max_new_tokens - new_tokens.shape[1]), eos_id)

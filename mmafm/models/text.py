@@ -432,7 +432,6 @@ class Block(nn.Module):
             ffn_out = self.ffn(_norm(self.ffn_norm, x))
         return x + drop(ffn_out), kv, aux
 
-
     def _fused_decode(
         self, x: torch.Tensor, ctx: AttentionContext, shared_kv: tuple | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None] | None:
@@ -441,7 +440,8 @@ class Block(nn.Module):
         (hooked or replaced modules, sliding windows over padded batches, int8 caches, ...)."""
         attn = self.attn
         if not (
-            _plain_norm(self.attn_norm)
+            type(attn) is Attention and not (attn._forward_hooks or attn._forward_pre_hooks)
+            and _plain_norm(self.attn_norm)
             and (attn.q_norm is None or _plain_norm(attn.q_norm))
             and plain_linear(attn.q_proj)
             and plain_linear(attn.o_proj)
