@@ -18,7 +18,7 @@ from torch import nn
 
 from mmafm.io import atomic_path, atomic_write_json
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_into", "checkpoint_paths"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_into", "checkpoint_paths", "read_metadata"]
 
 
 class CheckpointError(RuntimeError):
@@ -44,21 +44,29 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata
     return weights_path
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint; a missing or unreadable file is a :class:`CheckpointError`."""
+def read_metadata(path: str | Path) -> dict:
+    """A checkpoint's metadata without reading its tensors ({} when it has none); a missing
+    weights file or unreadable metadata is a :class:`CheckpointError`."""
     weights_path, meta_path = checkpoint_paths(path)
     if not weights_path.is_file():
         raise CheckpointError(f"checkpoint not found: {weights_path}")
-    try:
-        tensors = load_file(str(weights_path), device=device)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"corrupt checkpoint {weights_path}: {err}") from err
     metadata: dict[str, Any] = {}
     if meta_path.is_file():
         try:
             metadata = json.loads(meta_path.read_text())
         except json.JSONDecodeError as err:
             raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {err}") from err
+    return metadata
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint; a missing or unreadable file is a :class:`CheckpointError`."""
+    metadata = read_metadata(path)
+    weights_path, _ = checkpoint_paths(path)
+    try:
+        tensors = load_file(str(weights_path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"corrupt checkpoint {weights_path}: {err}") from err
     return tensors, metadata
 
 

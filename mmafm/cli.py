@@ -7,6 +7,7 @@
     mmafm config afm_2025_device                    # a model preset's config as YAML
     mmafm report runs/tiny                          # runs/tiny/REPORT.md: numbers + figures
     mmafm numbers                                   # the reports' numbers, computed from configs
+    mmafm generate runs/tiny/03_text_pretrain --prompt "The" --max-new-tokens 40
 """
 
 from __future__ import annotations
@@ -57,7 +58,69 @@ def _parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="print a model preset's config as YAML")
     cfg.add_argument("name")
+
+    gen = sub.add_parser("generate", help="continue text prompts with a trained text model (KV cache)")
+    gen.add_argument("source", help="a 03_text_pretrain stage directory (e.g. runs/tiny/03_text_pretrain) "
+                                    "or a text-model checkpoint (.safetensors)")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
+    gen.add_argument("--tokenizer", help="tokenizer.model; default: the one the model was trained with")
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, help="for sampling")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="weights and KV cache; bfloat16 decodes faster on CPU")
+    gen.add_argument("--threads", type=int, help="torch.set_num_threads")
     return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    """``mmafm generate``: load the model and tokenizer of a text stage (or checkpoint), print the
+    continuation of each prompt and the decode speed."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from mmafm.checkpoint import checkpoint_paths, read_metadata
+    from mmafm.config import ConfigError
+    from mmafm.generate import generate_text
+    from mmafm.stages.base import read_manifest
+    from mmafm.stages.text_pretrain import load_text_model
+    from mmafm.tokenizer import Tokenizer
+
+    source = Path(args.source)
+    if not source.is_dir() and not checkpoint_paths(source)[0].is_file():
+        raise ConfigError(f"{source}: no such stage directory or text-model checkpoint")
+    if source.is_dir():
+        outputs = read_manifest(source).get("outputs", {})
+        if "checkpoint" not in outputs:
+            raise ConfigError(f"{source}: its manifest names no checkpoint (is it a 03_text_pretrain stage?)")
+        checkpoint, tokenizer_path = outputs["checkpoint"], outputs.get("tokenizer")
+    else:
+        checkpoint, tokenizer_path = source, read_metadata(source).get("tokenizer")
+    tokenizer_path = args.tokenizer or tokenizer_path
+    if not tokenizer_path or not Path(tokenizer_path).is_file():
+        raise ConfigError(f"tokenizer {tokenizer_path!r} not found; pass --tokenizer PATH/tokenizer.model")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_text_model(checkpoint).to(getattr(torch, args.dtype))
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, the model "
+                          f"{model.config.vocab_size}: pass the tokenizer it was trained with")
+    start = time.perf_counter()
+    try:
+        rows = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as err:  # prompt longer than the context, bad sampling settings
+        raise ConfigError(str(err)) from err
+    seconds = time.perf_counter() - start
+    print("\n\n".join(row["prompt"] + row["completion"] for row in rows))  # each prompt, continued
+    total = sum(row["tokens"] for row in rows)
+    print(f"[mmafm] {total} tokens for {len(rows)} prompt(s) in {seconds:.2f} s "
+          f"({total / seconds:.0f} tok/s, {args.dtype}, {torch.get_num_threads()} threads)", file=sys.stderr)
 
 
 def _stage_overrides(pairs: list[str]) -> dict[str, dict]:
@@ -110,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmafm import get_config
 
             print(yaml.safe_dump(to_dict(get_config(args.name)), sort_keys=False), end="")
+        elif args.command == "generate":
+            _generate(args)
     except (ConfigError, ManifestError, CheckpointError, KeyError) as err:
         print(f"mmafm: error: {err}", file=sys.stderr)
         return 2

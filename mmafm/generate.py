@@ -9,14 +9,14 @@ row stops at any of ``stop_tokens`` (not included in the output) or after ``max_
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from mmafm.models.text import DecoderLM
 
-__all__ = ["generate", "sample_next_token", "left_pad"]
+__all__ = ["generate", "generate_text", "sample_next_token", "left_pad"]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0,
@@ -32,6 +32,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0,
     return ids, mask
 
 
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
 def sample_next_token(
     logits: torch.Tensor,  # (B, V)
     temperature: float = 0.0,
@@ -42,12 +51,7 @@ def sample_next_token(
     """Pick one token per row: argmax when ``temperature == 0``, else sample from the
     temperature-scaled distribution restricted to the ``top_k`` most likely tokens and to the
     smallest set whose probability reaches ``top_p`` (the most likely token is always kept)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    _check_sampling(temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0.0:
         return logits.argmax(dim=-1)
@@ -127,6 +131,7 @@ def generate(
     prompts = _check_prompts(prompts, config.vocab_size)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_k, top_p)  # also when greedy: a bad setting is a mistake
     longest = max(len(p) for p in prompts)
     if longest > config.max_seq_len:
         raise ValueError(
@@ -178,3 +183,29 @@ def generate(
     finally:
         model.train(was_training)
     return outputs
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    bos: bool = False,
+) -> list[dict]:
+    """:func:`generate` on text: encode ``prompts`` with ``tokenizer`` (a leading BOS with ``bos``),
+    stop at its EOS, pad with its pad id, decode. Returns ``{"prompt", "completion", "tokens"}``
+    per prompt (``tokens``: how many were generated)."""
+    ids = [tokenizer.encode(prompt, bos=bos) for prompt in prompts]
+    completions = generate(
+        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_tokens=[tokenizer.eos_id], pad_token_id=tokenizer.pad_id, seed=seed,
+    )
+    return [
+        {"prompt": prompt, "completion": tokenizer.decode(tokens), "tokens": len(tokens)}
+        for prompt, tokens in zip(prompts, completions)
+    ]

@@ -8,7 +8,7 @@
 See ``docs/text_model.md`` and :mod:`mmafm.models.text` / :mod:`mmafm.models.ptmoe`.
 """
 
-from mmafm.generate import generate, sample_next_token
+from mmafm.generate import generate, generate_text, sample_next_token
 from mmafm.layers.kv_cache import KVCache
 from mmafm.layers.moe import upcycle_ffn
 from mmafm.models.ptmoe import PTMoEModel, sync_points
@@ -56,6 +56,7 @@ __all__ = [
     "kv_cache_bytes",
     "cache_specs",
     "generate",
+    "generate_text",
     "sample_next_token",
     "sync_points",
     "upcycle",

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mmafm.checkpoint import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from mmafm.checkpoint import CheckpointError, load_into, read_metadata, save_checkpoint
 from mmafm.config import ConfigError, to_dict
 from mmafm.io import atomic_write_json
 from mmafm.registry import create_model, get_config, list_models, model_family
@@ -211,7 +211,7 @@ def train_text_model(
 
 def load_text_model(path: str | Path) -> nn.Module:
     """Rebuild a model saved by this stage (preset + overrides from the metadata, then weights)."""
-    _, metadata = load_checkpoint(path)
+    metadata = read_metadata(path)
     if metadata.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path}: not a text-model checkpoint (metadata kind {metadata.get('kind')!r}, "
                               f"expected {CHECKPOINT_KIND!r})")
@@ -230,21 +230,12 @@ def _prompts(text: str) -> list[str]:
 
 @torch.no_grad()
 def _samples(model: nn.Module, tokenizer: Any, cfg: TextPretrainConfig) -> list[dict]:
-    from mmafm.generate import generate
+    from mmafm.generate import generate_text
 
-    model.eval()
     prompts = _prompts(cfg.sample_prompts)
-    ids = [tokenizer.encode(prompt) for prompt in prompts]
-    room = model.config.max_seq_len - max(len(row) for row in ids)
-    completions = generate(
-        model, ids, max_new_tokens=max(0, min(cfg.sample_tokens, room)),
-        temperature=cfg.sample_temperature, stop_tokens=[tokenizer.eos_id], pad_token_id=tokenizer.pad_id,
-        seed=cfg.seed if cfg.sample_temperature > 0 else None,
-    )
-    return [
-        {"prompt": prompt, "completion": tokenizer.decode(tokens), "tokens": len(tokens)}
-        for prompt, tokens in zip(prompts, completions)
-    ]
+    room = model.config.max_seq_len - max(len(tokenizer.encode(prompt)) for prompt in prompts)
+    return generate_text(model, tokenizer, prompts, max(0, min(cfg.sample_tokens, room)),
+                         temperature=cfg.sample_temperature, seed=cfg.seed if cfg.sample_temperature > 0 else None)
 
 
 def _figures(stage_dir: StageDir, records: list[dict], uniform_ppl: float) -> None:
