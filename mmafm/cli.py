@@ -18,7 +18,18 @@ from typing import Sequence
 
 import yaml
 
-__all__ = ["main"]
+__all__ = ["main", "add_stage_arguments"]
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, run_id_default: str) -> None:
+    """What every way of running one stage takes (``mmafm run``, ``mmafm.train.launch``):
+    ``STAGE [--config YAML] [-p KEY=VALUE ...] [--run-id ID] [--runs-dir DIR]``."""
+    parser.add_argument("stage", help="stage name, e.g. 01_clip_pretrain (see `mmafm list stages`)")
+    parser.add_argument("--config", help="YAML file of stage parameters")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter (repeatable); values are read as YAML")
+    parser.add_argument("--run-id", help=f"runs/<run-id>/<stage>; default: {run_id_default}")
+    parser.add_argument("--runs-dir", default="runs")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,12 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="execute one stage notebook with papermill")
-    run.add_argument("stage", help="stage name, e.g. 00_data (see `mmafm list stages`)")
-    run.add_argument("--config", help="YAML file of stage parameters")
-    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one parameter (repeatable); values are read as YAML")
-    run.add_argument("--run-id", help="runs/<run-id>/<stage>; default: a timestamp")
-    run.add_argument("--runs-dir", default="runs")
+    add_stage_arguments(run, run_id_default="a timestamp")
     run.add_argument("--force", action="store_true", help="re-run even if complete")
     run.add_argument("--log-output", action="store_true", help="stream cell output")
 

@@ -25,13 +25,10 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from mmafm.cli import add_stage_arguments
+
     parser = argparse.ArgumentParser(prog="python -m mmafm.train.launch", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", help="stage name, e.g. 01_clip_pretrain (see `mmafm list stages`)")
-    parser.add_argument("--config", help="YAML file of stage parameters")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one parameter (repeatable); values are read as YAML")
-    parser.add_argument("--run-id", help="runs/<run-id>/<stage>; default: torchrun's run id or a timestamp")
-    parser.add_argument("--runs-dir", default="runs")
+    add_stage_arguments(parser, run_id_default="torchrun's run id or a timestamp")
     return parser
 
 
