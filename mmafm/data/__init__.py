@@ -14,12 +14,22 @@ Every source is described in ``data_cards/<source>.md``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 from PIL import Image
 
-__all__ = ["Pair", "SourceStats", "DataPackageMissing", "EmptySourceError", "require_path"]
+__all__ = [
+    "Pair",
+    "SourceStats",
+    "DataPackageMissing",
+    "EmptySourceError",
+    "require_path",
+    "generated_key",
+    "generated_pairs",
+]
 
 
 class DataPackageMissing(FileNotFoundError):
@@ -40,6 +50,24 @@ class Pair:
     source: str
     license: str
     id: str  # the item's id inside its source (a file path relative to the package, a codepoint)
+
+
+def generated_key(source: str, seed: int, index: int) -> tuple[str, str]:
+    """``(key, item id)`` of item ``index`` of a generated source drawn with ``seed``."""
+    item_id = f"{seed}-{index}"
+    return f"{source}-{hashlib.sha1(item_id.encode()).hexdigest()[:16]}", item_id
+
+
+def generated_pairs(
+    sample: Callable[[int, int, int], Pair], what: str, n: int, seed: int, image_size: int
+) -> Iterator[Pair]:
+    """``sample(index, seed, image_size)`` for ``index < n``: a generated set, deterministic by
+    ``seed``, each item independent of how many are drawn. Bad sizes fail here, naming ``what``."""
+    if n < 0:
+        raise ValueError(f"number of {what} pairs must be >= 0, got {n}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
+    return (sample(index, seed, image_size) for index in range(n))
 
 
 @dataclass

@@ -18,7 +18,6 @@ pair whatever ``n`` is, and the classes cycle so any ``n >= 10`` draws every cla
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Callable, Iterator
 
 from PIL import Image, ImageDraw
 
-from mmafm.data import Pair
+from mmafm.data import Pair, generated_key, generated_pairs
 
 __all__ = [
     "CLASSES",
@@ -497,16 +496,10 @@ def garment_pair(index: int, seed: int, image_size: int) -> Pair:
     """
     rng = random.Random(f"mmafm-garments-{seed}-{index}")
     garment = sample_garment(rng, CLASSES[index % len(CLASSES)])
-    item_id = f"{seed}-{index}"
-    key = f"{SOURCE}-{hashlib.sha1(item_id.encode()).hexdigest()[:16]}"
+    key, item_id = generated_key(SOURCE, seed, index)
     return Pair(key, render(garment, image_size), describe(garment), SOURCE, LICENSE, item_id)
 
 
 def generate_pairs(n: int, seed: int = 0, image_size: int = 64) -> Iterator[Pair]:
     """Yield ``n`` garment pairs, deterministic by ``seed``."""
-    if n < 0:
-        raise ValueError(f"number of garment pairs must be >= 0, got {n}")
-    if image_size < 8:
-        raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
-    for index in range(n):
-        yield garment_pair(index, seed, image_size)
+    return generated_pairs(garment_pair, "garment", n, seed, image_size)

@@ -13,7 +13,6 @@ spatial words, the failure modes CLIP-style models are known for.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw
 
-from mmafm.data import Pair
+from mmafm.data import Pair, generated_key, generated_pairs
 
 __all__ = [
     "SHAPES",
@@ -174,16 +173,10 @@ def synthetic_pair(index: int, seed: int, image_size: int) -> Pair:
     """Sample ``index`` of the synthetic set for ``seed`` (independent of how many are drawn)."""
     rng = random.Random(f"mmafm-synthetic-{seed}-{index}")
     scene = sample_scene(rng)
-    item_id = f"{seed}-{index}"
-    key = f"{SOURCE}-{hashlib.sha1(item_id.encode()).hexdigest()[:16]}"
+    key, item_id = generated_key(SOURCE, seed, index)
     return Pair(key, render(scene, image_size), describe(scene), SOURCE, LICENSE, item_id)
 
 
 def generate_pairs(n: int, seed: int = 0, image_size: int = 64) -> Iterator[Pair]:
     """Yield ``n`` synthetic pairs, deterministic by ``seed``."""
-    if n < 0:
-        raise ValueError(f"number of synthetic pairs must be >= 0, got {n}")
-    if image_size < 8:
-        raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
-    for index in range(n):
-        yield synthetic_pair(index, seed, image_size)
+    return generated_pairs(synthetic_pair, "synthetic", n, seed, image_size)
