@@ -123,8 +123,9 @@ def test_full_size_presets_on_meta(preset, vision_dim, vision_params, text_param
 
 
 @pytest.mark.slow
-def test_device_preset_full_forward_on_meta():
-    model = mmafm.create_model("afm_vl_2025_device", device="meta")
+@pytest.mark.parametrize("preset", ["afm_vl_2025_device", "afm_vl_2025_server"])  # dense / PT-MoE decoder
+def test_full_forward_on_meta(preset):
+    model = mmafm.create_model(preset, device="meta")
     ids = torch.tensor([[2, IMAGE, 40, 41]])  # CPU ids work with a meta model
     with torch.no_grad():
         out = model(ids, torch.empty(1, 3, 1344, 1344, device="meta"), mode="high_res")

@@ -240,6 +240,17 @@ def test_full_presets_build_on_meta_with_reference_parameter_counts():
         assert model.embed.weight.is_meta and model.num_params() > 1e9
 
 
+def test_full_presets_run_a_forward_on_meta():
+    """Shapes (and the MoE balance loss) of every full-size preset without allocating a weight:
+    MoE layers route on meta as a balanced split."""
+    for name in FULL_PRESETS:
+        model = mmafm.create_model(name, device="meta")
+        with torch.no_grad():
+            logits = model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+        assert logits.shape == (2, 8, model.config.vocab_size) and logits.is_meta, name
+        assert (model.aux_loss is not None) == bool(model.config.num_experts), name
+
+
 def test_afm_2025_device_layout():
     config = mmafm.get_config("afm_2025_device")
     assert (config.n_layers, config.dim, config.n_heads, config.n_kv_heads, config.head_dim) == (56, 2048, 16, 2, 128)

@@ -48,7 +48,9 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts:
         experts: chosen expert indices, (N, k).
         num_experts: E.
     """
-    slots = torch.bincount(experts.reshape(-1), minlength=num_experts).float()
+    flat = experts.reshape(-1)
+    # tokens per expert; scatter_add (unlike bincount) also runs on the meta device and under tracing
+    slots = torch.zeros(num_experts, device=flat.device).scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
     fraction = slots / experts.numel()  # f_e
     mean_prob = probs.mean(dim=0)  # P_e
     return num_experts * (fraction * mean_prob).sum()
@@ -96,7 +98,11 @@ class MoEFeedForward(nn.Module):
         order = flat_experts.argsort(stable=True)
         slot_token = order // self.top_k
         slot_weight = weights.reshape(-1)[order]
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        if tokens.device.type == "meta":  # no values to route by: a balanced split (its shapes and FLOPs)
+            total, experts_ = flat_experts.numel(), self.num_experts
+            counts = [total // experts_ + (index < total % experts_) for index in range(experts_)]
+        else:
+            counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         out = torch.zeros_like(tokens)
         start = 0
         for index, count in enumerate(counts):
