@@ -217,6 +217,7 @@ def test_fused_decoder_declines_what_it_cannot_run():
         assert model.fused_decoder(cache) is not None
         assert model.fused_decoder(model.new_cache(1, 8, quantized=True)) is None  # int8 cache
         assert model.fused_decoder(model.new_cache(1, 8, dtype=torch.bfloat16)) is None
+        assert model.fused_decoder(model.new_cache(native.MAX_NATIVE_ROWS + 1, 8)) is None  # GEMMs win
         handle = model.layers[1].attn.q_proj.register_forward_hook(lambda *args: None)
         assert model.fused_decoder(cache) is None  # a hook must run: module by module
         handle.remove()

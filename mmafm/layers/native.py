@@ -68,7 +68,7 @@ __all__ = [
     "MAX_NATIVE_NORM_ELEMENTS",
 ]
 
-MAX_NATIVE_ROWS = 8  # more rows than this: a GEMM (F.linear) reuses the weights better
+MAX_NATIVE_ROWS = 8  # more rows than this (batched decode too): a GEMM (F.linear) reuses the weights better
 
 _COMMON_SOURCE = r"""
 #include <math.h>
@@ -676,8 +676,8 @@ def decode_attention_block(
     Equal to the module-by-module computation up to float32 summation order."""
     if not (_kernel if _kernel is not None else _load()):
         return None
-    if x.dim() != 3 or x.shape[1] != 1 or k_cache.dim() != 4:
-        return None
+    if x.dim() != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= MAX_NATIVE_ROWS or k_cache.dim() != 4:
+        return None  # more rows: torch's GEMMs (oneDNN) beat a GEMV per row
     batch, _, dim = x.shape
     _, kv_heads, slots, head_dim = k_cache.shape
     q_width = wq.shape[0]
@@ -723,7 +723,7 @@ def decode_swiglu_block(
     the kernel does not apply."""
     if not (_kernel if _kernel is not None else _load()):
         return False
-    if x.dim() != 3 or x.shape[1] != 1:
+    if x.dim() != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= MAX_NATIVE_ROWS:
         return False
     batch, _, dim = x.shape
     hidden = w_gate.shape[0]

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from mmafm.config import ConfigError
 from mmafm.layers.attention import attend
 from mmafm.layers.native import (
+    MAX_NATIVE_ROWS,
     apply_linear,
     apply_linears,
     decode_attention_block,
@@ -615,12 +616,13 @@ class DecoderLM(nn.Module, abc.ABC):
         """The whole decode step in one native call, for ``generate``: a dense single-track model
         of plain modules (no MoE, adapters or hooks) on the CPU in float32, or in bfloat16 (weights
         and cache read as bf16, activations kept in float32), with a cache of the model's dtype
-        built by :meth:`new_cache`, under ``torch.no_grad``. None where any of that does not hold
+        built by :meth:`new_cache` for at most ``MAX_NATIVE_ROWS`` (8) rows, under ``torch.no_grad``. None where any of that does not hold
         (or the native kernels are unavailable): decode then runs module by module."""
         config = self.config
         if (
             type(self)._trunk is not TextModel._trunk or config.num_experts or torch.is_grad_enabled()
             or torch.compiler.is_compiling() or cache.quantized or cache.dtype != self.embed.weight.dtype
+            or cache.batch_size > MAX_NATIVE_ROWS  # bigger batches: torch's GEMMs are faster
             or cache.max_len > config.max_seq_len or cache.device.type != "cpu"
             or not _plain_norm(self.norm) or (not config.tie_embeddings and not plain_linear(self.lm_head))
             or type(self.embed) is not nn.Embedding or self.embed.max_norm is not None
