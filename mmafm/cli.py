@@ -85,37 +85,17 @@ def _generate(args: argparse.Namespace) -> None:
     """``mmafm generate``: load the model and tokenizer of a text stage (or checkpoint), print the
     continuation of each prompt and the decode speed."""
     import time
-    from pathlib import Path
 
     import torch
 
-    from mmafm.checkpoint import checkpoint_paths, read_metadata
     from mmafm.config import ConfigError
     from mmafm.generate import generate_text
-    from mmafm.stages.base import read_manifest
-    from mmafm.stages.text_pretrain import load_text_model
-    from mmafm.tokenizer import Tokenizer
+    from mmafm.stages.text_pretrain import load_generator
 
-    source = Path(args.source)
-    if not source.is_dir() and not checkpoint_paths(source)[0].is_file():
-        raise ConfigError(f"{source}: no such stage directory or text-model checkpoint")
-    if source.is_dir():
-        outputs = read_manifest(source).get("outputs", {})
-        if "checkpoint" not in outputs:
-            raise ConfigError(f"{source}: its manifest names no checkpoint (is it a 03_text_pretrain stage?)")
-        checkpoint, tokenizer_path = outputs["checkpoint"], outputs.get("tokenizer")
-    else:
-        checkpoint, tokenizer_path = source, read_metadata(source).get("tokenizer")
-    tokenizer_path = args.tokenizer or tokenizer_path
-    if not tokenizer_path or not Path(tokenizer_path).is_file():
-        raise ConfigError(f"tokenizer {tokenizer_path!r} not found; pass --tokenizer PATH/tokenizer.model")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_text_model(checkpoint).to(getattr(torch, args.dtype))
-    tokenizer = Tokenizer.load(tokenizer_path)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ConfigError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, the model "
-                          f"{model.config.vocab_size}: pass the tokenizer it was trained with")
+    model, tokenizer = load_generator(args.source, args.tokenizer)
+    model = model.to(getattr(torch, args.dtype))
     start = time.perf_counter()
     try:
         rows = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,

@@ -9,6 +9,8 @@ row stops at any of ``stop_tokens`` (not included in the output) or after ``max_
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -16,7 +18,7 @@ from torch import nn
 
 from mmafm.models.text import DecoderLM
 
-__all__ = ["generate", "generate_text", "sample_next_token", "left_pad"]
+__all__ = ["generate", "generate_text", "decode_tokens_per_second", "sample_next_token", "left_pad"]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0,
@@ -209,3 +211,26 @@ def generate_text(
         {"prompt": prompt, "completion": tokenizer.decode(tokens), "tokens": len(tokens)}
         for prompt, tokens in zip(prompts, completions)
     ]
+
+
+def decode_tokens_per_second(
+    model: nn.Module, prompt_len: int = 64, new_tokens: int = 32, batch_size: int = 1, repeats: int = 3,
+    seed: int = 0,
+) -> float:
+    """Greedy decode speed of ``model`` in tokens per second per row: the median time of
+    :func:`generate` for ``new_tokens + 1`` tokens minus that for 1 token (so the prefill is not
+    counted), over ``repeats`` runs after one warm-up, on random prompts of ``prompt_len`` tokens."""
+    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
+        raise ValueError(f"prompt_len, new_tokens and repeats must be >= 1, got {prompt_len}, {new_tokens}, {repeats}")
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=generator)
+
+    def timed(count: int) -> float:
+        start = time.perf_counter()
+        generate(model, prompts, max_new_tokens=count)
+        return time.perf_counter() - start
+
+    timed(new_tokens + 1)  # warm-up: kernels compiled and loaded, caches allocated once
+    short = statistics.median(timed(1) for _ in range(repeats))
+    long = statistics.median(timed(new_tokens + 1) for _ in range(repeats))
+    return new_tokens / max(long - short, 1e-9)

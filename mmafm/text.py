@@ -8,12 +8,11 @@
 See ``docs/text_model.md`` and :mod:`mmafm.models.text` / :mod:`mmafm.models.ptmoe`.
 """
 
-from mmafm.generate import generate, generate_text, sample_next_token
+from mmafm.generate import decode_tokens_per_second, generate, generate_text, sample_next_token
 from mmafm.layers.kv_cache import KVCache
 from mmafm.layers.moe import upcycle_ffn
 from mmafm.models.ptmoe import PTMoEModel, sync_points
 from mmafm.models.text import TextConfig, TextModel, cache_specs, kv_cache_bytes, upcycle
-
 
 
 def preset_table(seq_len: int = 4096, dtype: str = "bfloat16") -> str:
@@ -57,8 +56,68 @@ __all__ = [
     "cache_specs",
     "generate",
     "generate_text",
+    "decode_tokens_per_second",
+    "kv_cache_curves",
+    "plot_kv_cache",
     "sample_next_token",
     "sync_points",
     "upcycle",
     "upcycle_ffn",
 ]
+
+
+def kv_cache_curves(
+    names: list[str] | None = None, max_context: int = 32768, dtype: str = "bfloat16", min_context: int = 128
+) -> dict[str, tuple[list[int], list[int]]]:
+    """KV-cache bytes of one sequence against its length, closed form (:func:`kv_cache_bytes`):
+    powers of two from ``min_context`` up to ``max_context`` or the preset's ``max_seq_len``,
+    whichever is smaller. Default presets: the 2024 device, the 2025 device and the 2025 server
+    models; a KV-shared preset also gets the same model without sharing, ``"<name> (no KV sharing)"``."""
+    import dataclasses
+
+    from mmafm.registry import get_config
+
+    names = names or ["afm_2024_device", "afm_2025_device", "afm_2025_server"]
+    curves = {}
+    for name in names:
+        config = get_config(name)
+        lengths, n = [], min_context
+        while n <= min(max_context, config.max_seq_len):
+            lengths.append(n)
+            n *= 2
+        curves[name] = (lengths, [kv_cache_bytes(config, n, 1, dtype) for n in lengths])
+        if config.kv_share_segments is not None:
+            plain = dataclasses.replace(config, kv_share_segments=None)
+            curves[f"{name} (no KV sharing)"] = (lengths, [kv_cache_bytes(plain, n, 1, dtype) for n in lengths])
+    return curves
+
+
+def plot_kv_cache(names: list[str] | None = None, max_context: int = 32768, dtype: str = "bfloat16"):
+    """The figure of :func:`kv_cache_curves` on log-log axes: MiB of KV cache against context
+    length, one line per preset up to its context (dashed: a KV-shared preset without sharing,
+    with the saving written at its end). Returns a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    curves = kv_cache_curves(names, max_context, dtype)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for label, (lengths, sizes) in curves.items():
+        unshared = label.endswith("(no KV sharing)")
+        ax.plot(lengths, [b / 2**20 for b in sizes], marker=".", linestyle="--" if unshared else "-", label=label)
+        shared = label.removesuffix(" (no KV sharing)")
+        if unshared and shared in curves:
+            saving = 1 - curves[shared][1][-1] / sizes[-1]
+            ax.annotate(f"-{saving:.1%}", (lengths[-1], curves[shared][1][-1] / 2**20), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=9)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    plain_numbers = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.xaxis.set_major_formatter(plain_numbers)
+    ax.yaxis.set_major_formatter(plain_numbers)
+    ax.set_xlabel("context length (tokens, one sequence; each preset up to its max_seq_len)")
+    ax.set_ylabel(f"KV cache (MiB, {dtype})")
+    ax.set_title("KV-cache memory of the AFM text presets")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

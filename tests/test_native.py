@@ -279,3 +279,17 @@ def test_per_layer_fused_decode_leaves_hooked_attention_to_the_module_path():
         reference = model(torch.tensor([[1, 2, 3, 4]]))[:, -1]
     assert seen == [(1, 3, model.config.dim), (1, 1, model.config.dim), (1, 4, model.config.dim)]
     torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_disabled_turns_every_kernel_off_and_back_on():
+    x, w = torch.randn(1, 64), torch.randn(32, 64)
+    available = native.native_linear_available()
+    with native.disabled():
+        assert not native.native_linear_available()
+        with torch.no_grad():
+            torch.testing.assert_close(native.linear(x, w), F.linear(x, w), rtol=0, atol=0)  # torch's own call
+    assert native.native_linear_available() == available
+    with pytest.raises(RuntimeError, match="inside"):
+        with native.disabled():
+            raise RuntimeError("inside")
+    assert native.native_linear_available() == available

@@ -409,3 +409,21 @@ def test_public_facade_exports_the_contract():
     assert len(table) == 2 + len(TEXT_PRESETS)
     row = next(line for line in table if line.startswith("| `afm_2025_device` "))
     assert f"{2 * 35 * 2 * 128 * 4096 * 2 / 2**20:,.1f} MiB" in row  # 140.0 MiB, closed form
+
+
+def test_kv_cache_curves_follow_the_closed_form():
+    curves = mmafm.text.kv_cache_curves(max_context=32768)
+    lengths, shared = curves["afm_2025_device"]
+    _, unshared = curves["afm_2025_device (no KV sharing)"]
+    assert lengths[0] == 128 and lengths[-1] == mmafm.get_config("afm_2025_device").max_seq_len
+    assert all(s * 56 == u * 35 for s, u in zip(shared, unshared))  # 35 of 56 layers keep a cache
+    server = mmafm.get_config("afm_2025_server")
+    lengths, sizes = curves["afm_2025_server"]
+    assert lengths[-1] == 32768
+    growth = dict(zip(lengths[1:], (b - a for a, b in zip(sizes, sizes[1:]))))  # bytes added per doubling
+    per_token_layer = 2 * server.n_kv_heads * server.head_dim * 2  # K and V, bf16
+    # past the 4,096 window only the global layers (1 in 4) grow
+    global_layers = server.num_tracks * server.n_layers // 4
+    assert growth[16384] == 8192 * per_token_layer * global_layers
+    assert growth[4096] == 2048 * per_token_layer * server.num_tracks * server.n_layers
+    assert mmafm.text.plot_kv_cache(max_context=4096).axes[0].get_yscale() == "log"

@@ -33,6 +33,7 @@ on one thread, where fork/join would cost more than it saves.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -57,6 +58,7 @@ __all__ = [
     "rms_norm",
     "single_query_attention",
     "native_linear_available",
+    "disabled",
     "plain_linear",
     "decode_attention_block",
     "decode_swiglu_block",
@@ -488,6 +490,19 @@ def _load():
             _kernel, _failure = False, str(error)
             warnings.warn(f"mmafm: native gemv kernel unavailable ({error}); using F.linear", stacklevel=3)
         return _kernel
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside this block every function here takes its torch path (e.g. to time or check the
+    module-by-module computation against the native one); the kernels come back after it."""
+    global _kernel
+    saved = _kernel
+    _kernel = False
+    try:
+        yield
+    finally:
+        _kernel = saved
 
 
 def native_linear_available() -> bool:

@@ -220,6 +220,36 @@ def load_text_model(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def load_generator(source: str | Path, tokenizer: str | Path | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of a finished run of this stage: ``source`` is the stage folder (its
+    manifest names both) or a text-model checkpoint (its metadata names the tokenizer);
+    ``tokenizer`` overrides. A missing source, tokenizer or a vocabulary mismatch is a
+    :class:`~mmafm.config.ConfigError` naming it."""
+    from mmafm.checkpoint import checkpoint_paths
+    from mmafm.stages.base import read_manifest
+    from mmafm.tokenizer import Tokenizer
+
+    source = Path(source)
+    if not source.is_dir() and not checkpoint_paths(source)[0].is_file():
+        raise ConfigError(f"{source}: no such stage directory or text-model checkpoint")
+    if source.is_dir():
+        outputs = read_manifest(source).get("outputs", {})
+        if "checkpoint" not in outputs:
+            raise ConfigError(f"{source}: its manifest names no checkpoint (is it a {STAGE} stage?)")
+        checkpoint, tokenizer_path = outputs["checkpoint"], outputs.get("tokenizer")
+    else:
+        checkpoint, tokenizer_path = source, read_metadata(source).get("tokenizer")
+    tokenizer_path = tokenizer or tokenizer_path
+    if not tokenizer_path or not Path(tokenizer_path).is_file():
+        raise ConfigError(f"tokenizer {str(tokenizer_path)!r} not found; pass the tokenizer.model the model was trained with")
+    model = load_text_model(checkpoint)
+    loaded = Tokenizer.load(tokenizer_path)
+    if loaded.vocab_size != model.config.vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer_path} has {loaded.vocab_size} tokens, the model "
+                          f"{model.config.vocab_size}: pass the tokenizer it was trained with")
+    return model, loaded
+
+
 # --------------------------------------------------------------------------- samples, figures
 def _prompts(text: str) -> list[str]:
     prompts = [p for p in text.split("|") if p.strip()]
