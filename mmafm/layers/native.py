@@ -15,9 +15,10 @@ only (no autograd, CPU, float32, not under ``torch.compile``):
   attention, output projection and residual of one layer) and :func:`decode_swiglu_block` (the
   FFN half) are one call each, taken by :class:`mmafm.models.text.Block` in a decode step; and
   :func:`decode_step` runs a whole step of a dense model (embedding to logits) in one call, which
-  ``generate`` uses through :meth:`mmafm.models.text.DecoderLM.fused_decoder`. Python's per-op
+  ``generate`` uses through :meth:`mmafm.models.text.DecoderLM.fused_decoder`, for float32 or
+  bfloat16 weights and cache (the C source is instantiated per storage type). Python's per-op
   overhead (~1 ms per token at 8 layers) is then gone, and a step costs about one read of the
-  weights.
+  weights. :func:`disabled` switches every kernel off for a block of code.
 
 Everything else — training, other dtypes or devices, tracing — takes the plain torch call.
 
@@ -475,7 +476,7 @@ def _load():
             swiglu_block.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 3
                                      + [ctypes.c_long] * 3 + [ctypes.c_int])
             swiglu_block.restype = ctypes.c_int
-            _kernel, _norm_kernel, _attention_kernel = function, norm, attention
+            steps = {}
             for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
                 step = getattr(library, f"mmafm_decode_step_{suffix}")
                 step.argtypes = (
@@ -484,9 +485,13 @@ def _load():
                     + [ctypes.c_float, ctypes.c_int]
                 )
                 step.restype = ctypes.c_int
-                _decode_step_kernels[dtype] = step
+                steps[dtype] = step
+            # all or nothing: _kernel set last, so a half-loaded library is never used
+            _decode_step_kernels.update(steps)
             _attention_block_kernel, _swiglu_block_kernel = attention_block, swiglu_block
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            _norm_kernel, _attention_kernel = norm, attention
+            _kernel = function
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:  # AttributeError: missing symbol
             _kernel, _failure = False, str(error)
             warnings.warn(f"mmafm: native gemv kernel unavailable ({error}); using F.linear", stacklevel=3)
         return _kernel
@@ -495,7 +500,8 @@ def _load():
 @contextlib.contextmanager
 def disabled():
     """Inside this block every function here takes its torch path (e.g. to time or check the
-    module-by-module computation against the native one); the kernels come back after it."""
+    module-by-module computation against the native one); the kernels come back after it. The
+    switch is process-wide, not per thread."""
     global _kernel
     saved = _kernel
     _kernel = False
