@@ -433,6 +433,26 @@ class Block(nn.Module):
             ffn_out = self.ffn(_norm(self.ffn_norm, x))
         return x + drop(ffn_out), kv, aux
 
+    def _stock_attention(self) -> bool:
+        """Is the attention half exactly the stock modules (no hooks, no adapters or subclasses),
+        so that a fused kernel may compute it from their weights?"""
+        attn = self.attn
+        return (
+            type(attn) is Attention and not (attn._forward_hooks or attn._forward_pre_hooks)
+            and _plain_norm(self.attn_norm)
+            and all(norm is None or _plain_norm(norm) for norm in (attn.q_norm, attn.k_norm))
+            and plain_linear(attn.q_proj) and plain_linear(attn.o_proj)
+            and (not attn.owns_kv or (plain_linear(attn.k_proj) and plain_linear(attn.v_proj)))
+        )
+
+    def _stock_swiglu(self) -> bool:
+        """Is the FFN half exactly a stock :class:`SwiGLU` (not MoE, no hooks or adapters)?"""
+        ffn = self.ffn
+        return (
+            type(ffn) is SwiGLU and not (ffn._forward_hooks or ffn._forward_pre_hooks)
+            and _plain_norm(self.ffn_norm) and all(plain_linear(m) for m in (ffn.w_gate, ffn.w_up, ffn.w_down))
+        )
+
     def _fused_decode(
         self, x: torch.Tensor, ctx: AttentionContext, shared_kv: tuple | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None] | None:
@@ -440,19 +460,10 @@ class Block(nn.Module):
         attention half, one for a SwiGLU FFN); None, with nothing done, where they do not apply
         (hooked or replaced modules, sliding windows over padded batches, int8 caches, ...)."""
         attn = self.attn
-        if not (
-            type(attn) is Attention and not (attn._forward_hooks or attn._forward_pre_hooks)
-            and _plain_norm(self.attn_norm)
-            and (attn.q_norm is None or _plain_norm(attn.q_norm))
-            and plain_linear(attn.q_proj)
-            and plain_linear(attn.o_proj)
-        ):
+        if not self._stock_attention():
             return None
         valid = ctx.key_valid
         if attn.owns_kv:
-            if not (plain_linear(attn.k_proj) and plain_linear(attn.v_proj)
-                    and (attn.k_norm is None or _plain_norm(attn.k_norm))):
-                return None
             if valid is not None and attn.window is not None:
                 return None  # padded ring buffer: the general path masks by column
             target = ctx.cache.decode_target(attn.cache_index)
@@ -477,12 +488,8 @@ class Block(nn.Module):
             keys, values = keys.narrow(2, 0, num_keys), values.narrow(2, 0, num_keys)  # what update returns
         kv = (keys, values, key_time)
         ffn, aux = self.ffn, None
-        fused_ffn = (
-            type(ffn) is SwiGLU and not (ffn._forward_hooks or ffn._forward_pre_hooks)
-            and _plain_norm(self.ffn_norm)
-            and all(plain_linear(m) for m in (ffn.w_gate, ffn.w_up, ffn.w_down))
-            and decode_swiglu_block(y, self.ffn_norm.weight, self.ffn_norm.eps,
-                                    ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight)
+        fused_ffn = self._stock_swiglu() and decode_swiglu_block(
+            y, self.ffn_norm.weight, self.ffn_norm.eps, ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight
         )
         if not fused_ffn:
             if self.is_moe:
@@ -616,8 +623,9 @@ class DecoderLM(nn.Module, abc.ABC):
         """The whole decode step in one native call, for ``generate``: a dense single-track model
         of plain modules (no MoE, adapters or hooks) on the CPU in float32, or in bfloat16 (weights
         and cache read as bf16, activations kept in float32), with a cache of the model's dtype
-        built by :meth:`new_cache` for at most ``MAX_NATIVE_ROWS`` (8) rows, under ``torch.no_grad``. None where any of that does not hold
-        (or the native kernels are unavailable): decode then runs module by module."""
+        built by :meth:`new_cache` for at most ``MAX_NATIVE_ROWS`` (8) rows, under
+        ``torch.no_grad``. None where any of that does not hold (or the native kernels are
+        unavailable): decode then runs module by module."""
         config = self.config
         if (
             type(self)._trunk is not TextModel._trunk or config.num_experts or torch.is_grad_enabled()
@@ -635,12 +643,7 @@ class DecoderLM(nn.Module, abc.ABC):
             attn, ffn = block.attn, block.ffn
             if not (
                 type(block) is Block and not (block._forward_hooks or block._forward_pre_hooks)
-                and type(attn) is Attention and not (attn._forward_hooks or attn._forward_pre_hooks)
-                and type(ffn) is SwiGLU and not (ffn._forward_hooks or ffn._forward_pre_hooks)
-                and all(_plain_norm(n) for n in (block.attn_norm, block.ffn_norm))
-                and all(n is None or _plain_norm(n) for n in (attn.q_norm, attn.k_norm))
-                and all(plain_linear(m) for m in (attn.q_proj, attn.o_proj, ffn.w_gate, ffn.w_up, ffn.w_down))
-                and (not attn.owns_kv or (plain_linear(attn.k_proj) and plain_linear(attn.v_proj)))
+                and block._stock_attention() and block._stock_swiglu()
             ):
                 return None
             source = kv_source_layer(config, index)
