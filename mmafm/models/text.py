@@ -335,7 +335,6 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.owns_kv = kv_source_layer(config, layer_index) == layer_index
         self.window = layer_window(config, layer_index)
-        self.kv_window = layer_window(config, kv_source_layer(config, layer_index))  # of the layer whose K/V it reads
         self.use_rope = layer_uses_rope(config, layer_index)
         self.cache_index = layer_index if cache_index is None else cache_index
         q_width, kv_width = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
@@ -472,8 +471,8 @@ class Block(nn.Module):
             keys, values, slot, num_keys, key_time = target
             wk, wv = attn.k_proj.weight, attn.v_proj.weight
         else:
-            if shared_kv is None or attn.window is not None or attn.kv_window is not None:
-                return None  # a window or a ring of the source needs the general path's mask
+            if shared_kv is None or attn.window is not None:
+                return None  # a window (the source's too: TextConfig requires them equal) needs the general path's mask
             keys, values, key_time = shared_kv
             slot, num_keys, wk, wv = 0, keys.shape[2], None, None
         rope = (ctx.cos, ctx.sin) if attn.use_rope else (None, None)
