@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmafm
-from mmafm.models.clip import load_caption_tokenizer
+from mmafm.tokenizer import load_caption_tokenizer
 
 CAPTIONS = ["a small red circle on the left", "two large blue squares at the top and a green star",
             "emoji of a grinning face", "a picture of three yellow triangles in the center"]

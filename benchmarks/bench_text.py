@@ -8,9 +8,11 @@ given by the flags; transformers' ``Qwen3ForCausalLM`` gets the very same weight
 :func:`mmafm.interop.hf.to_hf`. Measured, as medians over ``--repeats`` with ours and theirs
 interleaved (so background load hits both alike):
 
-- prefill tokens/s: one forward over a ``--prompt``-token prompt that fills a KV cache;
+- prefill tokens/s: one forward over a ``--prompt``-token prompt that fills a KV cache, all
+  positions' logits (ours under :func:`mmafm.inference.kernel_linears`, the linear dispatch its
+  ``generate`` prefills with);
 - decode tokens/s: greedy ``generate`` of ``N + 1`` tokens minus that of 1 token, per token (each
-  library's own generate: ours :func:`mmafm.generate.generate`, theirs ``model.generate``);
+  library's own generate: ours :func:`mmafm.inference.generate`, theirs ``model.generate``);
 - ratios ours/HF (issue 5's goals: prefill >= 1.0, decode >= 3);
 - ``--dtype bfloat16`` runs both models with bf16 weights (and KV cache): decode then reads half
   the bytes per token (ours keeps activations in float32, HF computes in bf16);
@@ -18,7 +20,7 @@ interleaved (so background load hits both alike):
   decode tokens/s against the memory-bandwidth bound (weight bytes read per token / measured
   copy bandwidth);
 - KV-cache bytes per token of every text preset (bf16, at 4,096 tokens, from
-  ``mmafm.text.kv_cache_bytes``), with the 2025 device model's share of a plain model (35/56).
+  ``kv_cache_bytes``), with the 2025 device model's share of a plain model (35/56).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import time
 import torch
 
 import mmafm
-import mmafm.text
-from mmafm.generate import generate
+from mmafm.inference import generate, kernel_linears
 from mmafm.interop.hf import to_hf
+from mmafm.models.text import kv_cache_bytes
 from mmafm.registry import model_family
 
 
@@ -68,11 +70,11 @@ def kv_bytes_per_token(seq_len: int = 4096) -> list[dict]:
         if model_family(name) not in ("text", "ptmoe"):
             continue
         config = mmafm.get_config(name)
-        shared = mmafm.text.kv_cache_bytes(config, seq_len, 1, torch.bfloat16)
+        shared = kv_cache_bytes(config, seq_len, 1, torch.bfloat16)
         row = {"preset": name, "kv_bytes_per_token": shared / seq_len}
         if config.kv_share_segments is not None:
             plain = dataclasses.replace(config, kv_share_segments=None)
-            row["share_of_unshared"] = shared / mmafm.text.kv_cache_bytes(plain, seq_len, 1, torch.bfloat16)
+            row["share_of_unshared"] = shared / kv_cache_bytes(plain, seq_len, 1, torch.bfloat16)
         rows.append(row)
     return rows
 
@@ -98,7 +100,8 @@ def measure(args: argparse.Namespace) -> dict:
     total_new = args.new_tokens + 1
 
     def our_prefill():
-        ours(prompt, cache=ours.new_cache(1, args.prompt + total_new))
+        with kernel_linears():
+            ours(prompt, cache=ours.new_cache(1, args.prompt + total_new))
 
     def their_prefill():
         theirs(input_ids=prompt, attention_mask=mask, use_cache=True)

@@ -1,13 +1,14 @@
 """``mmafm`` command line: run stages and pipelines, list models and stages, show configs.
 
     mmafm run 00_data -p vocab_size=4096            # one stage notebook via papermill
-    mmafm run 03_text_pretrain --config configs/stages/03_text_pretrain.yaml -p max_steps=50
+    mmafm run 02_text_pretrain --config configs/stages/02_text_pretrain.yaml -p max_steps=50
     mmafm pipeline run configs/pipelines/tiny.yaml  # all stages, outputs wired by manifests
     mmafm list models | mmafm list stages | mmafm list models --params
+    mmafm list models --params --family text --family ptmoe  # the text presets' shapes and KV cache
     mmafm config afm_2025_device                    # a model preset's config as YAML
     mmafm report runs/tiny                          # runs/tiny/REPORT.md: numbers + figures
     mmafm numbers                                   # the reports' numbers, computed from configs
-    mmafm generate runs/tiny/03_text_pretrain --prompt "The" --max-new-tokens 40
+    mmafm generate runs/tiny/02_text_pretrain --prompt "The" --max-new-tokens 40
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = ["main", "add_stage_arguments"]
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, run_id_default: str) -> None:
-    """What every way of running one stage takes (``mmafm run``, ``mmafm.train.launch``):
+    """What every way of running one stage takes (``mmafm run``, ``mmafm.launch``):
     ``STAGE [--config YAML] [-p KEY=VALUE ...] [--run-id ID] [--runs-dir DIR]``."""
     parser.add_argument("stage", help="stage name, e.g. 01_clip_pretrain (see `mmafm list stages`)")
     parser.add_argument("--config", help="YAML file of stage parameters")
@@ -49,13 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     prun.add_argument("--run-id", help="override the pipeline's run_id")
     prun.add_argument("--only", action="append", help="run only this stage (repeatable)")
     prun.add_argument("-p", "--param", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                      help="override a stage parameter, e.g. -p 03_text_pretrain.max_steps=20")
+                      help="override a stage parameter, e.g. -p 02_text_pretrain.max_steps=20")
 
     lst = sub.add_parser("list", help="list model presets or stages")
     lst.add_argument("what", choices=("models", "stages"))
     lst.add_argument("pattern", nargs="?", default="*")
     lst.add_argument("--params", action="store_true",
                      help="models: a Markdown table with parameter counts (built on meta)")
+    lst.add_argument("--family", action="append",
+                     help="models: only this family (repeatable); text/ptmoe alone add the KV-cache columns")
 
     rep = sub.add_parser("report", help="write RUN_DIR/REPORT.md from the stages' manifests")
     rep.add_argument("run_dir", help="e.g. runs/tiny")
@@ -66,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("name")
 
     gen = sub.add_parser("generate", help="continue text prompts with a trained text model (KV cache)")
-    gen.add_argument("source", help="a 03_text_pretrain stage directory (e.g. runs/tiny/03_text_pretrain) "
+    gen.add_argument("source", help="a text-pretraining stage directory (e.g. runs/tiny/02_text_pretrain) "
                                     "or a text-model checkpoint (.safetensors)")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
     gen.add_argument("--tokenizer", help="tokenizer.model; default: the one the model was trained with")
@@ -85,17 +88,21 @@ def _generate(args: argparse.Namespace) -> None:
     """``mmafm generate``: load the model and tokenizer of a text stage (or checkpoint), print the
     continuation of each prompt and the decode speed."""
     import time
+    from pathlib import Path
 
     import torch
 
+    from mmafm.checkpoint import checkpoint_paths, load_model, load_tokenizer_for
     from mmafm.config import ConfigError
-    from mmafm.generate import generate_text
-    from mmafm.stages.text_pretrain import load_generator
+    from mmafm.inference import generate_text
+    from mmafm.registry import TEXT_FAMILIES
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_generator(args.source, args.tokenizer)
-    model = model.to(getattr(torch, args.dtype))
+    if not Path(args.source).is_dir() and not checkpoint_paths(args.source)[0].is_file():
+        raise ConfigError(f"{args.source}: no such stage directory or text-model checkpoint")
+    model = load_model(args.source, dtype=getattr(torch, args.dtype), family=TEXT_FAMILIES)
+    tokenizer = load_tokenizer_for(args.source, args.tokenizer, vocab_size=model.config.vocab_size)
     start = time.perf_counter()
     try:
         rows = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
@@ -137,12 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                          overrides=_stage_overrides(args.param))
         elif args.command == "list":
             if args.what == "models":
-                from mmafm.registry import list_models, preset_table
+                from mmafm.registry import list_models, model_family, preset_table
 
                 if args.params:
-                    print(preset_table(args.pattern, include_tiny=True))
+                    print(preset_table(args.pattern, include_tiny=True, family=args.family))
                 else:
-                    print("\n".join(list_models(args.pattern)))
+                    names = list_models(args.pattern)
+                    families = set(args.family or ())
+                    print("\n".join(n for n in names if not families or model_family(n) in families))
             else:
                 from mmafm.stages import list_stages
 

@@ -71,7 +71,8 @@ def reference_numbers() -> str:
     import torch
 
     from mmafm.registry import create_model, get_config
-    from mmafm.text import kv_cache_bytes, sync_points
+    from mmafm.models.ptmoe import sync_points
+    from mmafm.models.text import kv_cache_bytes
 
     device = get_config("afm_2025_device")
     shared = kv_cache_bytes(device, 4096, 1, torch.bfloat16)

@@ -17,16 +17,36 @@ image tokens), each always one piece.
 Vocabulary presets of the reports (``VOCAB_PRESETS``): 49,152 (AFM-on-device 2024), 100,000
 (AFM-server 2024), 153,600 (2025 on-device; "150k" in the report). They need a large corpus;
 the tiny pipeline trains a 2,048-piece vocabulary on the bundled text in a few seconds.
+
+Contrastive text towers (:mod:`mmafm.models.clip`) read captions through :class:`CaptionTokenizer`:
+fixed-length rows ``[start] ids [end] [pad]...`` made with this tokenizer or with open_clip's
+bundled BPE (``"openclip"``, no download); :func:`load_caption_tokenizer` rebuilds one from the
+spec a CLIP checkpoint records.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import sentencepiece as spm
+import torch
 
-__all__ = ["Tokenizer", "train_tokenizer", "SPECIAL_TOKENS", "CHAT_TOKENS", "IMAGE_TOKEN", "VOCAB_PRESETS"]
+if TYPE_CHECKING:  # the tokenizer sits below the models: no runtime import of them
+    from mmafm.models.clip import TextTowerConfig
+
+__all__ = [
+    "Tokenizer",
+    "train_tokenizer",
+    "CaptionTokenizer",
+    "load_caption_tokenizer",
+    "OPENCLIP_TOKENIZER",
+    "SPECIAL_TOKENS",
+    "CHAT_TOKENS",
+    "IMAGE_TOKEN",
+    "VOCAB_PRESETS",
+]
 
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 IMAGE_TOKEN = "<image>"
@@ -39,6 +59,7 @@ VOCAB_PRESETS = {
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # 256 byte pieces + 4 control + 5 special tokens, plus room for characters and merges.
 MIN_VOCAB_SIZE = 300
+OPENCLIP_TOKENIZER = "openclip"  # caption tokenizer spec: open_clip's bundled BPE (49,408 tokens)
 
 
 def train_tokenizer(
@@ -198,3 +219,93 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
 
+
+# ------------------------------------------------------------------------ caption tokenizer
+class CaptionTokenizer:
+    """Captions -> ``(B, context_length)`` token ids laid out ``[start] ids [end] [pad]...``.
+
+    Long captions are truncated, keeping the end token last (as open_clip does).
+
+    Args:
+        encode: ``text -> list of ids`` without special tokens.
+        vocab_size: Size of the id space.
+        context_length: Tokens per caption, start and end included.
+        eot_id: End-of-text id (the text tower pools there).
+        pad_id: Padding id.
+        sot_id: Start-of-text id, or None for no start token.
+        spec: What :func:`load_caption_tokenizer` rebuilds it from (saved in checkpoints).
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[str], list[int]],
+        vocab_size: int,
+        context_length: int,
+        eot_id: int,
+        pad_id: int,
+        sot_id: int | None = None,
+        spec: str = "",
+    ):
+        if context_length < 2 + (sot_id is not None):
+            raise ValueError(f"context_length {context_length} leaves no room for a caption token")
+        self.encode = encode
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.eot_id = eot_id
+        self.pad_id = pad_id
+        self.sot_id = sot_id
+        self.spec = spec
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:  # (B, T)
+        if isinstance(texts, str):
+            texts = [texts]
+        prefix = [] if self.sot_id is None else [self.sot_id]
+        room = self.context_length - len(prefix) - 1
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = prefix + list(self.encode(text))[:room] + [self.eot_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def text_config(self, base: "TextTowerConfig") -> "TextTowerConfig":
+        """``base`` with this tokenizer's vocabulary, context, end and pad ids."""
+        return replace(
+            base, vocab_size=self.vocab_size, context_length=self.context_length,
+            eot_id=self.eot_id, pad_id=self.pad_id,
+        )
+
+
+def _openclip_tokenizer(context_length: int) -> CaptionTokenizer:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    bpe = SimpleTokenizer()  # vocab ships inside the open_clip package: no download
+    return CaptionTokenizer(
+        bpe.encode, bpe.vocab_size, context_length, eot_id=bpe.eot_token_id, pad_id=0,
+        sot_id=bpe.sot_token_id, spec=OPENCLIP_TOKENIZER,
+    )
+
+
+def _sentencepiece_caption_tokenizer(path: str, context_length: int) -> CaptionTokenizer:
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"tokenizer {path} not found: pass the data stage's `tokenizer` output, or 'openclip'"
+        )
+    tok = Tokenizer.load(path)
+    ids = {name: getattr(tok, name, None) for name in ("bos_id", "eos_id", "pad_id")}
+    if ids["eos_id"] is None or ids["eos_id"] < 0:
+        raise ValueError(f"tokenizer {path} has no end-of-sequence id; CLIP pools at it")
+    pad = ids["pad_id"] if ids["pad_id"] is not None and ids["pad_id"] >= 0 else ids["eos_id"]
+    bos = ids["bos_id"] if ids["bos_id"] is not None and ids["bos_id"] >= 0 else None
+    return CaptionTokenizer(
+        lambda text: list(tok.encode(text)), int(tok.vocab_size), context_length,
+        eot_id=ids["eos_id"], pad_id=pad, sot_id=bos, spec=str(path),
+    )
+
+
+def load_caption_tokenizer(spec: str, context_length: int) -> CaptionTokenizer:
+    """``"openclip"`` (open_clip's bundled BPE) or a path to the data stage's tokenizer."""
+    if not spec:
+        raise ValueError("tokenizer spec is empty: pass 'openclip' or the data stage's tokenizer path")
+    if spec == OPENCLIP_TOKENIZER:
+        return _openclip_tokenizer(context_length)
+    return _sentencepiece_caption_tokenizer(spec, context_length)

@@ -20,11 +20,9 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def text_checkpoint(tmp_path_factory):
-    """A tiny text model saved the way 03_text_pretrain saves it, with a real tokenizer and a stage
+    """A tiny text model saved the way 02_text_pretrain saves it, with a real tokenizer and a stage
     folder (manifest) naming both: ``{"root", "stage_dir", "checkpoint", "model", "tokenizer"}``."""
     import mmafm
-    from mmafm.checkpoint import save_checkpoint
-    from mmafm.stages.text_pretrain import CHECKPOINT_KIND
     from mmafm.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("text_checkpoint")
@@ -33,12 +31,9 @@ def text_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = mmafm.create_model("afm_2024_device_tiny", vocab_size=tokenizer.vocab_size).eval()
     tokenizer_path = str(root / "tok.model")
-    checkpoint = save_checkpoint(root / "stage" / "checkpoints" / "text_model", model.state_dict(), {
-        "kind": CHECKPOINT_KIND, "preset": "afm_2024_device_tiny",
-        "model_overrides": {"vocab_size": tokenizer.vocab_size}, "tokenizer": tokenizer_path,
-    })
+    checkpoint = mmafm.save_model(root / "stage" / "checkpoints" / "text_model", model, {"tokenizer": tokenizer_path})
     (root / "stage" / "manifest.json").write_text(json.dumps({
-        "stage": "03_text_pretrain", "status": "complete",
+        "stage": "02_text_pretrain", "status": "complete",
         "outputs": {"checkpoint": str(checkpoint), "tokenizer": tokenizer_path},
     }))
     return {"root": root, "stage_dir": root / "stage", "checkpoint": checkpoint, "model": model,

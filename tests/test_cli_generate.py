@@ -4,7 +4,7 @@ prompts' continuations out; bad input exits 2 with a message naming the problem.
 import pytest
 
 from mmafm.cli import main
-from mmafm.generate import generate_text
+from mmafm.inference import generate_text
 from mmafm.tokenizer import train_tokenizer
 
 

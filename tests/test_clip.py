@@ -11,17 +11,14 @@ import torch
 import torch.nn.functional as F
 
 import mmafm
-from mmafm.checkpoint import CheckpointError, save_checkpoint
-from mmafm.clip_eval import chance_recall, class_embeddings, fashion_mnist_tensor, retrieval_metrics, zero_shot_classification
+from mmafm.checkpoint import CheckpointError, load_model, save_checkpoint, save_model
+from mmafm.eval.clip import chance_recall, class_embeddings, fashion_mnist_tensor, retrieval_metrics, zero_shot_classification
 from mmafm.models.clip import (
     CLIP,
     eot_positions,
-    load_caption_tokenizer,
-    load_clip,
-    load_image_tower,
-    save_clip,
     save_image_tower,
 )
+from mmafm.tokenizer import load_caption_tokenizer
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -215,17 +212,20 @@ def test_full_size_presets_build_on_meta():
 def test_save_and_load_clip(tmp_path, bpe):
     model = tiny_clip()
     model.tokenizer = load_caption_tokenizer("openclip", 32)
-    path = save_clip(model, tmp_path / "clip")
-    loaded = load_clip(path)
+    path = save_model(tmp_path / "clip", model)
+    loaded = load_model(path, family="clip")
     images = torch.randn(3, 3, 32, 32)
     model.eval()
     torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images))
     torch.testing.assert_close(loaded.encode_text(["a red circle"]), model.encode_text(["a red circle"]))
-    tower = load_image_tower(save_image_tower(model, tmp_path / "tower")).eval()
+    tower_path = save_image_tower(model, tmp_path / "tower")
+    tower = load_model(tower_path)
     torch.testing.assert_close(tower.forward_head(tower.forward_features(images), pre_logits=True), model.image_features(images))
     save_checkpoint(tmp_path / "other", {"x": torch.zeros(1)}, {"kind": "something else"})
-    with pytest.raises(CheckpointError, match="not a CLIP checkpoint"):
-        load_clip(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="holds no model record"):
+        load_model(tmp_path / "other", family="clip")
+    with pytest.raises(CheckpointError, match="holds a 'vit' model, expected family 'clip'"):
+        load_model(tower_path, family="clip")
 
 
 # ---------------------------------------------------------------------------- evaluation

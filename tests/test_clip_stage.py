@@ -12,11 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmafm.checkpoint import load_checkpoint
+from mmafm.checkpoint import load_checkpoint, load_model
 from mmafm.config import ConfigError
 from mmafm.data.shards import ImageTextShards, PairShardWriter
 from mmafm.data.synthetic import generate_pairs
-from mmafm.models.clip import load_clip, load_image_tower
 from mmafm.stages.clip_pretrain import ClipPretrainConfig, ClipTask, count_pairs, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +51,7 @@ def _write_fake_fashion_mnist(folder: Path, count: int) -> None:
 def _config(data: Path, out_dir: Path, **overrides) -> ClipPretrainConfig:
     values = dict(
         out_dir=str(out_dir), pairs_dir=str(data / "pairs"), tokenizer=str(data / "tokenizer" / "tokenizer.model"),
-        fashion_mnist=str(data / "fmnist"), image_size=32, batch_size=16, steps=4, warmup_steps=1,
+        fashion_mnist=str(data / "fmnist"), image_size=32, batch_size=16, max_steps=4, warmup_steps=1,
         num_workers=0, threads=1, eval_pairs=12, fmnist_images=20, ckpt_every=2, log_every=1,
     )
     values.update(overrides)
@@ -78,10 +77,11 @@ def test_stage_outputs(data, tmp_path):
     for name in ("curves", "retrieval_grid", "zero_shot"):
         assert (tmp_path / "stage" / "figures" / f"{name}.png").is_file()
     # the checkpoints load back: by path, and through the stage folder's manifest
-    clip = load_clip(tmp_path / "stage")
+    clip = load_model(tmp_path / "stage")
     embedding = clip.encode_text(["a small red circle"])
     assert embedding.shape == (1, 64) and torch.allclose(embedding.norm(dim=-1), torch.ones(1))
-    tower = load_image_tower(outputs["image_tower"]).eval()
+    tower = load_model(outputs["image_tower"], family="vit")
+    assert load_model(tmp_path / "stage", output="image_tower").state_dict().keys() == tower.state_dict().keys()
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(tower.forward_head(tower.forward_features(images), pre_logits=True), clip.image_features(images))
 
@@ -174,7 +174,7 @@ def test_notebook_runs_under_papermill(data, tmp_path):
     out_dir = tmp_path / "nb"
     params = dict(
         out_dir=str(out_dir), pairs_dir=str(data / "pairs"), tokenizer=str(data / "tokenizer" / "tokenizer.model"),
-        fashion_mnist=str(data / "fmnist"), image_size=32, batch_size=16, steps=3, warmup_steps=1,
+        fashion_mnist=str(data / "fmnist"), image_size=32, batch_size=16, max_steps=3, warmup_steps=1,
         num_workers=0, eval_pairs=12, fmnist_images=20, ckpt_every=0, log_every=1,
     )
     papermill.execute_notebook(

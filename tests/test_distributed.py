@@ -103,7 +103,7 @@ def _tiny_stage(cfg: _TinyStageConfig) -> dict[str, str]:
 
 def test_launch_runs_a_stage_function_without_its_notebook(tmp_path, monkeypatch):
     from mmafm import stages
-    from mmafm.train import launch
+    from mmafm import launch
 
     stages.list_stages()  # load the real stages first, then add the test one for this test only
     stage = stages.Stage("zz_tiny_train", _TinyStageConfig, _tiny_stage, __name__)

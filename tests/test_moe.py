@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import mmafm
-import mmafm.text
 from mmafm.layers.moe import MoEFeedForward, load_balancing_loss, route_top_k, upcycle_ffn
 from mmafm.layers.swiglu import SwiGLU
 from mmafm.models.ptmoe import PTMoEModel, sync_points
-from mmafm.models.text import TextModel, layer_is_moe
+from mmafm.models.text import TextModel, layer_is_moe, upcycle
 
 
 def naive_moe(moe: MoEFeedForward, tokens: torch.Tensor) -> torch.Tensor:
@@ -82,7 +81,7 @@ def test_upcycled_ffn_equals_the_dense_ffn():
 def test_upcycled_model_equals_the_dense_model_at_init():
     torch.manual_seed(0)
     dense = mmafm.create_model("afm_2025_device_tiny", init_std=0.1).eval()
-    teacher = mmafm.text.upcycle(dense, num_experts=4, top_k=2, moe_every=2).eval()
+    teacher = upcycle(dense, num_experts=4, top_k=2, moe_every=2).eval()
     assert [layer_is_moe(teacher.config, i) for i in range(8)] == [False, True] * 4
     assert teacher.config.num_experts == 4 and "layers.1.ffn.router.weight" in teacher.state_dict()
     ids = torch.randint(0, 2048, (2, 12))
@@ -93,7 +92,7 @@ def test_upcycled_model_equals_the_dense_model_at_init():
     assert (config.num_experts, config.moe_every) == (64, 2)
     assert type(mmafm.create_model("afm_2025_moe_teacher_tiny")) is TextModel
     with pytest.raises(ValueError, match="dense model"):
-        mmafm.text.upcycle(teacher)
+        upcycle(teacher)
 
 
 def test_ptmoe_with_identical_tracks_equals_a_single_track_model():
@@ -166,7 +165,6 @@ def test_sync_points_are_2L_versus_L_over_D():
                       "parallel_track": server.n_layers // 4, "reduction": 0.875}
     assert sync_points(dataclasses.replace(server, track_block_depth=8))["parallel_track"] == server.n_layers // 8
     assert sync_points(dataclasses.replace(server, track_exchange="final"))["parallel_track"] == 1
-    assert mmafm.text.sync_points is sync_points
 
 
 def test_ptmoe_aux_loss_reaches_the_training_loss():

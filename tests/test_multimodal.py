@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import mmafm
+from mmafm.models.adapter import make_views
 from mmafm.models.multimodal import (
     IGNORE_INDEX,
     MultimodalModel,
     expand_image_placeholders,
-    load_multimodal,
 )
 
 IMAGE = 8  # the tokenizer's <image> id, the presets' image_token_id
@@ -132,6 +132,100 @@ def test_full_forward_on_meta(preset):
     assert out.logits.shape == (1, 4 - 1 + 720, 153_600)
 
 
+# ----------------------------------------------------------------------------- towers: config and encoding
+def test_tower_overrides_nest_and_are_validated_against_the_tower_presets():
+    from mmafm.config import ConfigError
+    from mmafm.models.multimodal import MultimodalConfig
+
+    config = mmafm.get_config("afm_vl_tiny", text={"vocab_size": 512, "rope_theta": 1000}, vision={"img_size": 96})
+    assert config.text == {"vocab_size": 512, "rope_theta": 1000.0} and config.vision == {"img_size": 96}
+    model = MultimodalModel(config)
+    # the towers are exactly the presets built with those overrides
+    assert model.text.config == mmafm.get_config("afm_2025_device_tiny", vocab_size=512, rope_theta=1000.0)
+    assert model.vision.config == mmafm.get_config("vitdet_large_patch16_rw_tiny", img_size=96)
+    assert model.text.embed.weight.shape[0] == 512 and model.vision.pos_embed.shape[1:3] == (6, 6)
+
+    with pytest.raises(ConfigError, match=r"MultimodalConfig\.text .*'afm_2025_device_tiny'.*unknown key\(s\) \['vocab'\]"):
+        mmafm.get_config("afm_vl_tiny", text={"vocab": 512})
+    with pytest.raises(ConfigError, match=r"MultimodalConfig\.vision .*key 'num_registers': expected int"):
+        mmafm.get_config("afm_vl_tiny", vision={"num_registers": "two"})
+    with pytest.raises(ConfigError, match=r"MultimodalConfig\.vision .*img_size 100 must be a multiple of patch_size 16"):
+        mmafm.create_model("afm_vl_tiny", vision={"img_size": 100})
+    with pytest.raises(ConfigError, match=r"key 'text': expected a mapping, got 512"):
+        mmafm.get_config("afm_vl_tiny", text=512)
+    with pytest.raises(ConfigError, match=r"MultimodalConfig\.text .*expected a mapping of config fields"):
+        MultimodalConfig(text=512)
+    # the overrides are checked against the tower preset they go to: a ViTDet key on a ViT
+    with pytest.raises(ConfigError, match=r"MultimodalConfig\.vision .*'vit_giant_patch14_tiny'.*\['num_registers'\]"):
+        mmafm.get_config("afm_vl_tiny", vision_preset="vit_giant_patch14_tiny", vision={"num_registers": 2})
+    with pytest.raises(ConfigError, match="unknown key.*'text_vocab_size'"):  # the old flat field is gone
+        mmafm.get_config("afm_vl_tiny", text_vocab_size=512)
+
+
+def test_config_with_nested_overrides_round_trips_through_dicts_and_yaml(tmp_path):
+    import yaml
+
+    from mmafm.config import dump_yaml, from_dict, load_yaml, to_dict
+    from mmafm.models.multimodal import MultimodalConfig
+
+    config = mmafm.get_config(
+        "afm_vl_tiny", text={"vocab_size": 300, "max_seq_len": 128},
+        vision={"global_blocks": (0, 3), "register_merge": "max"},
+    )
+    data = to_dict(config)
+    assert data["vision"] == {"global_blocks": [0, 3], "register_merge": "max"}  # YAML-safe
+    assert from_dict(MultimodalConfig, yaml.safe_load(yaml.safe_dump(data))) == config
+    dump_yaml(config, tmp_path / "config.yaml")
+    loaded = from_dict(MultimodalConfig, load_yaml(tmp_path / "config.yaml"), source="config.yaml")
+    assert loaded == config and loaded.vision["global_blocks"] == (0, 3)
+    assert MultimodalModel(loaded).vision.config.global_blocks == (0, 3)
+    with pytest.raises(ValueError, match=r"MultimodalConfig\.text .*\['bad'\]"):
+        from_dict(MultimodalConfig, {**data, "text": {"bad": 1}})
+
+
+def test_model_yaml_nests_tower_overrides(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = mmafm.get_config(str(root / "configs/models/afm_vl_2025_device_8reg.yaml"))
+    assert config.vision_preset == "vitdet_large_patch16_rw" and config.text_preset == "afm_2025_device"
+    assert mmafm.get_config(config.vision_preset, **config.vision) == mmafm.get_config(
+        str(root / "configs/models/vitdet_large_patch16_rw_8reg.yaml")
+    )
+    assert mmafm.get_config(config.text_preset, **config.text).max_seq_len == 8192
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: afm_vl_tiny\noverrides:\n  text:\n    n_layer: 3\n")
+    with pytest.raises(ValueError, match=r"MultimodalConfig\.text .*\['n_layer'\]"):
+        mmafm.get_config(str(bad))
+
+
+@pytest.mark.parametrize("vision", list(VISION))
+def test_encode_images_adapts_the_encoder_tokens(vision):
+    """Reference: the encoder's public forwards (ViT: unmasked ``forward_features``; ViTDet:
+    registers of ``forward_tokens`` + the ``forward_features`` map) through the adapter."""
+    overrides = {"vision": {"mask_ratio": 0.5}} if vision.startswith("vit_") else {}
+    model = mmafm.create_model("afm_vl_tiny", vision_preset=vision, **VISION[vision], **overrides)
+    model.train()  # a training forward, with FLIP masking configured: still unmasked
+    images = images_for(model, 2, "high_res")
+    views = make_views(images, model.resolution_mode("high_res"))
+    encoder = model.vision
+    grid = (views.shape[-2] // encoder.config.patch_size, views.shape[-1] // encoder.config.patch_size)
+    with torch.no_grad():
+        if vision.startswith("vit_"):
+            tokens = encoder.forward_features(views, mask_ratio=0.0)
+        else:
+            registers = encoder.forward_tokens(views)[0]
+            tokens = torch.cat([registers, encoder.forward_features(views).flatten(2).transpose(1, 2)], dim=1)
+        reference = model.adapter(tokens, grid, model.resolution_mode("high_res").tokens_per_view)
+        encoded = model.encode_images(images, "high_res")
+    assert torch.equal(encoded, reference.reshape(2, model.num_image_tokens("high_res"), -1))
+
+
+def test_a_vision_preset_without_the_grid_interface_is_named():
+    with pytest.raises(TypeError, match="vision preset 'afm_2024_device_tiny' is not an image encoder"):
+        mmafm.create_model("afm_vl_tiny", vision_preset="afm_2024_device_tiny")
+
+
 # ----------------------------------------------------------------------------- loss masking
 def test_loss_skips_image_positions_and_padding():
     model = tiny_model(text="afm_2024_device_tiny")
@@ -230,7 +324,7 @@ def test_generate_takes_text_prompts_and_stops_at_eos(tmp_path):
 
     captions = [f"a {c} {s} on the left" for c in ("red", "blue", "green") for s in ("circle", "square")] * 20
     tokenizer = train_tokenizer(captions, tmp_path / "tok", vocab_size=300)
-    model = tiny_model(text_vocab_size=tokenizer.vocab_size)
+    model = mmafm.create_model("afm_vl_tiny", text={"vocab_size": tokenizer.vocab_size}).eval()
     image = images_for(model, 1)
     ids = torch.tensor([tokenizer.encode("<image> a red", bos=True)])
     assert int((ids == tokenizer.image_id).sum()) == 1
@@ -266,8 +360,8 @@ def test_bad_input_gets_clear_errors():
 # ----------------------------------------------------------------------------- checkpoints
 def test_save_and_load_roundtrip(tmp_path):
     model = tiny_model(text="afm_2025_server_tiny")
-    path = model.save(tmp_path / "vl", {"step": 3})
-    loaded = load_multimodal(path)
+    path = mmafm.save_model(tmp_path / "vl", model, {"step": 3})
+    loaded = mmafm.load_model(path, family="multimodal")
     assert isinstance(loaded, MultimodalModel) and loaded.config == model.config
     ids, images = torch.tensor([[2, IMAGE, 9]]), images_for(model, 1)
     with torch.no_grad():

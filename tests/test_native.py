@@ -1,7 +1,8 @@
-"""Decode fast paths: native gemv / RMSNorm kernels, RoPE table, single-query attention.
+"""Decode fast paths: native gemv / RMSNorm kernels, RoPE table, single-query attention, the
+decode plan's per-layer and whole-step kernels.
 
 References: ``F.linear`` / ``F.rms_norm`` / ``rope_cos_sin`` / ``attend`` (torch's SDPA), and the
-whole model run with the native kernels switched off.
+whole model run with the native kernels switched off (the plain module path).
 """
 
 import pytest
@@ -10,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmafm
-from mmafm.generate import generate
-from mmafm.layers import native
+from mmafm.inference import build_plan, generate, kernels_available, kernels_disabled
+from mmafm.inference import kernels as native
 from mmafm.layers.attention import attend
 from mmafm.layers.rope import rope_cos_sin, rope_table
 from mmafm.models.text import _single_query_attention
 
-needs_native = pytest.mark.skipif(not native.native_linear_available(),
-                                  reason=f"native kernel unavailable: {native._failure}")
+needs_native = pytest.mark.skipif(not kernels_available(),
+                                  reason=f"native kernel unavailable: {native.kernels_unavailable_reason()}")
 
 
 @needs_native
@@ -37,7 +38,7 @@ def test_linear_non_contiguous_input_and_many_rows():
     x, w = torch.randn(16, 40).t(), torch.randn(24, 16)  # (40, 16): non-contiguous, > MAX rows
     with torch.no_grad():
         torch.testing.assert_close(native.linear(x[:3], w), F.linear(x[:3], w), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(native.linear(x, w), F.linear(x, w))  # F.linear path
+        torch.testing.assert_close(native.linear(x, w), F.linear(x, w))  # many rows: the GEMM path
 
 
 def test_linear_keeps_autograd():
@@ -53,15 +54,24 @@ def test_apply_linears_one_call_equals_modules_and_respects_hooks():
     layers = [nn.Linear(32, n, bias=False) for n in (16, 8, 8)]
     x = torch.randn(2, 1, 32)
     with torch.no_grad():
-        outs = native.apply_linears(x, *layers)
+        outs = native.linears(x, *(layer.weight for layer in layers))  # Q/K/V: one GEMV call
         for layer, out in zip(layers, outs):
             torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
-        seen = []
-        layers[1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
-        native.apply_linears(x, *layers)
-    assert seen == [torch.Size([2, 1, 8])]  # a hooked layer is called as a module
+    # a hooked projection is called as a module by the decode plan (its layer leaves the kernels)
+    model = mmafm.create_model("afm_2024_device_tiny", max_seq_len=16).eval()
+    kv_width = model.config.n_kv_heads * model.config.head_dim
+    seen = []
+    model.layers[1].attn.k_proj.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        cache = model.new_cache(2, 8)
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache)
+        seen.clear()
+        plan = build_plan(model, cache)
+        plan.step(torch.tensor([7, 8]))
+    assert plan.layers[1].attention == "module" and plan.layers[0].attention == "kernel"
+    assert seen == [torch.Size([2, 1, kv_width])]  # a hooked layer is called as a module
     with pytest.raises(ValueError, match="1 to 3"):
-        native.apply_linears(x, *layers, layers[0])
+        native.linears(x, *(layer.weight for layer in layers), layers[0].weight)
 
 
 @needs_native
@@ -91,7 +101,7 @@ def test_single_query_attention_matches_sdpa(batch, heads, kv_heads):
 
 
 @needs_native
-def test_model_decode_with_and_without_native_kernels(monkeypatch):
+def test_model_decode_with_and_without_native_kernels():
     torch.manual_seed(3)
     model = mmafm.create_model("afm_2025_device_tiny").eval()  # KV sharing + GQA
     prompts = [[5, 9, 2, 7, 1], [4, 4]]
@@ -100,11 +110,11 @@ def test_model_decode_with_and_without_native_kernels(monkeypatch):
     with torch.no_grad():
         cache = model.new_cache(1, 8)
         model(ids[:, :4], cache=cache)
-        fast_logits = model(ids[:, 4:], cache=cache)
-    monkeypatch.setattr(native, "_kernel", False)  # every call now takes the torch path
-    assert generate(model, prompts, max_new_tokens=6) == fast
+        fast_logits = build_plan(model, cache).step(ids[:, 4])  # (1, V) through the kernels
+    with kernels_disabled():  # every call now takes the torch path
+        assert generate(model, prompts, max_new_tokens=6) == fast
     with torch.no_grad():
-        reference = model(ids)[:, -1:]
+        reference = model(ids)[:, -1]
     torch.testing.assert_close(fast_logits, reference, rtol=1e-4, atol=1e-4)
 
 
@@ -149,15 +159,16 @@ def _variant(name):
 
 def _decode_logits(model, prompt, steps, use_fused_decoder):
     """Prefill ``prompt`` (B, T), then feed ``steps`` (B, N) one column at a time; returns the
-    decode logits (B, N, V) and the cache."""
+    decode logits (B, N, V) and the cache. ``use_fused_decoder``: True = the decode plan with its
+    whole-step kernel allowed, False = the plan layer by layer, None = the model's modules."""
     with torch.no_grad():
         cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps.shape[1])
         model(prompt, cache=cache)
-        fused = model.fused_decoder(cache) if use_fused_decoder else None
+        plan = None if use_fused_decoder is None else build_plan(model, cache, whole_step=use_fused_decoder)
         out = []
         for t in range(steps.shape[1]):
-            if fused is not None:
-                out.append(fused(steps[:, t]))
+            if plan is not None:
+                out.append(plan.step(steps[:, t]))
             else:
                 out.append(model(steps[:, t : t + 1], cache=cache)[:, -1])
     return torch.stack(out, dim=1), cache
@@ -178,17 +189,16 @@ def test_fused_decode_matches_module_path(variant, use_fused_decoder, monkeypatc
         with torch.no_grad():
             probe = model.new_cache(2, 14)
             model(prompt, cache=probe)
-            assert (model.fused_decoder(probe) is None) == (variant == "moe_teacher")
-    from mmafm.models import text
+            assert (not build_plan(model, probe).whole_step) == (variant == "moe_teacher")
 
     calls = []
-    real = text.decode_attention_block
-    monkeypatch.setattr(text, "decode_attention_block", lambda *args: calls.append(1) or real(*args))
+    real = native.attention_block
+    monkeypatch.setattr(native, "attention_block", lambda *args: calls.append(1) or real(*args))
     got, cache = _decode_logits(model, prompt, steps, use_fused_decoder)
     # the per-layer kernels ran (every layer, every step) unless the whole-step kernel did
     assert len(calls) == (0 if use_fused_decoder and variant != "moe_teacher" else 9 * model.config.n_layers)
-    monkeypatch.setattr(native, "_kernel", False)
-    want, reference_cache = _decode_logits(model, prompt, steps, False)
+    with kernels_disabled():
+        want, reference_cache = _decode_logits(model, prompt, steps, None)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for mine, theirs in zip(_cache_tensors(cache), _cache_tensors(reference_cache)):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
@@ -196,14 +206,14 @@ def test_fused_decode_matches_module_path(variant, use_fused_decoder, monkeypatc
 
 @needs_native
 @pytest.mark.parametrize("variant", ["kv_shared_2025", "ring_and_nope"])
-def test_generate_with_padded_prompts_matches_module_path(variant, monkeypatch):
+def test_generate_with_padded_prompts_matches_module_path(variant):
     model = _variant(variant)
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4], [6, 1, 2]]
     fast = generate(model, prompts, max_new_tokens=12)
     sampled = generate(model, prompts, max_new_tokens=12, temperature=0.8, top_k=20, seed=3)
-    monkeypatch.setattr(native, "_kernel", False)
-    assert generate(model, prompts, max_new_tokens=12) == fast
-    assert generate(model, prompts, max_new_tokens=12, temperature=0.8, top_k=20, seed=3) == sampled
+    with kernels_disabled():
+        assert generate(model, prompts, max_new_tokens=12) == fast
+        assert generate(model, prompts, max_new_tokens=12, temperature=0.8, top_k=20, seed=3) == sampled
     # each row as it would generate alone
     assert [generate(model, [p], max_new_tokens=12)[0] for p in prompts] == fast
 
@@ -214,21 +224,21 @@ def test_fused_decoder_declines_what_it_cannot_run():
     with torch.no_grad():
         cache = model.new_cache(1, 8)
         model(torch.tensor([[1, 2, 3]]), cache=cache)
-        assert model.fused_decoder(cache) is not None
-        assert model.fused_decoder(model.new_cache(1, 8, quantized=True)) is None  # int8 cache
-        assert model.fused_decoder(model.new_cache(1, 8, dtype=torch.bfloat16)) is None
-        assert model.fused_decoder(model.new_cache(native.MAX_NATIVE_ROWS + 1, 8)) is None  # GEMMs win
+        assert build_plan(model, cache).whole_step
+        assert not build_plan(model, model.new_cache(1, 8, quantized=True)).whole_step  # int8 cache
+        assert not build_plan(model, model.new_cache(1, 8, dtype=torch.bfloat16)).whole_step
+        assert not build_plan(model, model.new_cache(native.MAX_ROWS + 1, 8)).whole_step  # GEMMs win
         handle = model.layers[1].attn.q_proj.register_forward_hook(lambda *args: None)
-        assert model.fused_decoder(cache) is None  # a hook must run: module by module
+        assert not build_plan(model, cache).whole_step  # a hook must run: module by module
         handle.remove()
-        assert model.fused_decoder(cache) is not None
+        assert build_plan(model, cache).whole_step
         original = model.layers[0].ffn.w_up
         model.layers[0].ffn.w_up = nn.Sequential(original)  # e.g. an adapter wrapping the layer
-        assert model.fused_decoder(cache) is None
+        assert not build_plan(model, cache).whole_step
         model.layers[0].ffn.w_up = original
         ptmoe = mmafm.create_model("afm_2025_server_tiny").eval()
-        assert ptmoe.fused_decoder(ptmoe.new_cache(1, 8)) is None
-    assert model.fused_decoder(cache) is None  # autograd on: the kernels do not record it
+        assert not build_plan(ptmoe, ptmoe.new_cache(1, 8)).whole_step
+    assert not build_plan(model, cache).whole_step  # autograd on: the kernels do not record it
 
 
 @needs_native
@@ -237,11 +247,12 @@ def test_fused_decoder_rejects_out_of_vocabulary_tokens_and_leaves_the_cache_usa
     with torch.no_grad():
         cache = model.new_cache(1, 8)
         model(torch.tensor([[1, 2, 3]]), cache=cache)
-        fused = model.fused_decoder(cache)
+        plan = build_plan(model, cache)
+        assert plan.whole_step
         with pytest.raises(ValueError, match="outside"):
-            fused(torch.tensor([model.config.vocab_size]))
+            plan.step(torch.tensor([model.config.vocab_size]))
         assert cache.length == 3
-        step = fused(torch.tensor([4]))
+        step = plan.step(torch.tensor([4]))
         reference = model(torch.tensor([[1, 2, 3, 4]]))[:, -1]
     torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)
 
@@ -258,9 +269,9 @@ def test_bf16_decode_step_matches_float32_math_on_the_same_weights(variant):
     with torch.no_grad():
         cache = model.new_cache(2, 14)
         model(ids[:, :5], cache=cache)
-        fused = model.fused_decoder(cache)
-        assert fused is not None and cache.dtype == torch.bfloat16
-        got = torch.stack([fused(ids[:, t]) for t in range(5, 14)], dim=1)  # (2, 9, V), past the ring
+        plan = build_plan(model, cache)
+        assert plan.whole_step and cache.dtype == torch.bfloat16
+        got = torch.stack([plan.step(ids[:, t]) for t in range(5, 14)], dim=1)  # (2, 9, V), past the ring
         want = reference(ids)[:, 5:]
     assert got.dtype == torch.float32
     scale = want.abs().max()
@@ -275,21 +286,23 @@ def test_per_layer_fused_decode_leaves_hooked_attention_to_the_module_path():
     with torch.no_grad():
         cache = model.new_cache(1, 8)
         model(torch.tensor([[1, 2, 3]]), cache=cache)
-        step = model(torch.tensor([[4]]), cache=cache)[:, -1]
+        plan = build_plan(model, cache)
+        step = plan.step(torch.tensor([4]))
         reference = model(torch.tensor([[1, 2, 3, 4]]))[:, -1]
+    assert [layer.attention for layer in plan.layers] == ["kernel", "module", "kernel", "kernel"]
     assert seen == [(1, 3, model.config.dim), (1, 1, model.config.dim), (1, 4, model.config.dim)]
     torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_disabled_turns_every_kernel_off_and_back_on():
     x, w = torch.randn(1, 64), torch.randn(32, 64)
-    available = native.native_linear_available()
-    with native.disabled():
-        assert not native.native_linear_available()
+    available = kernels_available()
+    with kernels_disabled():
+        assert not kernels_available()
         with torch.no_grad():
             torch.testing.assert_close(native.linear(x, w), F.linear(x, w), rtol=0, atol=0)  # torch's own call
-    assert native.native_linear_available() == available
+    assert kernels_available() == available
     with pytest.raises(RuntimeError, match="inside"):
-        with native.disabled():
+        with kernels_disabled():
             raise RuntimeError("inside")
-    assert native.native_linear_available() == available
+    assert kernels_available() == available

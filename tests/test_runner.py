@@ -6,6 +6,7 @@ metric, a figure and a manifest through the library's StageDir like a real stage
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -99,6 +100,20 @@ def test_cli_exit_codes(workspace, capsys):
     assert cli_main(["pipeline", "run", str(workspace / "missing.yaml")]) == 2
 
 
+def test_cli_lists_models_by_family(capsys):
+    import mmafm
+    from mmafm.registry import model_family
+
+    assert cli_main(["list", "models", "--family", "clip"]) == 0
+    assert capsys.readouterr().out.split() == [n for n in mmafm.list_models() if model_family(n) == "clip"]
+    assert cli_main(["list", "models", "afm_2025_server*", "--params", "--family", "text", "--family", "ptmoe"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "KV cache @ 4096 (bfloat16)" in table[0]  # the text table's columns
+    assert [line.split("`")[1] for line in table[2:]] == ["afm_2025_server", "afm_2025_server_tiny"]
+    tiny = mmafm.create_model("afm_2025_server_tiny", device="meta")
+    assert f"| {sum(p.numel() for p in tiny.parameters()):,} |" in table[3]
+
+
 @pytest.mark.slow
 def test_pipeline_wires_outputs(workspace):
     pipeline = workspace / "p.yaml"
@@ -122,3 +137,30 @@ def test_pipeline_validation(workspace):
     bad.write_text("run_id: x\nstages:\n  - stage: toy_a\n    parms: {}\n")
     with pytest.raises(ConfigError, match="unknown key"):
         load_pipeline(bad)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "pipelines").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_pipelines_run_stages_in_number_order(path):
+    """Stage numbers are the recipe's run order: a pipeline lists them increasing, and a stage
+    reads only outputs of stages that ran before it."""
+    from mmafm.runner import load_pipeline
+
+    pipeline = load_pipeline(path)
+    numbers = [int(step.stage.split("_", 1)[0]) for step in pipeline.stages]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), f"{path.name}: stages out of order {numbers}"
+    seen: set[str] = set()
+    for step in pipeline.stages:
+        for parameter, ref in step.inputs.items():
+            source = ref.split(".", 1)[0]
+            assert source in seen, f"{path.name}: {step.stage}.{parameter} reads {ref} from a later stage"
+        seen.add(step.stage)
+
+
+def test_stage_numbers_are_unique():
+    from mmafm.stages import get_stage, list_stages
+
+    library = [name for name in list_stages() if get_stage(name).module.startswith("mmafm.stages.")]  # not toys
+    numbers = [name.split("_", 1)[0] for name in library]
+    assert all(n.isdigit() and len(n) == 2 for n in numbers), library
+    assert len(set(numbers)) == len(numbers), f"two stages share a number: {library}"

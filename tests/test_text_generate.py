@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmafm
-from mmafm.generate import generate, left_pad, sample_next_token
+from mmafm.inference import generate, left_pad, sample_next_token
 
 TINY_PRESETS = sorted(
     n for n in mmafm.list_models(family="text") + mmafm.list_models(family="ptmoe") if n.endswith("_tiny")

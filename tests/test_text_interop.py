@@ -77,6 +77,19 @@ def test_export_qwen3_matches_transformers_and_imports_back(tie):
     torch.testing.assert_close(our_logits(back, ids), expected, atol=1e-4, rtol=0)
 
 
+def test_imported_model_rebuilds_through_save_model(tmp_path):
+    """A model imported from transformers has no preset: mmafm.load_model rebuilds it from the
+    config recorded by mmafm.save_model, and it still computes transformers' logits."""
+    model = tiny_text_model(qk_norm=False, tie=False, seed=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    hf_model = to_hf(model)
+    imported = from_hf(hf_model)
+    assert not hasattr(imported, "model_spec")
+    loaded = mmafm.load_model(mmafm.save_model(tmp_path / "imported", imported), family="text")
+    assert loaded.model_spec.preset is None and loaded.config == imported.config
+    torch.testing.assert_close(our_logits(loaded, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=0)
+
+
 def test_export_llama_layout_through_save_pretrained(tmp_path):
     model = tiny_text_model(qk_norm=False, tie=False, seed=1)
     ids = torch.randint(0, model.config.vocab_size, (1, 17))
@@ -159,7 +172,7 @@ NEW_TOKENS = 10
 @pytest.fixture(scope="module")
 def smollm2_answers(smollm2):
     """Greedy answers to QUESTIONS: ``[(ours, transformers'), ...]`` token lists."""
-    from mmafm.generate import generate
+    from mmafm.inference import generate
     from mmafm.interop.smollm2 import chat_prompt
 
     hf_model, model, tokenizer = smollm2

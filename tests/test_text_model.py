@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import mmafm
-import mmafm.text
 from mmafm.checkpoint import CheckpointError, load_into, save_checkpoint
 from mmafm.config import ConfigError
-from mmafm.models.text import TextConfig, TextModel, layer_is_local, layer_uses_rope, layer_window
-from mmafm.registry import UnknownModelError
+from mmafm.inference.memory import kv_cache_curves, plot_kv_cache
+from mmafm.models.text import TextConfig, TextModel, kv_cache_bytes, layer_is_local, layer_uses_rope, layer_window
+from mmafm.registry import TEXT_FAMILIES, UnknownModelError, preset_table
 
 TEXT_PRESETS = sorted(mmafm.list_models(family="text") + mmafm.list_models(family="ptmoe"))
 TINY_PRESETS = [name for name in TEXT_PRESETS if name.endswith("_tiny")]
@@ -177,7 +177,7 @@ def test_cached_decode_matches_full_forward(name, quantized):
     with torch.no_grad():
         cached = _decode_in_pieces(model, ids, cache)
     assert cache.length == length
-    assert cache.nbytes == mmafm.text.kv_cache_bytes(model.config, length, 2, torch.float32, quantized=quantized)
+    assert cache.nbytes == kv_cache_bytes(model.config, length, 2, torch.float32, quantized=quantized)
     if quantized:
         error = (cached - full).abs().amax(-1) / full.abs().max()  # (B, T) relative error
         assert error.median() < 0.03, error
@@ -215,7 +215,7 @@ def test_ring_buffer_keeps_only_the_window():
         window = layer_window(config, index % config.n_layers)
         assert layer.keys.shape[2] == (100 if window is None else window)
     # local layers do not grow past the window, global layers grow linearly
-    small, large = (mmafm.text.kv_cache_bytes(config, n, 1, torch.float32) for n in (200, 400))
+    small, large = (kv_cache_bytes(config, n, 1, torch.float32) for n in (200, 400))
     globals_per_track = sum(1 for i in range(config.n_layers) if layer_window(config, i) is None)
     per_token = 2 * config.n_kv_heads * config.head_dim * 4 * globals_per_track * config.num_tracks
     assert large - small == 200 * per_token
@@ -286,14 +286,14 @@ def test_kv_cache_bytes_agree_with_measured_cache_and_closed_form():
             for dtype in (torch.bfloat16, torch.float32):
                 for quantized in (False, True):
                     cache = meta_model.new_cache(3, seq_len, dtype=dtype, quantized=quantized)
-                    assert cache.nbytes == mmafm.text.kv_cache_bytes(meta_model.config, seq_len, 3, dtype, quantized)
+                    assert cache.nbytes == kv_cache_bytes(meta_model.config, seq_len, 3, dtype, quantized)
     config = mmafm.get_config("afm_2025_device")
-    shared = mmafm.text.kv_cache_bytes(config, 4096, 1, "bfloat16")
+    shared = kv_cache_bytes(config, 4096, 1, "bfloat16")
     assert shared == 2 * 35 * 2 * 128 * 4096 * 2  # K and V, 35 layers, 2 heads x 128, bf16
-    plain = mmafm.text.kv_cache_bytes(dataclasses.replace(config, kv_share_segments=None), 4096, 1, "bfloat16")
+    plain = kv_cache_bytes(dataclasses.replace(config, kv_share_segments=None), 4096, 1, "bfloat16")
     assert shared * 56 == plain * 35 and 1 - shared / plain == 0.375
     # int8: one byte per value plus one bf16 scale per (head, position)
-    assert mmafm.text.kv_cache_bytes(config, 4096, 1, "bfloat16", quantized=True) == 2 * 35 * 2 * 4096 * (128 + 2)
+    assert kv_cache_bytes(config, 4096, 1, "bfloat16", quantized=True) == 2 * 35 * 2 * 4096 * (128 + 2)
 
 
 # ----------------------------------------------------------------------------- training API
@@ -398,21 +398,22 @@ def test_bad_input_gets_a_clear_error(tmp_path):
         mmafm.get_config("afm_2025_device_tiny", num_layers=3)
 
 
-def test_public_facade_exports_the_contract():
-    from mmafm.models.ptmoe import sync_points
-
-    assert mmafm.text.TextConfig is TextConfig and mmafm.text.TextModel is TextModel
-    assert mmafm.text.sync_points is sync_points
-    for name in ("kv_cache_bytes", "generate", "upcycle", "upcycle_ffn", "preset_table"):
-        assert callable(getattr(mmafm.text, name))
-    table = mmafm.text.preset_table().splitlines()
+def test_preset_table_has_the_text_columns_for_the_text_families():
+    table = preset_table(family=TEXT_FAMILIES, include_tiny=True).splitlines()
     assert len(table) == 2 + len(TEXT_PRESETS)
+    assert [line.split("`")[1] for line in table[2:]] == TEXT_PRESETS
     row = next(line for line in table if line.startswith("| `afm_2025_device` "))
     assert f"{2 * 35 * 2 * 128 * 4096 * 2 / 2**20:,.1f} MiB" in row  # 140.0 MiB, closed form
+    assert "| 35+21 | 2048 | 16 / 2 x 128 |" in row
+    # any other selection: the family and parameter-count columns, counts as the meta model has them
+    plain = preset_table("afm_2025_*").splitlines()
+    assert plain[0] == "| preset | family | parameters |" and all("_tiny" not in line for line in plain)
+    count = sum(p.numel() for p in mmafm.create_model("afm_2025_device", device="meta").parameters())
+    assert f"| `afm_2025_device` | text | {count:,} ({count / 1e9:.3g}B) |" in plain
 
 
 def test_kv_cache_curves_follow_the_closed_form():
-    curves = mmafm.text.kv_cache_curves(max_context=32768)
+    curves = kv_cache_curves(max_context=32768)
     lengths, shared = curves["afm_2025_device"]
     _, unshared = curves["afm_2025_device (no KV sharing)"]
     assert lengths[0] == 128 and lengths[-1] == mmafm.get_config("afm_2025_device").max_seq_len
@@ -426,4 +427,4 @@ def test_kv_cache_curves_follow_the_closed_form():
     global_layers = server.num_tracks * server.n_layers // 4
     assert growth[16384] == 8192 * per_token_layer * global_layers
     assert growth[4096] == 2048 * per_token_layer * server.num_tracks * server.n_layers
-    assert mmafm.text.plot_kv_cache(max_context=4096).axes[0].get_yscale() == "log"
+    assert plot_kv_cache(max_context=4096).axes[0].get_yscale() == "log"

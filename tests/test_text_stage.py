@@ -1,4 +1,4 @@
-"""Stage 03_text_pretrain: the notebook runs end to end on a tiny corpus made here, its checkpoint
+"""Stage 02_text_pretrain: the notebook runs end to end on a tiny corpus made here, its checkpoint
 reloads into the same model, and held-out perplexity beats the uniform-vocabulary level."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmafm.checkpoint import CheckpointError, save_checkpoint
+from mmafm.checkpoint import CheckpointError, load_model, save_checkpoint
 from mmafm.config import ConfigError
 from mmafm.stages import make_config
 from mmafm.stages.base import read_manifest
-from mmafm.stages.text_pretrain import TextPretrainConfig, build_text_model, held_out_batches, load_text_model
+from mmafm.stages.text_pretrain import TextPretrainConfig, build_text_model, held_out_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 320
@@ -48,11 +48,11 @@ def tiny_params(corpus: dict[str, str], out_dir: Path) -> dict:
 @pytest.mark.slow
 def test_stage_notebook_trains_and_writes_a_reloadable_checkpoint(corpus, tmp_path):
     papermill = pytest.importorskip("papermill")
-    out_dir = tmp_path / "03_text_pretrain"
+    out_dir = tmp_path / "02_text_pretrain"
     params = tiny_params(corpus, out_dir)
     assert set(params) <= set(TextPretrainConfig.__dataclass_fields__)
     papermill.execute_notebook(
-        str(ROOT / "notebooks" / "03_text_pretrain.ipynb"), str(tmp_path / "executed.ipynb"),
+        str(ROOT / "notebooks" / "02_text_pretrain.ipynb"), str(tmp_path / "executed.ipynb"),
         parameters=params, kernel_name="mmafm", cwd=str(ROOT), progress_bar=False,
     )
     manifest = read_manifest(out_dir)
@@ -68,7 +68,7 @@ def test_stage_notebook_trains_and_writes_a_reloadable_checkpoint(corpus, tmp_pa
     assert [r["step"] for r in evals] == [5, 10]
 
     # the checkpoint rebuilds the trained model: same held-out loss as the stage measured
-    model = load_text_model(outputs["checkpoint"])
+    model = load_model(outputs["checkpoint"], family="text")
     assert model.config.vocab_size == VOCAB
     batches = held_out_batches(corpus["tokens_dir"], 32, 4, 2)
     with torch.no_grad():
@@ -85,17 +85,17 @@ def test_stage_notebook_trains_and_writes_a_reloadable_checkpoint(corpus, tmp_pa
 
 
 def test_init_checkpoint_and_overrides(corpus, tmp_path):
-    cfg = make_config("03_text_pretrain", dict(tiny_params(corpus, tmp_path), seq_len=2048, rope_theta=6_315_089.0))
+    cfg = make_config("02_text_pretrain", dict(tiny_params(corpus, tmp_path), seq_len=2048, rope_theta=6_315_089.0))
     model, overrides = build_text_model(cfg, VOCAB)
     assert overrides == {"vocab_size": VOCAB, "max_seq_len": 2048, "rope_theta": 6_315_089.0}
     assert model.config.max_seq_len == 2048 and model.config.rope_theta == 6_315_089.0
 
     path = save_checkpoint(tmp_path / "start", model.state_dict())
-    started, _ = build_text_model(make_config("03_text_pretrain", dict(tiny_params(corpus, tmp_path),
+    started, _ = build_text_model(make_config("02_text_pretrain", dict(tiny_params(corpus, tmp_path),
                                                                         init_checkpoint=str(path))), VOCAB)
     torch.testing.assert_close(started.embed.weight, model.embed.weight, atol=0, rtol=0)
     with pytest.raises(CheckpointError, match="preset"):  # another vocabulary: shapes differ
-        build_text_model(make_config("03_text_pretrain", dict(tiny_params(corpus, tmp_path),
+        build_text_model(make_config("02_text_pretrain", dict(tiny_params(corpus, tmp_path),
                                                                init_checkpoint=str(path))), VOCAB + 8)
 
 
@@ -103,12 +103,12 @@ def test_bad_config_is_refused(corpus, tmp_path):
     from mmafm.stages.text_pretrain import run
 
     with pytest.raises(ConfigError, match="tokens_dir"):
-        run(make_config("03_text_pretrain", dict(out_dir=str(tmp_path))))
+        run(make_config("02_text_pretrain", dict(out_dir=str(tmp_path))))
     with pytest.raises(ConfigError, match="preset"):
-        build_text_model(make_config("03_text_pretrain", dict(tiny_params(corpus, tmp_path), preset="vit_base_patch16_tiny")), VOCAB)
+        build_text_model(make_config("02_text_pretrain", dict(tiny_params(corpus, tmp_path), preset="vit_base_patch16_tiny")), VOCAB)
     with pytest.raises(ConfigError, match="not a registered"):
-        build_text_model(make_config("03_text_pretrain", dict(tiny_params(corpus, tmp_path), preset="afm_1999")), VOCAB)
+        build_text_model(make_config("02_text_pretrain", dict(tiny_params(corpus, tmp_path), preset="afm_1999")), VOCAB)
     with pytest.raises(ConfigError, match="precision"):
-        make_config("03_text_pretrain", dict(precision="fp8"))
+        make_config("02_text_pretrain", dict(precision="fp8"))
     with pytest.raises(ConfigError, match="sample_prompts"):
-        run(make_config("03_text_pretrain", dict(tiny_params(corpus, tmp_path), sample_prompts="|")))
+        run(make_config("02_text_pretrain", dict(tiny_params(corpus, tmp_path), sample_prompts="|")))

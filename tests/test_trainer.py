@@ -277,3 +277,86 @@ def test_fsdp_units_are_the_blocks():
     net = tiny.TinyNet()
     assert fsdp_units(net) == list(net.blocks)
     assert fsdp_units(nn.Linear(2, 2)) == []
+
+
+# ---------------------------------------------------------------- the task contract, checkpoint files
+
+
+def test_every_stage_task_follows_the_task_protocol():
+    from mmafm.stages.clip_pretrain import ClipTask
+    from mmafm.stages.text_pretrain import TextPretrainTask
+    from mmafm.stages.vl_alignment import CaptionTask
+    from mmafm.train import CountingTask, EvaluatingTask, TrainingTask
+
+    model = nn.Linear(2, 2)
+    tasks = {
+        "text": TextPretrainTask(model, val_batches=[]),
+        "clip": ClipTask(model, "clip", held_out={}),
+        "caption": CaptionTask(model, "balanced"),
+        "test": tiny.make_task(),
+    }
+    for name, task in tasks.items():
+        assert isinstance(task, TrainingTask), name
+        assert isinstance(task, EvaluatingTask), name  # every one evaluates on held-out data
+    assert isinstance(tasks["text"], CountingTask) and isinstance(tasks["caption"], CountingTask)
+    assert not isinstance(tasks["clip"], CountingTask)  # samples: the trainer's default count
+    assert not isinstance(type("NoForward", (), {"model": model})(), TrainingTask)
+    assert not isinstance(type("NoModel", (), {"training_forward": lambda self, batch: None})(), TrainingTask)
+
+
+def test_train_state_survives_the_checkpoint_files(tmp_path):
+    """Model + AdamW state -> safetensors + JSON -> a fresh model and optimizer: the next step
+    is the same as the original's (torch's own optimizer is the reference)."""
+    from mmafm.checkpoint import load_checkpoint, save_checkpoint
+    from mmafm.train.checkpointing import flatten_optimizer, gather_train_state, load_train_state
+
+    def adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step(model, optimizer, seed):
+        inputs = torch.randn(4, tiny.DIM_IN, generator=torch.Generator().manual_seed(seed))
+        model(inputs).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    model = tiny.TinyNet()
+    optimizer = adamw(model)
+    for seed in range(2):
+        step(model, optimizer, seed)
+    model_state, optim_state = gather_train_state(model, optimizer)
+    optim_tensors, optim_meta = flatten_optimizer(optim_state)
+    tensors = {**{f"model/{k}": v for k, v in model_state.items()}, **optim_tensors}
+    save_checkpoint(tmp_path / "state", tensors, {"optimizer": optim_meta})
+
+    torch.manual_seed(1)  # other initial weights, to be overwritten
+    restored = tiny.TinyNet()
+    restored_optimizer = adamw(restored)
+    loaded, meta = load_checkpoint(tmp_path / "state")
+    load_train_state(restored, restored_optimizer, loaded, meta)
+    assert restored_optimizer.param_groups[0]["betas"] == pytest.approx((0.9, 0.95))
+    step(model, optimizer, seed=2)
+    step(restored, restored_optimizer, seed=2)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_rng_state_round_trips_through_json():
+    import random
+
+    import numpy as np
+
+    from mmafm.train.checkpointing import rng_state, set_rng_state
+
+    torch.manual_seed(3)
+    state = rng_state()
+    # what the checkpoint JSON keeps: lists for the Python and NumPy tuples
+    plain = {
+        "python": json.loads(json.dumps([state["python"][0], list(state["python"][1]), state["python"][2]])),
+        "numpy": [state["numpy"][0], np.asarray(state["numpy"][1]).tolist(), *state["numpy"][2:]],
+        "torch": state["torch"],
+    }
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.random(), np.random.rand(), torch.rand(3)  # move every generator on
+    set_rng_state(plain)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

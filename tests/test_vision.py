@@ -327,6 +327,72 @@ def test_grad_checkpointing_gives_same_outputs_and_gradients(name):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------- encoder interface
+def _probed_tokens(model, views):
+    """What the multimodal model computed before ``forward_grid`` existed (its probing code,
+    kept verbatim as the reference): encoder tokens, prefix first, and the grid."""
+    patch = model.config.patch_size
+    grid = (views.shape[-2] // patch, views.shape[-1] // patch)
+    if hasattr(model, "forward_tokens"):  # ViTDet: registers + feature map (neck applied)
+        registers, feature_map = model.forward_tokens(views)
+        feature_map = model.neck(feature_map)
+        patches = feature_map.flatten(2).transpose(1, 2)
+        if registers.shape[-1] == patches.shape[-1]:
+            return torch.cat([registers, patches], dim=1), grid
+        return patches, grid
+    return model.forward_features(views, mask_ratio=0.0), grid
+
+
+@pytest.mark.parametrize(
+    "name, overrides, size, prefix",
+    [
+        ("vit_giant_patch14_tiny", {}, (56, 42), 1),  # [CLS]
+        ("vit_giant_patch14_tiny", {"mask_ratio": 0.5}, (56, 56), 1),  # training forward: not masked
+        ("vit_base_patch16_tiny", {"class_token": False}, (64, 48), 0),  # no prefix
+        ("vitdet_large_patch16_rw_tiny", {}, (112, 80), 2),  # registers, window padding
+        ("vitdet_large_patch16_tiny", {}, (112, 112), 0),  # plain ViTDet
+        ("vitdet_large_patch16_rw_tiny", {"neck_channels": 32}, (96, 96), 0),  # neck changes the width
+        ("vitdet_large_patch16_rw_tiny", {"neck_channels": 64}, (96, 96), 2),  # conv neck, same width
+    ],
+)
+def test_forward_grid_equals_the_old_probing_path(name, overrides, size, prefix):
+    model = _randomize(mmafm.create_model(name, **overrides)).train()
+    views = torch.randn(2, 3, *size)
+    patch = model.config.patch_size
+    grid = (size[0] // patch, size[1] // patch)
+    torch.manual_seed(0)
+    head, patches, grid_hw = model.forward_grid(views)
+    torch.manual_seed(0)
+    reference, reference_grid = _probed_tokens(model, views)
+    assert grid_hw == reference_grid == grid
+    assert head.shape == (2, prefix, model.num_features)
+    assert patches.shape == (2, grid[0] * grid[1], model.num_features)
+    assert torch.equal(torch.cat([head, patches], dim=1), reference)
+    # and the grid tokens are forward_features' patch tokens / feature map, in row-major order
+    model.eval()
+    with torch.no_grad():
+        head, patches, _ = model.forward_grid(views)
+        features = model.forward_features(views)
+    if features.ndim == 4:  # ViTDet: (B, F, Gh, Gw)
+        assert features.shape[-2:] == grid
+        assert torch.equal(patches, features.flatten(2).transpose(1, 2))
+    else:  # ViT: (B, P + N, C)
+        assert torch.equal(patches, features[:, model.num_prefix_tokens :])
+        assert torch.equal(head, features[:, : model.num_prefix_tokens])
+
+
+@pytest.mark.parametrize("name", _vision_presets())
+def test_every_vision_preset_is_a_grid_encoder(name):
+    from mmafm.models.adapter import GridEncoder
+
+    model = mmafm.create_model(name, device="meta")
+    assert isinstance(model, GridEncoder)
+    patch = model.config.patch_size
+    head, patches, grid = model.forward_grid(torch.empty(1, 3, 4 * patch, 3 * patch, device="meta"))
+    assert grid == (4, 3) and patches.shape == (1, 12, model.num_features)
+    assert head.shape == (1, model.num_prefix_tokens, model.num_features)
+
+
 def test_timm_create_model_builds_mmafm_encoders():
     model = timm.create_model("mmafm_vitdet_large_patch16_rw_tiny", num_classes=3)
     assert type(model).__name__ == "VisionTransformerDet" and model.num_registers == 2

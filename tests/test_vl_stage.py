@@ -1,4 +1,4 @@
-"""Stage 02 (vision-language alignment): its config, data helpers and scoring against naive
+"""Stage 03 (vision-language alignment): its config, data helpers and scoring against naive
 per-row references, upstream checkpoints, and the notebook run end to end by papermill."""
 
 import dataclasses
@@ -10,24 +10,22 @@ import torch
 import torch.nn.functional as F
 
 import mmafm
-from mmafm.checkpoint import save_checkpoint
+from mmafm.checkpoint import load_model, save_model
 from mmafm.config import ConfigError, from_dict, load_yaml
-from mmafm.models.multimodal import IGNORE_INDEX, load_multimodal
-from mmafm.stages.base import read_manifest
-from mmafm.stages.vl_alignment import (
-    VLAlignmentConfig,
-    _candidates,
-    build_model,
+from mmafm.eval.captions import (
+    caption_candidates,
     caption_ids,
     caption_log_likelihoods,
     collate_captions,
     evaluate_captions,
-    run,
 )
+from mmafm.models.multimodal import IGNORE_INDEX
+from mmafm.stages.base import read_manifest
+from mmafm.stages.vl_alignment import VLAlignmentConfig, build_model, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(  # a run of a few seconds
-    synthetic_pairs=80, steps=2, batch_size=4, eval_pairs=8, num_candidates=3, show_images=2,
+    synthetic_pairs=80, max_steps=2, batch_size=4, eval_pairs=8, num_candidates=3, show_images=2,
     max_new_tokens=4, log_every=1, ckpt_every=0, warmup_steps=1,
 )
 
@@ -42,7 +40,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_yaml_holds_the_config_defaults():
-    values = load_yaml(ROOT / "configs" / "stages" / "02_vl_alignment.yaml")
+    values = load_yaml(ROOT / "configs" / "stages" / "03_vl_alignment.yaml")
     assert from_dict(VLAlignmentConfig, values) == VLAlignmentConfig()
     assert set(values) == {f.name for f in dataclasses.fields(VLAlignmentConfig)} - {"out_dir"}
 
@@ -61,16 +59,16 @@ def test_caption_ids_and_collate(tokenizer):
 
 def test_candidates_put_the_truth_first_and_differ():
     captions = ["a", "b", "a", "c", "d"]
-    for index, candidates in enumerate(_candidates(captions, 3, seed=0)):
+    for index, candidates in enumerate(caption_candidates(captions, 3, seed=0)):
         assert candidates[0] == index and len(candidates) == 3
         assert len({captions[j] for j in candidates}) == 3
     with pytest.raises(ValueError, match="needs 5 different held-out captions, found 4"):
-        _candidates(captions, 5, seed=0)
+        caption_candidates(captions, 5, seed=0)
 
 
 def test_log_likelihoods_match_unpadded_rows(tokenizer):
     """Batched, right-padded scoring equals scoring each row alone with a hand-written sum."""
-    model = mmafm.create_model("afm_vl_tiny", text_vocab_size=tokenizer.vocab_size, balanced_size=32,
+    model = mmafm.create_model("afm_vl_tiny", text={"vocab_size": tokenizer.vocab_size}, balanced_size=32,
                                num_image_tokens=4).eval()
     captions = ["a small red circle", "three large blue squares at the top and a star", "a green star"]
     ids = [caption_ids(tokenizer, c, 40) for c in captions]
@@ -89,7 +87,7 @@ def test_log_likelihoods_match_unpadded_rows(tokenizer):
 
 
 def test_evaluate_reports_chance_and_consistent_ppl(tokenizer):
-    model = mmafm.create_model("afm_vl_tiny", text_vocab_size=tokenizer.vocab_size, balanced_size=32,
+    model = mmafm.create_model("afm_vl_tiny", text={"vocab_size": tokenizer.vocab_size}, balanced_size=32,
                                num_image_tokens=4).eval()
     captions = ["a red circle", "a blue square", "two green stars", "a large pink diamond", "three stars"]
     metrics = evaluate_captions(model, tokenizer, torch.randn(5, 3, 32, 32), captions, "balanced", num_candidates=3)
@@ -110,12 +108,8 @@ def test_upstream_checkpoints_load_into_the_towers(tmp_path, tokenizer):
 
     clip = CLIP(mmafm.get_config("clip_tiny"))
     tower_path = save_image_tower(clip, tmp_path / "image_tower")
-    text = mmafm.create_model("afm_2024_device_tiny", vocab_size=tokenizer.vocab_size)
-    text_path = save_checkpoint(
-        tmp_path / "text_model", text.state_dict(),
-        {"kind": "mmafm text model", "preset": "afm_2024_device_tiny",
-         "model_overrides": {"vocab_size": tokenizer.vocab_size, "rope_theta": 1e6}},
-    )
+    text = mmafm.create_model("afm_2024_device_tiny", vocab_size=tokenizer.vocab_size, rope_theta=1e6)
+    text_path = save_model(tmp_path / "text_model", text)
     cfg = _tiny_cfg(tmp_path, image_tower=str(tower_path), image_preset="vit_base_patch16_tiny",
                     text_checkpoint=str(text_path), text_preset="afm_2024_device_tiny",
                     train_vision=False, train_text=False)
@@ -129,7 +123,7 @@ def test_upstream_checkpoints_load_into_the_towers(tmp_path, tokenizer):
 
     with pytest.raises(ConfigError, match="trained from preset 'vit_base_patch16_tiny'"):
         build_model(dataclasses.replace(cfg, image_preset="vit_giant_patch14_tiny"), tokenizer)
-    small_vocab = save_checkpoint(tmp_path / "other_text", mmafm.create_model("afm_2024_device_tiny").state_dict())
+    small_vocab = save_model(tmp_path / "other_text", mmafm.create_model("afm_2024_device_tiny"))
     with pytest.raises(ConfigError, match="vocabulary of 2048 but the tokenizer"):
         build_model(dataclasses.replace(cfg, text_checkpoint=str(small_vocab)), tokenizer)
     with pytest.raises(ConfigError, match="nothing to train"):
@@ -152,7 +146,7 @@ def test_stage_notebook_runs_with_papermill(tmp_path):
     from mmafm.runner import run_stage
 
     params = {**TINY, "mode": "rapid", "image_size": 32, "image_tokens": 4, "train_vision": False}
-    stage_dir = run_stage("02_vl_alignment", params=params, run_id="t", runs_dir=tmp_path)
+    stage_dir = run_stage("03_vl_alignment", params=params, run_id="t", runs_dir=tmp_path)
     manifest = read_manifest(stage_dir)
     outputs, summary = manifest["outputs"], manifest["summary"]
     assert outputs["preset"] == "afm_vl_tiny" and outputs["mode"] == "rapid"
@@ -162,5 +156,5 @@ def test_stage_notebook_runs_with_papermill(tmp_path):
     assert {Path(f).name for f in manifest["figures"]} == {"curves.png", "captions.png"}
     records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "ce" in r] == [1, 2]
-    model = load_multimodal(outputs["checkpoint"])
+    model = load_model(outputs["checkpoint"], family="multimodal")
     assert model.num_image_tokens("rapid") == 4 and model.config.default_mode == "rapid"

@@ -273,24 +273,6 @@ class KVCache:
         store.write(k[:, :, num_new - kept :], v[:, :, num_new - kept :], ring["slots"])
         return keys, values, ring["key_time"]
 
-    def decode_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor] | None:
-        """For fused decode kernels that write the cache themselves, in place of :meth:`update`:
-        ``(keys, values, write_slot, num_keys, key_time)`` of ``layer`` in a one-token step of a
-        float (not int8) cache. The kernel writes the new K/V (B, Hkv, D) at slot ``write_slot`` of
-        the storage ``keys`` / ``values`` (B, Hkv, slots, D) and attends over slots ``[0, num_keys)``,
-        all of them real keys; ``key_time`` is what :meth:`update` returns as the keys' columns.
-        None for any other step (more new tokens, int8 storage)."""
-        step, store = self._step, self.layers[layer]
-        if step is None or step["num_new"] != 1 or self.quantized:
-            return None
-        if store is None:
-            raise RuntimeError(f"layer {layer} shares K/V and has no cache of its own")
-        start, window = step["start"], self.specs[layer].window
-        if window is None:
-            return store.keys, store.values, start, start + 1, step["linear_time"]
-        slots = store.keys.shape[2]  # ring: slot t % slots holds column t, filled from slot 0
-        return store.keys, store.values, start % slots, min(start + 1, slots), step["ring"][window]["key_time"]
-
     def key_valid(self) -> torch.Tensor:  # (B, columns so far incl. this step)
         """Which columns hold real (non-padding) tokens, up to the end of the open step."""
         end = self.length + (self._step["num_new"] if self._step else 0)

@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmafm.layers.native import apply_linear, apply_linears
-
 __all__ = ["SwiGLU"]
 
 
@@ -26,6 +24,4 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
-        gate, up = apply_linears(x, self.w_gate, self.w_up)
-        hidden = F.silu(gate) * up
-        return apply_linear(self.w_down, hidden)
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

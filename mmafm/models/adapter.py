@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ from mmafm.layers.init import trunc_normal_linears_
 
 __all__ = [
     "MODES",
+    "GridEncoder",
     "VLAdapterConfig",
     "ResolutionMode",
     "resolution_mode",
@@ -58,6 +60,24 @@ __all__ = [
 ]
 
 MODES = ("rapid", "balanced", "high_res")
+
+
+@runtime_checkable
+class GridEncoder(Protocol):
+    """What the adapter needs from an image encoder; both vision families implement it
+    (:class:`mmafm.models.vit.VisionTransformer`, :class:`mmafm.models.vitdet.VisionTransformerDet`).
+
+    ``forward_grid(images)`` returns ``(prefix, grid_tokens, (Gh, Gw))``: prefix tokens
+    ``(B, P, num_features)`` ([CLS] or Register-Window registers; ``P`` may be 0) and the patch
+    tokens ``(B, Gh * Gw, num_features)`` in row-major grid order, after the encoder's final
+    norm or neck, never masked. :meth:`VisionLanguageAdapter.forward` takes them concatenated,
+    prefix first.
+    """
+
+    num_features: int  # width of the prefix and grid tokens
+
+    def forward_grid(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Prefix tokens, grid tokens and the grid ``(Gh, Gw)`` of ``images`` ``(B, C, H, W)``."""
 
 
 def _square_side(num_tokens: int, name: str) -> int:

@@ -13,9 +13,9 @@ projected to a shared ``embed_dim`` and L2-normalized. Similarities are scaled b
 ``exp(logit_scale)`` (CLIP, initialized at 1/0.07 and clamped at 100) or, for the sigmoid loss
 (SigLIP, Zhai et al. 2023), by a learnable scale and bias initialized at 10 and -10.
 
-Captions become token ids through :class:`CaptionTokenizer`: the data stage's SentencePiece
-tokenizer (``mmafm.tokenizer``) or open_clip's bundled BPE (``"openclip"``, no download), laid out
-as ``[start] tokens [end] [pad]...``.
+Captions become token ids through :class:`mmafm.tokenizer.CaptionTokenizer`: the data stage's
+SentencePiece tokenizer or open_clip's bundled BPE (``"openclip"``, no download), laid out as
+``[start] tokens [end] [pad]...``.
 
 Presets: ``clip_tiny`` (CPU tests, tiny pipeline), ``clip_vit_base_patch16`` (the benchmark
 shape), ``clip_vit_giant_patch14`` (server) and ``clip_vitdet_large_patch16_rw`` (on device).
@@ -25,24 +25,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from mmafm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mmafm.config import from_dict, to_dict
+from mmafm.checkpoint import save_model
+from mmafm.config import from_dict
 from mmafm.layers.attention import attend
 from mmafm.layers.mlp import Mlp
 from mmafm.layers.norm import RMSNorm
 from mmafm.layers.rope import apply_rope, rope_cos_sin
 from mmafm.layers.swiglu import SwiGLU
 from mmafm.registry import create_model, get_config, register_model
+from mmafm.tokenizer import CaptionTokenizer
 
 __all__ = [
     "TextTowerConfig",
@@ -51,15 +51,8 @@ __all__ = [
     "text_tower_config",
     "TextTransformer",
     "CLIP",
-    "CaptionTokenizer",
-    "load_caption_tokenizer",
-    "save_clip",
-    "load_clip",
     "save_image_tower",
-    "load_image_tower",
 ]
-
-OPENCLIP_TOKENIZER = "openclip"  # tokenizer spec: open_clip's bundled BPE (49,408 tokens)
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -296,11 +289,13 @@ class CLIP(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         nn.init.normal_(self.image_proj.weight, std=self.visual.num_features**-0.5)
         nn.init.normal_(self.text_proj.weight, std=config.text.width**-0.5)
-        self.tokenizer: CaptionTokenizer | None = None  # attached by load_clip / the stage
+        self.tokenizer: CaptionTokenizer | None = None  # attached by mmafm.load_model / the stage
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        names = {"logit_scale", "logit_bias", "text.positional_embedding"}
+        names = {"logit_scale", "text.positional_embedding"}
+        if self.logit_bias is not None:  # SigLIP's bias only
+            names.add("logit_bias")
         if hasattr(self.visual, "no_weight_decay"):
             names |= {f"visual.{name}" for name in self.visual.no_weight_decay()}
         return names
@@ -332,7 +327,7 @@ class CLIP(nn.Module):
         if self.tokenizer is None:
             raise RuntimeError(
                 "this CLIP has no tokenizer attached; pass token ids, or set model.tokenizer = "
-                "load_caption_tokenizer(spec, context_length)"
+                "mmafm.tokenizer.load_caption_tokenizer(spec, context_length)"
             )
         return self.tokenizer(texts)
 
@@ -360,170 +355,16 @@ class CLIP(nn.Module):
         return logits, logits.T
 
 
-# ---------------------------------------------------------------------------------- tokenizer
-class CaptionTokenizer:
-    """Captions -> ``(B, context_length)`` token ids laid out ``[start] ids [end] [pad]...``.
-
-    Long captions are truncated, keeping the end token last (as open_clip does).
-
-    Args:
-        encode: ``text -> list of ids`` without special tokens.
-        vocab_size: Size of the id space.
-        context_length: Tokens per caption, start and end included.
-        eot_id: End-of-text id (the text tower pools there).
-        pad_id: Padding id.
-        sot_id: Start-of-text id, or None for no start token.
-        spec: What :func:`load_caption_tokenizer` rebuilds it from (saved in checkpoints).
-    """
-
-    def __init__(
-        self,
-        encode: Callable[[str], list[int]],
-        vocab_size: int,
-        context_length: int,
-        eot_id: int,
-        pad_id: int,
-        sot_id: int | None = None,
-        spec: str = "",
-    ):
-        if context_length < 2 + (sot_id is not None):
-            raise ValueError(f"context_length {context_length} leaves no room for a caption token")
-        self.encode = encode
-        self.vocab_size = vocab_size
-        self.context_length = context_length
-        self.eot_id = eot_id
-        self.pad_id = pad_id
-        self.sot_id = sot_id
-        self.spec = spec
-
-    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:  # (B, T)
-        if isinstance(texts, str):
-            texts = [texts]
-        prefix = [] if self.sot_id is None else [self.sot_id]
-        room = self.context_length - len(prefix) - 1
-        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids = prefix + list(self.encode(text))[:room] + [self.eot_id]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
-
-    def text_config(self, base: TextTowerConfig) -> TextTowerConfig:
-        """``base`` with this tokenizer's vocabulary, context, end and pad ids."""
-        return replace(
-            base, vocab_size=self.vocab_size, context_length=self.context_length,
-            eot_id=self.eot_id, pad_id=self.pad_id,
-        )
-
-
-def _openclip_tokenizer(context_length: int) -> CaptionTokenizer:
-    from open_clip.tokenizer import SimpleTokenizer
-
-    bpe = SimpleTokenizer()  # vocab ships inside the open_clip package: no download
-    return CaptionTokenizer(
-        bpe.encode, bpe.vocab_size, context_length, eot_id=bpe.eot_token_id, pad_id=0,
-        sot_id=bpe.sot_token_id, spec=OPENCLIP_TOKENIZER,
-    )
-
-
-def _mmafm_tokenizer(path: str, context_length: int) -> CaptionTokenizer:
-    from mmafm.tokenizer import Tokenizer
-
-    if not Path(path).exists():
-        raise FileNotFoundError(
-            f"tokenizer {path} not found: pass the data stage's `tokenizer` output, or 'openclip'"
-        )
-    tok = Tokenizer.load(path)
-    ids = {name: getattr(tok, name, None) for name in ("bos_id", "eos_id", "pad_id")}
-    if ids["eos_id"] is None or ids["eos_id"] < 0:
-        raise ValueError(f"tokenizer {path} has no end-of-sequence id; CLIP pools at it")
-    pad = ids["pad_id"] if ids["pad_id"] is not None and ids["pad_id"] >= 0 else ids["eos_id"]
-    bos = ids["bos_id"] if ids["bos_id"] is not None and ids["bos_id"] >= 0 else None
-    return CaptionTokenizer(
-        lambda text: list(tok.encode(text)), int(tok.vocab_size), context_length,
-        eot_id=ids["eos_id"], pad_id=pad, sot_id=bos, spec=str(path),
-    )
-
-
-def load_caption_tokenizer(spec: str, context_length: int) -> CaptionTokenizer:
-    """``"openclip"`` (open_clip's bundled BPE) or a path to the data stage's tokenizer."""
-    if not spec:
-        raise ValueError("tokenizer spec is empty: pass 'openclip' or the data stage's tokenizer path")
-    if spec == OPENCLIP_TOKENIZER:
-        return _openclip_tokenizer(context_length)
-    return _mmafm_tokenizer(spec, context_length)
-
-
 # -------------------------------------------------------------------------------- checkpoints
-CLIP_KIND = "mmafm clip"
-IMAGE_TOWER_KIND = "mmafm image tower"
-
-
-def save_clip(model: CLIP, path: str | Path, extra: dict | None = None) -> Path:
-    """Write a CLIP checkpoint (weights + config + tokenizer spec) that :func:`load_clip` reads."""
-    metadata = {
-        "kind": CLIP_KIND,
-        "config": to_dict(model.config),
-        "tokenizer": model.tokenizer.spec if model.tokenizer is not None else "",
-        **(extra or {}),
-    }
-    return save_checkpoint(path, model.state_dict(), metadata)
-
-
-def _resolve(path: str | Path, output: str) -> Path:
-    """A checkpoint path, or a finished stage dir whose manifest names ``output``."""
-    path = Path(path)
-    if path.is_dir():
-        from mmafm.stages.base import read_manifest
-
-        outputs = read_manifest(path)["outputs"]
-        if output not in outputs:
-            raise CheckpointError(f"stage output {path} names no {output!r}; it has {sorted(outputs)}")
-        return Path(outputs[output])
-    return path
-
-
-def load_clip(path: str | Path, device: str | torch.device = "cpu") -> CLIP:
-    """Rebuild a CLIP from :func:`save_clip`'s checkpoint (or a finished ``01_clip_pretrain`` dir).
-
-    Returns:
-        The model in eval mode, with its tokenizer attached when its spec is loadable (so
-        ``encode_text(["a red circle"])`` works), else a warning and ``tokenizer = None``.
-    """
-    tensors, meta = load_checkpoint(_resolve(path, "clip_checkpoint"), device=str(device))
-    if meta.get("kind") != CLIP_KIND:
-        raise CheckpointError(f"{path}: not a CLIP checkpoint (metadata kind {meta.get('kind')!r})")
-    config = from_dict(CLIPConfig, meta["config"], source=f"{path} config")
-    with torch.device(device):
-        model = CLIP(config)
-    model.load_state_dict(tensors, strict=True)
-    spec = meta.get("tokenizer", "")
-    if spec:
-        try:
-            model.tokenizer = load_caption_tokenizer(spec, config.text.context_length)
-        except (OSError, ValueError, ImportError) as err:
-            warnings.warn(f"CLIP {path}: tokenizer {spec!r} not loadable ({err}); pass token ids", stacklevel=2)
-    return model.eval()
-
-
 def save_image_tower(model: CLIP, path: str | Path) -> Path:
-    """Write the image tower alone, with the preset and overrides that rebuild it."""
-    metadata = {
-        "kind": IMAGE_TOWER_KIND,
-        "preset": model.config.image_preset,
-        "overrides": {k: v for k, v in model.config.image_overrides().items() if k != "mask_ratio"},
-        "num_features": int(model.visual.num_features),
-    }
-    return save_checkpoint(path, model.visual.state_dict(), metadata)
-
-
-def load_image_tower(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
-    """Rebuild the pretrained image tower (preset + saved overrides + ``overrides``) with its weights."""
-    tensors, meta = load_checkpoint(_resolve(path, "image_tower"), device=str(device))
-    if meta.get("kind") != IMAGE_TOWER_KIND:
-        raise CheckpointError(f"{path}: not an image-tower checkpoint (metadata kind {meta.get('kind')!r})")
-    model = create_model(meta["preset"], device=device, **{**meta["overrides"], **overrides})
-    model.load_state_dict(tensors, strict=True)
-    return model
+    """Write the image tower alone (:func:`mmafm.save_model`; :func:`mmafm.load_model` reads it
+    back), recorded without FLIP masking: the preset's own ``mask_ratio``, as later stages use the
+    tower on whole images (``load_model(..., overrides={"mask_ratio": 0.5})`` puts it back)."""
+    tower = model.visual
+    config = tower.config
+    if "mask_ratio" in {f.name for f in dataclasses.fields(config)}:
+        config = dataclasses.replace(config, mask_ratio=get_config(model.config.image_preset).mask_ratio)
+    return save_model(path, tower, {"num_features": int(tower.num_features)}, config=config)
 
 
 # ------------------------------------------------------------------------------------ presets

@@ -15,29 +15,34 @@ are matched to placeholders in reading order (row by row, left to right). Image 
 carry a loss target: a position whose *next* token is an image token is not trained to predict it.
 
 Works with every decoder built on :class:`mmafm.models.text.DecoderLM` (dense, KV-shared, MoE,
-PT-MoE) and both encoders (``VisionTransformer`` returns tokens with its [CLS] first;
-``VisionTransformerDet`` returns registers and a feature map).
+PT-MoE) and every encoder with the :class:`mmafm.models.adapter.GridEncoder` interface
+(``forward_grid``: both vision families, ``VisionTransformer`` with its [CLS] as prefix,
+``VisionTransformerDet`` with its registers).
+
+The config names each tower by preset and nests its overrides, as open_clip nests ``vision_cfg``
+/ ``text_cfg``: ``MultimodalConfig(text={"vocab_size": 512})`` applies ``vocab_size=512`` to the
+text preset, validated against that preset's config dataclass.
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
+from mmafm.config import ConfigError, coerce_fields
 from mmafm.models.adapter import (
     MODES,
+    GridEncoder,
     ResolutionMode,
     VisionLanguageAdapter,
     VLAdapterConfig,
     make_views,
     resolution_mode,
 )
-from mmafm.registry import create_model, register_model
+from mmafm.registry import create_model, get_config, register_model
 
 __all__ = [
     "MultimodalConfig",
@@ -45,7 +50,6 @@ __all__ = [
     "VLOutput",
     "ExpandedInputs",
     "expand_image_placeholders",
-    "load_multimodal",
     "IGNORE_INDEX",
 ]
 
@@ -58,10 +62,8 @@ class MultimodalConfig:
 
     vision_preset: str = "vitdet_large_patch16_rw_tiny"  # image encoder preset (ViT or ViTDet family)
     text_preset: str = "afm_2025_device_tiny"  # decoder preset (TextModel or PTMoEModel)
-    vision_img_size: int = field(default=0, metadata={"min": 0})  # 0 = the vision preset's; else its img_size (position-embedding grid of a CLIP tower)
-    text_vocab_size: int = field(default=0, metadata={"min": 0})  # 0 = the text preset's; set to the tokenizer's vocabulary
-    text_max_seq_len: int = field(default=0, metadata={"min": 0})  # 0 = the text preset's context; image tokens count against it
-    text_rope_theta: float = field(default=0.0, metadata={"min": 0.0})  # 0 = the text preset's RoPE base
+    vision: dict[str, Any] = field(default_factory=dict)  # overrides of the vision preset's config (ViTConfig / ViTDetConfig fields), e.g. {"img_size": 448} = a CLIP tower's position grid
+    text: dict[str, Any] = field(default_factory=dict)  # overrides of the text preset's config, e.g. {"vocab_size": <tokenizer's>, "max_seq_len": ...}; image tokens count against max_seq_len
     image_token_id: int = field(default=8, metadata={"min": 0})  # placeholder id; mmafm.tokenizer reserves 8 for "<image>"
     pad_token_id: int = field(default=0, metadata={"min": 0})  # id used to pad rows of unequal length (tokenizer <pad>)
     adapter_heads: int = field(default=0, metadata={"min": 0})  # heads of the adapter layer; 0 = the encoder's [open]
@@ -74,6 +76,12 @@ class MultimodalConfig:
     high_res_overview: bool = True  # high-res adds an overview view [2nd]
     default_mode: str = field(default="balanced", metadata={"choices": MODES})  # mode when a call names none
 
+    def __post_init__(self) -> None:
+        # validated here, so a bad key fails when the config is built (from_dict, get_config,
+        # a checkpoint's metadata), not halfway through building the towers
+        self.vision = _tower_overrides("vision", self.vision_preset, self.vision)
+        self.text = _tower_overrides("text", self.text_preset, self.text)
+
     def adapter_config(self, vision_dim: int, text_dim: int, vision_heads: int) -> VLAdapterConfig:
         """The :class:`VLAdapterConfig` this config describes, for towers of the given widths."""
         return VLAdapterConfig(
@@ -84,18 +92,28 @@ class MultimodalConfig:
             high_res_overview=self.high_res_overview,
         )
 
-    def vision_overrides(self) -> dict[str, int]:
-        return {"img_size": self.vision_img_size} if self.vision_img_size else {}
 
-    def text_overrides(self) -> dict[str, float]:
-        overrides = {}
-        if self.text_vocab_size:
-            overrides["vocab_size"] = self.text_vocab_size
-        if self.text_max_seq_len:
-            overrides["max_seq_len"] = self.text_max_seq_len
-        if self.text_rope_theta:
-            overrides["rope_theta"] = self.text_rope_theta
-        return overrides
+def _tower_overrides(role: str, preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` of tower preset ``preset``, checked against its config dataclass and coerced.
+
+    Args:
+        role: ``"vision"`` or ``"text"``, the :class:`MultimodalConfig` field (for messages).
+        preset: The tower's preset name (or model YAML).
+        overrides: Config fields of that preset to change.
+
+    Raises:
+        ConfigError: naming the field, the preset and the offending key or value.
+    """
+    where = f"MultimodalConfig.{role} (overrides of {role} preset {preset!r})"
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of config fields, got {overrides!r}")
+    base = get_config(preset)
+    values = coerce_fields(type(base), overrides, source=where)
+    try:
+        replace(base, **values)  # the tower config's own checks (__post_init__)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+    return values
 
 
 class ExpandedInputs(NamedTuple):
@@ -175,8 +193,10 @@ class MultimodalModel(nn.Module):
     def __init__(self, config: MultimodalConfig):
         super().__init__()
         self.config = config
-        self.vision = create_model(config.vision_preset, **config.vision_overrides())
-        self.text = create_model(config.text_preset, **config.text_overrides())
+        self.vision = create_model(config.vision_preset, **config.vision)
+        self.text = create_model(config.text_preset, **config.text)
+        if not isinstance(self.vision, GridEncoder):
+            raise TypeError(f"vision preset {config.vision_preset!r} is not an image encoder (no forward_grid)")
         if not hasattr(self.text, "embed_tokens") or not hasattr(self.text, "new_cache"):
             raise TypeError(f"text preset {config.text_preset!r} is not a decoder (no embed_tokens/new_cache)")
         self.adapter = VisionLanguageAdapter(
@@ -186,8 +206,6 @@ class MultimodalModel(nn.Module):
         for name in ("image_token_id", "pad_token_id"):
             if getattr(config, name) >= vocab:
                 raise ValueError(f"{name}={getattr(config, name)} is outside the text vocabulary of {vocab} ids")
-        self._patch_size = self.vision.config.patch_size
-        self._takes_mask_ratio = "mask_ratio" in inspect.signature(self.vision.forward_features).parameters
 
     # ------------------------------------------------------------------------------ modes, tokens
     def resolution_mode(self, mode: str | None = None) -> ResolutionMode:
@@ -227,20 +245,6 @@ class MultimodalModel(nn.Module):
         self.text.set_grad_checkpointing(enable)
 
     # ------------------------------------------------------------------------------ images
-    def _encode_views(self, views: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Encoder tokens ``(B, P + Gh*Gw, C)``, prefix first, and the grid ``(Gh, Gw)``."""
-        grid = (views.shape[-2] // self._patch_size, views.shape[-1] // self._patch_size)
-        if hasattr(self.vision, "forward_tokens"):  # ViTDet: registers + feature map (neck applied)
-            registers, feature_map = self.vision.forward_tokens(views)
-            feature_map = self.vision.neck(feature_map)  # (B, C, Gh, Gw)
-            patches = feature_map.flatten(2).transpose(1, 2)  # (B, Gh*Gw, C)
-            if registers.shape[-1] == patches.shape[-1]:
-                return torch.cat([registers, patches], dim=1), grid
-            return patches, grid
-        if self._takes_mask_ratio:  # FLIP patch masking would break the grid: never here
-            return self.vision.forward_features(views, mask_ratio=0.0), grid
-        return self.vision.forward_features(views), grid
-
     def encode_images(self, images: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """Image tokens ``(N, num_image_tokens(mode), text_dim)`` of ``images`` ``(N, C, H, W)``.
 
@@ -250,7 +254,8 @@ class MultimodalModel(nn.Module):
         views = make_views(images, resolution)  # (N * V, C, s, s)
         vision_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(vision_trains):
-            tokens, grid = self._encode_views(views)
+            prefix, patches, grid = self.vision.forward_grid(views)  # (N * V, P, C), (N * V, Gh*Gw, C)
+        tokens = torch.cat([prefix, patches], dim=1)  # (N * V, P + Gh*Gw, C)
         adapted = self.adapter(tokens, grid, resolution.tokens_per_view)  # (N * V, k, D)
         return adapted.reshape(images.shape[0], resolution.num_tokens, adapted.shape[-1])
 
@@ -375,70 +380,28 @@ class MultimodalModel(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if eos_id is None and tokenizer is not None:
             eos_id = tokenizer.eos_id
+        # The one decode loop (sampling, stop tokens, the KV cache, the decode plan) lives in
+        # mmafm.inference, which imports the models: imported here, at call time, so that
+        # models/ depends on nothing in it and holds no decoding or kernel logic of its own.
+        from mmafm.inference.generate import decode
+
         device = self.text.embed.weight.device
         ids, mask = self._prompt_ids(prompt, tokenizer)
         ids, mask = ids.to(device), mask.to(device)
         if images is not None:
             images = images.to(device=device, dtype=next(self.vision.parameters()).dtype)
         embeds, expanded = self.prepare_inputs(ids, images, mode, attention_mask=mask, padding_side="left")
-        batch, length = expanded.input_ids.shape
-        cache = self.text.new_cache(batch, length + max_new_tokens)
-        logits = self.text(inputs_embeds=embeds, cache=cache, attention_mask=expanded.attention_mask)[:, -1]
-        # decode steps in one native call each where the decoder allows it (CPU, dense, fp32/bf16)
-        fused = self.text.fused_decoder(cache) if hasattr(self.text, "fused_decoder") else None
-        tokens, step_logits = [], []
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            step_logits.append(logits)
-            next_token = _choose(logits, temperature, top_k, generator)  # (B,)
-            if eos_id is not None:
-                next_token = next_token.masked_fill(done, eos_id)
-                done = done | (next_token == eos_id)
-            tokens.append(next_token)
-            if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-                break
-            logits = fused(next_token) if fused is not None else self.text(next_token[:, None], cache=cache)[:, -1]
-        new_tokens = torch.stack(tokens, dim=1)
-        if eos_id is not None and new_tokens.shape[1] < max_new_tokens:
-            fill = new_tokens.new_full((batch, max_new_tokens - new_tokens.shape[1]), eos_id)
-            new_tokens = torch.cat([new_tokens, fill], dim=1)
+        decoded = decode(
+            self.text, inputs_embeds=embeds, attention_mask=expanded.attention_mask, max_new_tokens=max_new_tokens,
+            temperature=max(temperature, 0.0), top_k=top_k or None, generator=generator,
+            stop_tokens=() if eos_id is None else (eos_id,), keep_logits=return_logits,
+        )
+        # a row that stopped is filled with eos_id: the stop token, then the same again
+        rows = [tokens + [eos_id] * (max_new_tokens - len(tokens)) for tokens in decoded.tokens]
+        new_tokens = torch.tensor(rows, dtype=torch.long, device=device)  # (B, max_new_tokens)
         if return_logits:
-            return new_tokens, torch.stack(step_logits, dim=1)
+            return new_tokens, decoded.logits
         return new_tokens
-
-    # ------------------------------------------------------------------------------ checkpoints
-    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
-        """Weights + the config (so :func:`load_multimodal` rebuilds the model)."""
-        from mmafm.checkpoint import save_checkpoint
-        from mmafm.config import to_dict
-
-        meta = {"kind": "mmafm multimodal", "config": to_dict(self.config), **(metadata or {})}
-        return save_checkpoint(path, self.state_dict(), meta)
-
-
-def _choose(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:  # (B,)
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
-    if top_k:
-        kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator)[:, 0]
-
-
-def load_multimodal(path: str | Path, device: str | torch.device = "cpu") -> MultimodalModel:
-    """Rebuild a :class:`MultimodalModel` from a checkpoint written by :meth:`MultimodalModel.save`."""
-    from mmafm.checkpoint import CheckpointError, load_checkpoint
-    from mmafm.config import from_dict
-
-    tensors, meta = load_checkpoint(path, device=str(device))
-    if meta.get("kind") != "mmafm multimodal" or "config" not in meta:
-        raise CheckpointError(f"{path} is not a multimodal checkpoint (metadata kind {meta.get('kind')!r})")
-    config = from_dict(MultimodalConfig, meta["config"], source=f"{path} metadata")
-    with torch.device(device):
-        model = MultimodalModel(config)
-    model.load_state_dict(tensors, strict=True)
-    return model
 
 
 # --------------------------------------------------------------------------------------- presets

@@ -98,7 +98,9 @@ class PTMoEModel(DecoderLM):
 # ----------------------------------------------------------------------------- presets
 
 
-def _afm_2025_server() -> TextConfig:
+@register_model("afm_2025_server", builder=PTMoEModel)
+def afm_2025_server() -> TextConfig:
+    """AFM server 2025 (PT-MoE); track count, width, experts and top-k are documented choices."""
     return TextConfig(
         vocab_size=153_600,  # 2025 tokenizer [paper]
         # [open] width/depth: 4 tracks of 48 layers, width 2048, 16 query heads x 128, 4 KV heads,
@@ -117,17 +119,11 @@ def _afm_2025_server() -> TextConfig:
     )
 
 
-@register_model("afm_2025_server", builder=PTMoEModel)
-def afm_2025_server() -> TextConfig:
-    """AFM server 2025 (PT-MoE); track count, width, experts and top-k are documented choices."""
-    return _afm_2025_server()
-
-
 @register_model("afm_2025_server_tiny", builder=PTMoEModel)
 def afm_2025_server_tiny() -> TextConfig:
     """PT-MoE at CPU size: 2 tracks x 8 layers (2 blocks of 4), 4 experts top-2, window 16."""
     return dataclasses.replace(
-        _afm_2025_server(), vocab_size=2048, dim=64, n_layers=8, n_heads=4, n_kv_heads=2,
+        afm_2025_server(), vocab_size=2048, dim=64, n_layers=8, n_heads=4, n_kv_heads=2,
         head_dim=16, ffn_dim=128, moe_ffn_dim=128, num_experts=4, top_k=2, num_tracks=2,
         sliding_window=16, max_seq_len=1024,
     )

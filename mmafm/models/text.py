@@ -24,7 +24,7 @@ import abc
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +33,6 @@ from torch.utils.checkpoint import checkpoint
 
 from mmafm.config import ConfigError
 from mmafm.layers.attention import attend
-from mmafm.layers.native import (
-    MAX_NATIVE_ROWS,
-    apply_linear,
-    apply_linears,
-    decode_attention_block,
-    decode_layer,
-    decode_step,
-    decode_swiglu_block,
-    linear,
-    plain_linear,
-    rms_norm,
-    single_query_attention,
-)
 from mmafm.layers.kv_cache import CacheSpec, KVCache, kv_cache_nbytes
 from mmafm.layers.moe import MoEFeedForward, upcycle_ffn
 from mmafm.layers.norm import RMSNorm
@@ -69,7 +56,7 @@ __all__ = [
     "cache_specs",
     "kv_cache_bytes",
     "upcycle",
-    "FusedDecoder",
+    "run_blocks",
 ]
 
 
@@ -259,9 +246,6 @@ class AttentionContext:
     key_valid: torch.Tensor | None  # (B, C) real-token columns; None when there is no padding
     cache: KVCache | None = None
     masks: dict = field(default_factory=dict)
-    # a decode step (one new token, float32 CPU cache, no autograd) that may take the fused
-    # native kernels of mmafm.layers.native, one call per half-layer
-    fused_decode: bool = False
 
     def __post_init__(self) -> None:
         self.head_cos, self.head_sin = self.cos[:, :, None], self.sin[:, :, None]  # (B, T, 1, D)
@@ -285,19 +269,6 @@ class AttentionContext:
         return result
 
 
-def _plain_norm(norm: nn.Module | None) -> bool:
-    """Is ``norm`` exactly an :class:`RMSNorm` without hooks (so its math may run elsewhere)?"""
-    return type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks)
-
-
-def _norm(norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)``; a plain :class:`RMSNorm` runs through :func:`mmafm.layers.native.rms_norm`,
-    which takes a native path for decode-sized CPU inputs (the shared RMSNorm module is unchanged)."""
-    if _plain_norm(norm):
-        return rms_norm(x, norm.weight, norm.eps)
-    return norm(x)
-
-
 def _rope(x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # (B, T, H, D)
     """:func:`mmafm.layers.rope.apply_rope` in the (B, T, H, D) layout, before the head transpose
     (the same arithmetic, so the same bits)."""
@@ -309,15 +280,11 @@ def _single_query_attention(
     k: torch.Tensor,  # (B, Hkv, S, D)
     v: torch.Tensor,  # (B, Hkv, S, D)
 ) -> torch.Tensor:  # (B, H, 1, D)
-    """Unmasked attention of one query per row (a decode step): the native kernel for CPU float32
-    inference, else two small batched products.
+    """Unmasked attention of one query per row (a decode step) as two small batched products.
 
     Equal to :func:`attend` without mask up to float rounding, without its kernel's setup cost
     (and thread fan-out), which dominates at one query.
     """
-    native_out = single_query_attention(q, k, v)  # CPU float32 inference: one native call
-    if native_out is not None:
-        return native_out
     batch, num_heads, _, head_dim = q.shape
     num_kv_heads = k.shape[1]
     grouped = q.reshape(batch * num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B Hkv, G, D)
@@ -354,24 +321,20 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Returns ``(output (B, T, dim), (keys, values, key_time))``, the latter for sharing."""
         batch, length, _ = x.shape
-        if self.owns_kv:
-            q, k, v = apply_linears(x, self.q_proj, self.k_proj, self.v_proj)
-        else:
-            q = apply_linear(self.q_proj, x)
-        q = q.view(batch, length, self.n_heads, self.head_dim)
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
         if self.q_norm is not None:
-            q = _norm(self.q_norm, q)
+            q = self.q_norm(q)
         if self.use_rope:
             q = _rope(q, ctx)
         q = q.transpose(1, 2)  # (B, H, T, D)
         if self.owns_kv:
-            k = k.view(batch, length, self.n_kv_heads, self.head_dim)
+            k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
             if self.k_norm is not None:
-                k = _norm(self.k_norm, k)
+                k = self.k_norm(k)
             if self.use_rope:
                 k = _rope(k, ctx)
             k = k.transpose(1, 2)  # (B, Hkv, T, D)
-            v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if ctx.cache is not None:
                 k, v, key_time = ctx.cache.update(self.cache_index, k, v)  # (B, Hkv, S, D)
             else:
@@ -388,7 +351,7 @@ class Attention(nn.Module):
         else:
             out = attend(q, keys, values, mask=mask, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
-        return apply_linear(self.o_proj, out), kv
+        return self.o_proj(out), kv
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -419,106 +382,14 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """Returns ``(x, (keys, values, key_time), load-balancing loss or None)``."""
         drop = self.dropout if self.training and self.dropout.p > 0 else _identity
-        if ctx.fused_decode and drop is _identity:
-            fused = self._fused_decode(x, ctx, shared_kv)
-            if fused is not None:
-                return fused
-        attn_out, kv = self.attn(_norm(self.attn_norm, x), ctx, shared_kv)
+        attn_out, kv = self.attn(self.attn_norm(x), ctx, shared_kv)
         x = x + drop(attn_out)
         aux = None
         if self.is_moe:
-            ffn_out, aux = self.ffn(_norm(self.ffn_norm, x))
+            ffn_out, aux = self.ffn(self.ffn_norm(x))
         else:
-            ffn_out = self.ffn(_norm(self.ffn_norm, x))
+            ffn_out = self.ffn(self.ffn_norm(x))
         return x + drop(ffn_out), kv, aux
-
-    def _stock_attention(self) -> bool:
-        """Is the attention half exactly the stock modules (no hooks, no adapters or subclasses),
-        so that a fused kernel may compute it from their weights?"""
-        attn = self.attn
-        return (
-            type(attn) is Attention and not (attn._forward_hooks or attn._forward_pre_hooks)
-            and _plain_norm(self.attn_norm)
-            and all(norm is None or _plain_norm(norm) for norm in (attn.q_norm, attn.k_norm))
-            and plain_linear(attn.q_proj) and plain_linear(attn.o_proj)
-            and (not attn.owns_kv or (plain_linear(attn.k_proj) and plain_linear(attn.v_proj)))
-        )
-
-    def _stock_swiglu(self) -> bool:
-        """Is the FFN half exactly a stock :class:`SwiGLU` (not MoE, no hooks or adapters)?"""
-        ffn = self.ffn
-        return (
-            type(ffn) is SwiGLU and not (ffn._forward_hooks or ffn._forward_pre_hooks)
-            and _plain_norm(self.ffn_norm) and all(plain_linear(m) for m in (ffn.w_gate, ffn.w_up, ffn.w_down))
-        )
-
-    def _fused_decode(
-        self, x: torch.Tensor, ctx: AttentionContext, shared_kv: tuple | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None] | None:
-        """:meth:`forward` of one decode step through the fused native kernels (one call for the
-        attention half, one for a SwiGLU FFN); None, with nothing done, where they do not apply
-        (hooked or replaced modules, sliding windows over padded batches, int8 caches, ...)."""
-        attn = self.attn
-        if not self._stock_attention():
-            return None
-        valid = ctx.key_valid
-        if attn.owns_kv:
-            if valid is not None and attn.window is not None:
-                return None  # padded ring buffer: the general path masks by column
-            target = ctx.cache.decode_target(attn.cache_index)
-            if target is None:
-                return None
-            keys, values, slot, num_keys, key_time = target
-            wk, wv = attn.k_proj.weight, attn.v_proj.weight
-        else:
-            if shared_kv is None or attn.window is not None:
-                return None  # a window (the source's too: TextConfig requires them equal) needs the general path's mask
-            keys, values, key_time = shared_kv
-            slot, num_keys, wk, wv = 0, keys.shape[2], None, None
-        rope = (ctx.cos, ctx.sin) if attn.use_rope else (None, None)
-        y = decode_attention_block(
-            x, self.attn_norm.weight, self.attn_norm.eps, attn.q_proj.weight, wk, wv, attn.o_proj.weight,
-            None if attn.q_norm is None else attn.q_norm.weight, None if attn.k_norm is None else attn.k_norm.weight,
-            *rope, keys, values, slot, num_keys, valid,
-        )
-        if y is None:
-            return None
-        if attn.owns_kv and attn.window is None:
-            keys, values = keys.narrow(2, 0, num_keys), values.narrow(2, 0, num_keys)  # what update returns
-        kv = (keys, values, key_time)
-        ffn, aux = self.ffn, None
-        fused_ffn = self._stock_swiglu() and decode_swiglu_block(
-            y, self.ffn_norm.weight, self.ffn_norm.eps, ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight
-        )
-        if not fused_ffn:
-            if self.is_moe:
-                ffn_out, aux = ffn(_norm(self.ffn_norm, y))
-            else:
-                ffn_out = ffn(_norm(self.ffn_norm, y))
-            y = y + ffn_out
-        return y, kv, aux
-
-
-class FusedDecoder:
-    """``generate``'s decode step of a dense :class:`TextModel` in one native call
-    (:class:`mmafm.layers.native.DecodeStep`): logits of one new token per row, K/V appended to the
-    cache. Built by :meth:`DecoderLM.fused_decoder` for one cache; valid while the model's modules
-    and parameters stay the same objects (a ``generate`` call), like any compiled plan."""
-
-    def __init__(self, step, cache: KVCache):
-        self.step, self.cache = step, cache
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, V) float32
-        cache = self.cache
-        column = cache.length
-        positions = cache.begin(1)  # (B, 1)
-        try:
-            logits = self.step(tokens, positions.view(-1), column, cache.key_valid() if cache.has_padding else None)
-        except BaseException:
-            cache.abort()
-            raise
-        cache.end()
-        return logits
 
 
 def _is_shared_source(config: TextConfig, index: int) -> bool:
@@ -526,7 +397,7 @@ def _is_shared_source(config: TextConfig, index: int) -> bool:
 
 
 def run_blocks(
-    blocks: Iterable[tuple[int, Block]],
+    blocks: Iterable[tuple[int, Callable]],
     h: torch.Tensor,
     ctx: AttentionContext,
     config: TextConfig,
@@ -534,7 +405,9 @@ def run_blocks(
     aux_losses: list,
     grad_checkpointing: bool = False,
 ) -> torch.Tensor:
-    """Run ``(layer_index, block)`` pairs; keeps K/V of sharing sources in ``kv_store``."""
+    """Run ``(layer_index, layer)`` pairs, each layer called as ``layer(h, ctx, shared_kv) ->
+    (h, (keys, values, key_time), aux loss or None)`` like :meth:`Block.forward`; keeps the K/V
+    of sharing sources in ``kv_store``."""
     for index, block in blocks:
         source = kv_source_layer(config, index)
         shared_kv = kv_store[source] if source != index else None
@@ -601,8 +474,10 @@ class DecoderLM(nn.Module, abc.ABC):
         return self.embed.weight if self.config.tie_embeddings else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, dim) -> (B, T, V) float32
-        """Vocabulary logits of final-norm hidden states."""
-        return linear(hidden, self.output_weight()).float()
+        """Vocabulary logits of final-norm hidden states (through ``lm_head`` when untied)."""
+        if self.config.tie_embeddings:
+            return F.linear(hidden, self.embed.weight).float()
+        return self.lm_head(hidden).float()
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | str | None = None,
                   quantized: bool = False) -> KVCache:
@@ -617,58 +492,6 @@ class DecoderLM(nn.Module, abc.ABC):
             dtype=weight.dtype if dtype is None else _as_dtype(dtype), device=weight.device,
             quantized=quantized,
         )
-
-    def fused_decoder(self, cache: KVCache) -> FusedDecoder | None:
-        """The whole decode step in one native call, for ``generate``: a dense single-track model
-        of plain modules (no MoE, adapters or hooks) on the CPU in float32, or in bfloat16 (weights
-        and cache read as bf16, activations kept in float32), with a cache of the model's dtype
-        built by :meth:`new_cache` for at most ``MAX_NATIVE_ROWS`` (8) rows, under
-        ``torch.no_grad``. None where any of that does not hold (or the native kernels are
-        unavailable): decode then runs module by module."""
-        config = self.config
-        if (
-            type(self)._trunk is not TextModel._trunk or config.num_experts or torch.is_grad_enabled()
-            or torch.compiler.is_compiling() or cache.quantized or cache.dtype != self.embed.weight.dtype
-            or cache.batch_size > MAX_NATIVE_ROWS  # bigger batches: torch's GEMMs are faster
-            or cache.max_len > config.max_seq_len or cache.device.type != "cpu"
-            or not _plain_norm(self.norm) or (not config.tie_embeddings and not plain_linear(self.lm_head))
-            or type(self.embed) is not nn.Embedding or self.embed.max_norm is not None
-            or self.embed._forward_hooks or self.embed._forward_pre_hooks
-            or self._forward_hooks or self._forward_pre_hooks
-        ):
-            return None
-        layers = []
-        for index, block in enumerate(self.layers):
-            attn, ffn = block.attn, block.ffn
-            if not (
-                type(block) is Block and not (block._forward_hooks or block._forward_pre_hooks)
-                and block._stock_attention() and block._stock_swiglu()
-            ):
-                return None
-            source = kv_source_layer(config, index)
-            if not attn.owns_kv and attn.window is not None:
-                return None  # a window over a shared source's keys needs the general path's mask
-            store = cache.layers[self.layers[source].attn.cache_index]
-            if store is None:
-                return None
-            ring = layer_window(config, source) is not None
-            if ring and cache.has_padding:
-                return None  # padded ring buffers: the general path masks by column
-            layer = decode_layer(
-                block.attn_norm.weight, attn.q_proj.weight,
-                attn.k_proj.weight if attn.owns_kv else None, attn.v_proj.weight if attn.owns_kv else None,
-                attn.o_proj.weight, None if attn.q_norm is None else attn.q_norm.weight,
-                None if attn.k_norm is None else attn.k_norm.weight, block.ffn_norm.weight,
-                ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight, store.keys, store.values,
-                ring=ring, rope=attn.use_rope, heads=config.n_heads,
-            )
-            if layer is None:
-                return None
-            layers.append(layer)
-        cos_table, sin_table = self._rope_table(cache.device)
-        step = decode_step(layers, self.embed.weight, self.norm.weight, self.output_weight(), cos_table, sin_table,
-                           config.n_heads, config.n_kv_heads, config.head_dim, self.norm.eps)
-        return None if step is None else FusedDecoder(step, cache)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; ``non_embedding`` drops the token embedding (and an untied head)."""
@@ -724,7 +547,7 @@ class DecoderLM(nn.Module, abc.ABC):
                     f"inputs_embeds must be (batch, seq_len, {self.config.dim}), got {tuple(inputs_embeds.shape)}"
                 )
             h = inputs_embeds
-        ctx = self._context(h, cache, position_ids, attention_mask)
+        ctx = self.attention_context(h, cache, position_ids, attention_mask)
         try:
             h, aux_losses = self._trunk(h, ctx)
         except BaseException:
@@ -734,10 +557,19 @@ class DecoderLM(nn.Module, abc.ABC):
         if cache is not None:
             cache.end()
         self.aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        h = _norm(self.norm, h)
+        h = self.norm(h)
         return h if return_hidden else self.logits(h)
 
-    def _context(self, h, cache, position_ids, attention_mask) -> AttentionContext:
+    def attention_context(
+        self,
+        h: torch.Tensor,  # (B, T, dim) the step's input embeddings
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) or (B, cached + T); 0 = padding
+    ) -> AttentionContext:
+        """What every attention layer of one forward pass over ``h`` shares (positions, RoPE,
+        masks); with ``cache`` it opens the cache's step (:meth:`KVCache.begin`), which the caller
+        closes with ``cache.end()`` (or ``cache.abort()`` on failure), as :meth:`forward` does."""
         batch, length, _ = h.shape
         device = h.device
         if cache is None:
@@ -787,12 +619,7 @@ class DecoderLM(nn.Module, abc.ABC):
             else:
                 cos, sin = cos_table[positions], sin_table[positions]
             cos, sin = cos.to(h.dtype), sin.to(h.dtype)
-        fused_decode = (
-            cache is not None and length == 1 and not torch.is_grad_enabled() and h.dtype == torch.float32
-            and h.device.type == "cpu" and not cache.quantized and cache.dtype == torch.float32
-            and not torch.compiler.is_compiling()
-        )
-        return AttentionContext(cos, sin, query_time, key_valid, cache, fused_decode=fused_decode)
+        return AttentionContext(cos, sin, query_time, key_valid, cache)
 
     def _rope_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (max_seq_len, D)
         """RoPE cos/sin (float32) of positions ``0 .. max_seq_len-1``, built once per device and shape."""
@@ -890,7 +717,9 @@ def upcycle(model: TextModel, num_experts: int = 64, top_k: int = 2, moe_every: 
 
 # ----------------------------------------------------------------------------- presets
 
-def _afm_2024_device() -> TextConfig:
+@register_model("afm_2024_device", builder=TextModel)
+def afm_2024_device() -> TextConfig:
+    """AFM-on-device 2024 (report Table 1): ~2.58B non-embedding + 0.15B embedding parameters."""
     return TextConfig(
         vocab_size=49_152, dim=3072, n_layers=26, n_heads=24, n_kv_heads=8, head_dim=128,
         ffn_dim=8064, rope_theta=500_000.0, qk_norm=True, tie_embeddings=True,
@@ -899,7 +728,18 @@ def _afm_2024_device() -> TextConfig:
     )
 
 
-def _afm_2025_device() -> TextConfig:
+@register_model("afm_2024_device_tiny", builder=TextModel)
+def afm_2024_device_tiny() -> TextConfig:
+    """The 2024 device architecture at CPU-trainable size (vocab of the data stage's tokenizer)."""
+    return dataclasses.replace(
+        afm_2024_device(), vocab_size=2048, dim=96, n_layers=4, n_heads=6, n_kv_heads=2,
+        head_dim=16, ffn_dim=252, max_seq_len=1024,
+    )
+
+
+@register_model("afm_2025_device", builder=TextModel)
+def afm_2025_device() -> TextConfig:
+    """AFM on-device 2025: 35 + 21 KV-shared layers, ~3.11B parameters."""
     return TextConfig(
         vocab_size=153_600, dim=2048, n_layers=56, n_heads=16, n_kv_heads=2, head_dim=128,
         ffn_dim=6656, rope_theta=500_000.0, qk_norm=True, tie_embeddings=True, max_seq_len=4096,
@@ -908,32 +748,11 @@ def _afm_2025_device() -> TextConfig:
     )
 
 
-@register_model("afm_2024_device", builder=TextModel)
-def afm_2024_device() -> TextConfig:
-    """AFM-on-device 2024 (report Table 1): ~2.58B non-embedding + 0.15B embedding parameters."""
-    return _afm_2024_device()
-
-
-@register_model("afm_2024_device_tiny", builder=TextModel)
-def afm_2024_device_tiny() -> TextConfig:
-    """The 2024 device architecture at CPU-trainable size (vocab of the data stage's tokenizer)."""
-    return dataclasses.replace(
-        _afm_2024_device(), vocab_size=2048, dim=96, n_layers=4, n_heads=6, n_kv_heads=2,
-        head_dim=16, ffn_dim=252, max_seq_len=1024,
-    )
-
-
-@register_model("afm_2025_device", builder=TextModel)
-def afm_2025_device() -> TextConfig:
-    """AFM on-device 2025: 35 + 21 KV-shared layers, ~3.11B parameters."""
-    return _afm_2025_device()
-
-
 @register_model("afm_2025_device_tiny", builder=TextModel)
 def afm_2025_device_tiny() -> TextConfig:
     """The 2025 device architecture (5:3 KV sharing, 8:1 GQA) at CPU-trainable size."""
     return dataclasses.replace(
-        _afm_2025_device(), vocab_size=2048, dim=64, n_layers=8, kv_share_segments=(5, 3),
+        afm_2025_device(), vocab_size=2048, dim=64, n_layers=8, kv_share_segments=(5, 3),
         n_heads=4, n_kv_heads=1, head_dim=16, ffn_dim=208, max_seq_len=1024,
     )
 
@@ -945,7 +764,7 @@ def afm_2025_moe_teacher() -> TextConfig:
     The dense base is taken to be the 2025 on-device architecture and top-2 routing is chosen
     [open]; build it from a trained dense checkpoint with :func:`upcycle`.
     """
-    return dataclasses.replace(_afm_2025_device(), num_experts=64, top_k=2, moe_every=2)
+    return dataclasses.replace(afm_2025_device(), num_experts=64, top_k=2, moe_every=2)
 
 
 @register_model("afm_2025_moe_teacher_tiny", builder=TextModel)

@@ -143,7 +143,8 @@ class TimmInterface:
 
 class VisionTransformer(TimmInterface, nn.Module):
     """ViT with timm's model interface (``forward_features``, ``forward_head``,
-    ``forward_intermediates``, ``set_grad_checkpointing``, ``no_weight_decay``)."""
+    ``forward_intermediates``, ``set_grad_checkpointing``, ``no_weight_decay``) and mmafm's
+    encoder interface :meth:`forward_grid`."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -208,6 +209,19 @@ class VisionTransformer(TimmInterface, nn.Module):
             return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
         return block(x)
 
+    def _encode(
+        self, x: torch.Tensor, mask_ratio: float | None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:  # (B, P + N_kept, C), (Gh, Gw)
+        """Tokens after the final norm (prefix first) and the unmasked patch grid."""
+        tokens, grid = self._embed(x)
+        ratio = (self.config.mask_ratio if self.training else 0.0) if mask_ratio is None else mask_ratio
+        if ratio > 0:
+            tokens, _ = random_masking(tokens, ratio)
+        tokens = self.norm_pre(self._add_prefix(tokens))
+        for index in range(len(self.blocks)):
+            tokens = self._block(index, tokens)
+        return self.norm(tokens), grid
+
     def forward_features(
         self, x: torch.Tensor, mask_ratio: float | None = None
     ) -> torch.Tensor:  # (B, P + N_kept, C)
@@ -218,14 +232,26 @@ class VisionTransformer(TimmInterface, nn.Module):
             mask_ratio: FLIP masking ratio for this call; None uses ``config.mask_ratio`` in
                 training mode and no masking in eval mode.
         """
-        tokens, _ = self._embed(x)
-        ratio = (self.config.mask_ratio if self.training else 0.0) if mask_ratio is None else mask_ratio
-        if ratio > 0:
-            tokens, _ = random_masking(tokens, ratio)
-        tokens = self.norm_pre(self._add_prefix(tokens))
-        for index in range(len(self.blocks)):
-            tokens = self._block(index, tokens)
-        return self.norm(tokens)
+        return self._encode(x, mask_ratio)[0]
+
+    def forward_grid(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:  # (B, P, C), (B, Gh*Gw, C), (Gh, Gw)
+        """The encoder interface the vision-language adapter reads (shared with ViTDet).
+
+        Never masked, whatever ``config.mask_ratio`` and the training mode: FLIP masking drops
+        patches, and a consumer of the grid needs every one of them in place.
+
+        Args:
+            x: Images ``(B, in_chans, H, W)``, H and W multiples of the patch size.
+
+        Returns:
+            ``(prefix, grid_tokens, (Gh, Gw))``: the [CLS] token (``(B, 0, C)`` without one) and
+            the patch tokens in row-major grid order, both after the final norm, as
+            :meth:`forward_features` returns them with ``mask_ratio=0``.
+        """
+        tokens, grid = self._encode(x, mask_ratio=0.0)  # (B, P + Gh*Gw, C)
+        return tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens :], grid
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the tokens of :meth:`forward_features` (``[CLS]`` or mean of patches) and

@@ -168,7 +168,8 @@ class VisionTransformerDet(TimmInterface, nn.Module):
     """ViTDet / ViTDet with Register-Window, with timm's model interface.
 
     ``forward_features`` returns the final feature map ``(B, num_features, Gh, Gw)`` (timm
-    ``samvit`` convention); :meth:`forward_tokens` also returns the registers.
+    ``samvit`` convention); :meth:`forward_tokens` also returns the registers (before the neck);
+    :meth:`forward_grid` is mmafm's encoder interface, shared with the ViT.
     """
 
     def __init__(self, config: ViTDetConfig):
@@ -218,7 +219,7 @@ class VisionTransformerDet(TimmInterface, nn.Module):
     # ----------------------------------------------------------------------------- timm interface
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "registers"}
+        return {"pos_embed", "registers"} if self.num_registers else {"pos_embed"}
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -260,6 +261,29 @@ class VisionTransformerDet(TimmInterface, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, num_features, Gh, Gw)
         """The final feature map after the neck (a channel LayerNorm unless a conv neck is set)."""
         return self.neck(self.forward_tokens(x)[1])
+
+    def forward_grid(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:  # (B, P, F), (B, Gh*Gw, F), (Gh, Gw)
+        """The encoder interface the vision-language adapter reads (shared with the ViT).
+
+        Args:
+            x: Images ``(B, in_chans, H, W)``, H and W multiples of the patch size.
+
+        Returns:
+            ``(prefix, grid_tokens, (Gh, Gw))``: the patch tokens are :meth:`forward_features`'s
+            map (after the neck) in row-major order. The prefix is the registers as the last
+            block leaves them (the neck works on maps, so they skip it); they are returned only
+            while the neck keeps the width (``num_features == embed_dim``), else, as for plain
+            ViTDet, the prefix is empty ``(B, 0, num_features)``.
+        """
+        registers, feature_map = self.forward_tokens(x)  # (B, R, C), (B, C, Gh, Gw)
+        feature_map = self.neck(feature_map)  # (B, F, Gh, Gw)
+        grid = (feature_map.shape[-2], feature_map.shape[-1])
+        patches = feature_map.flatten(2).transpose(1, 2)  # (B, Gh*Gw, F)
+        if registers.shape[-1] != patches.shape[-1]:  # a conv neck changed the width
+            registers = patches[:, :0]  # (B, 0, F)
+        return registers, patches, grid
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Average-pool the feature map and apply the head unless ``pre_logits``."""

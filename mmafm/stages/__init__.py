@@ -2,11 +2,11 @@
 
 A stage module ends with::
 
-    register_stage("03_text_pretrain", TextPretrainConfig, run)
+    register_stage("02_text_pretrain", TextPretrainConfig, run)
 
-and its notebook ``notebooks/03_text_pretrain.ipynb`` does::
+and its notebook ``notebooks/02_text_pretrain.ipynb`` does::
 
-    cfg = make_config("03_text_pretrain", globals())   # the parameters cell's variables
+    cfg = make_config("02_text_pretrain", globals())   # the parameters cell's variables
     outputs = run(cfg)
 """
 

@@ -2,7 +2,9 @@
 
 A stage is a function ``run(config) -> dict[str, str]`` in ``mmafm/stages/<name>.py`` plus a thin
 notebook ``notebooks/<STAGE>.ipynb`` whose ``parameters`` cell names exactly the fields of the
-stage's config dataclass (a test checks this). The stage writes everything under
+stage's config dataclass (a test checks this). A training stage module holds its config, its
+task for the shared trainer (a :class:`mmafm.train.task.TrainingTask`), its figures and ``run``;
+metrics come from the evaluation library (:mod:`mmafm.eval`). The stage writes everything under
 ``config.out_dir`` through a :class:`StageDir`:
 
 - ``metrics.jsonl`` one JSON record per logged step / evaluation,
@@ -14,6 +16,7 @@ stage's config dataclass (a test checks this). The stage writes everything under
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 from dataclasses import dataclass, field
@@ -22,8 +25,9 @@ from typing import Any
 
 from mmafm.config import to_dict
 from mmafm.io import append_jsonl, atomic_path, atomic_write_json, read_jsonl
+from mmafm.train.trainer import TrainConfig, TrainSettings
 
-__all__ = ["StageConfig", "StageDir", "read_manifest", "ManifestError"]
+__all__ = ["StageConfig", "TrainStageConfig", "StageDir", "read_manifest", "ManifestError"]
 
 MANIFEST = "manifest.json"
 
@@ -38,6 +42,31 @@ class StageConfig:
 
     out_dir: str = ""  # where outputs go; the runner sets runs/<run-id>/<stage>
     seed: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class TrainStageConfig(TrainSettings, StageConfig):
+    """A training stage's config: :class:`StageConfig` + the trainer's :class:`TrainSettings`.
+
+    The trainer's fields (``max_steps``, ``lr``, ``warmup_steps``, ``parallel``, ...) are declared
+    once, in :class:`~mmafm.train.trainer.TrainSettings`; a stage re-declares one only to change
+    its default or narrow its choices (``max_steps: int = setting("max_steps", 600)``). They stay
+    flat scalars, so the notebook ``parameters`` cell and ``-p key=value`` name them directly.
+    """
+
+    def train_config(self, **fixed: Any) -> TrainConfig:
+        """The :class:`TrainConfig` of this stage: its settings, its seed, and what it fixes itself.
+
+        Args:
+            **fixed: trainer fields the stage sets rather than exposes (e.g. CLIP's AdamW betas)
+                or derives (an evaluation cadence of one epoch); they win over the settings.
+        """
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)}
+        # a warm-up never outlasts the run: the LR must reach its peak before the last step
+        values["warmup_steps"] = min(self.warmup_steps, self.max_steps - 1)
+        values["seed"] = self.seed
+        values.update(fixed)
+        return TrainConfig(**values)
 
 
 class StageDir:

@@ -11,9 +11,10 @@ checkpoint, and evaluates once per epoch and at the end:
 - zero-shot classification of held-out Fashion-MNIST (prompt templates over its 10 class names),
 - image<->text retrieval recall@1/@5 on the held-out (``val``) pairs,
 
-each with its chance level. Outputs: the image tower checkpoint the vision-language stage starts
-from (``image_tower``, with ``image_preset`` / ``image_size``) and the full CLIP checkpoint
-(``clip_checkpoint``, read back by :func:`mmafm.models.clip.load_clip`).
+each with its chance level (:mod:`mmafm.eval.clip`). Outputs: the image tower checkpoint the
+vision-language stage starts from (``image_tower``, with ``image_preset`` / ``image_size``) and the
+full CLIP checkpoint (``clip_checkpoint``), both read back by :func:`mmafm.load_model` (a stage
+folder loads the CLIP; ``output="image_tower"`` the tower).
 """
 
 from __future__ import annotations
@@ -28,38 +29,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mmafm.clip_eval import (
-    FASHION_MNIST_PROMPT_NAMES,
-    FASHION_MNIST_TEMPLATES,
-    embed_images,
-    embed_texts,
-    fashion_mnist_tensor,
-    retrieval_metrics,
-    zero_shot_classification,
-)
+from mmafm.checkpoint import save_model
 from mmafm.config import ConfigError
+from mmafm.eval.clip import FASHION_MNIST_PROMPT_NAMES, evaluate_clip, fashion_mnist_tensor
 from mmafm.models.clip import (
     CLIP,
     TEXT_TOWERS,
-    CaptionTokenizer,
     CLIPConfig,
-    load_caption_tokenizer,
-    save_clip,
     save_image_tower,
     text_tower_config,
 )
 from mmafm.registry import list_models, model_family
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageConfig, StageDir
+from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.train.trainer import setting
+from mmafm.tokenizer import CaptionTokenizer, load_caption_tokenizer
 
-__all__ = ["ClipPretrainConfig", "ClipTask", "ClipBatches", "count_pairs", "random_grayscale", "evaluate_clip", "build_model", "run"]
+__all__ = ["ClipPretrainConfig", "ClipTask", "ClipBatches", "count_pairs", "random_grayscale", "build_model", "run"]
 
 STAGE = "01_clip_pretrain"
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ClipPretrainConfig(StageConfig):
+class ClipPretrainConfig(TrainStageConfig):
     """Contrastive pretraining. Defaults: the tiny CPU pipeline (minutes on 2 cores)."""
 
     # --- model
@@ -81,21 +74,20 @@ class ClipPretrainConfig(StageConfig):
     threads: int = field(default=0, metadata={"min": 0})  # torch compute threads; 0 = CPU cores minus num_workers (>= 1), so the loader keeps its own core
     grayscale_prob: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # share of training images turned grey (on top of the reader's crop + flip) [open]
     # --- optimization
-    steps: int = field(default=600, metadata={"min": 1})  # optimizer steps
-    lr: float = field(default=2e-3, metadata={"min": 0.0})  # peak learning rate [open; CLIP ViT-B: 5e-4 at batch 32k]
-    schedule: str = field(default="cosine", metadata={"choices": ("cosine", "constant")})  # after warm-up
-    warmup_steps: int = field(default=50, metadata={"min": 0})  # linear warm-up
-    min_lr_ratio: float = field(default=0.05, metadata={"min": 0.0, "max": 1.0})  # final LR / peak (cosine)
-    weight_decay: float = field(default=0.1, metadata={"min": 0.0})  # AdamW decoupled decay [open; CLIP: 0.2]
-    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})  # bf16 autocast on GPUs
-    parallel: str = field(default="none", metadata={"choices": ("none", "ddp")})  # "ddp" under torchrun (losses gather features across ranks)
+    # (AdamW betas (0.9, 0.98), eps 1e-6 as CLIP's are fixed; schedule, grad_accum_steps, grad_clip,
+    # precision, log_every: the trainer's defaults, see TrainSettings)
+    max_steps: int = setting("max_steps", 600)  # optimizer steps
+    lr: float = setting("lr", 2e-3)  # peak learning rate [open; CLIP ViT-B: 5e-4 at batch 32k]
+    warmup_steps: int = setting("warmup_steps", 50)  # linear warm-up
+    min_lr_ratio: float = setting("min_lr_ratio", 0.05)  # final LR / peak (cosine) [open]
+    weight_decay: float = setting("weight_decay", 0.1)  # AdamW decoupled decay [open; CLIP: 0.2]
+    parallel: str = setting("parallel", "none", choices=("none", "ddp"))  # "ddp" under torchrun (losses gather features across ranks); no FSDP
     # --- evaluation and checkpoints
-    eval_every: int = field(default=0, metadata={"min": 0})  # steps between evaluations; 0 = once per epoch (and always at the end)
+    eval_every: int = setting("eval_every", 0)  # steps between evaluations; 0 = once per epoch (and always at the end)
     eval_pairs: int = field(default=500, metadata={"min": 2})  # held-out pairs for retrieval (the first N of the val shards)
     fmnist_images: int = field(default=1000, metadata={"min": 10})  # Fashion-MNIST test images for zero-shot
     fmnist_invert: bool = True  # dark garment on white like the training pictures [open, label-free]
-    ckpt_every: int = field(default=200, metadata={"min": 0})  # resumable checkpoint cadence (0 = end only)
-    log_every: int = field(default=10, metadata={"min": 1})  # metrics record cadence
+    ckpt_every: int = setting("ckpt_every", 200)  # resumable checkpoint cadence (0 = end only)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -193,25 +185,8 @@ class ClipTask:
         return {"contrastive": loss}, metrics
 
     def evaluate(self) -> dict[str, float]:
+        """Zero-shot Fashion-MNIST and held-out retrieval (:func:`mmafm.eval.clip.evaluate_clip`)."""
         return evaluate_clip(self.clip, self.held_out)[0]
-
-
-def evaluate_clip(model: CLIP, held_out: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Zero-shot Fashion-MNIST and held-out retrieval: (metrics, details for figures)."""
-    was_training = model.training
-    model.eval()
-    zero_shot = zero_shot_classification(
-        model, held_out["fmnist_images"], held_out["fmnist_labels"], held_out["fmnist_prompts"],
-        FASHION_MNIST_TEMPLATES, held_out["tokenize"],
-    )
-    image_features = embed_images(model, held_out["val_images"])
-    text_features = embed_texts(model, held_out["val_tokens"])
-    retrieval = retrieval_metrics(image_features, text_features, ks=(1, 5), groups=held_out["val_captions"])
-    model.train(was_training)
-    metrics = {"fmnist_top1": zero_shot.top1, "fmnist_top5": zero_shot.top5, "fmnist_chance": zero_shot.chance}
-    metrics.update(retrieval)
-    details = {"zero_shot": zero_shot, "similarity": image_features @ text_features.T}
-    return metrics, details
 
 
 def _held_out(cfg: ClipPretrainConfig, tokenizer: CaptionTokenizer) -> dict[str, Any]:
@@ -348,7 +323,7 @@ def run(cfg: ClipPretrainConfig) -> dict[str, str]:
 
 def _run(cfg: ClipPretrainConfig, stage_dir: StageDir) -> dict[str, str]:
     from mmafm.data.shards import ImageTextShards, expand_shards
-    from mmafm.train import Trainer, TrainConfig
+    from mmafm.train import Trainer
 
     tokenizer = load_caption_tokenizer(cfg.tokenizer, cfg.context_length)
     shards = expand_shards(cfg.pairs_dir, "train")
@@ -364,12 +339,8 @@ def _run(cfg: ClipPretrainConfig, stage_dir: StageDir) -> dict[str, str]:
     held_out = _held_out(cfg, tokenizer)
     model = build_model(cfg, tokenizer)
 
-    train_config = TrainConfig(
-        max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), eps=1e-6,
-        schedule=cfg.schedule, warmup_steps=min(cfg.warmup_steps, cfg.steps - 1), min_lr_ratio=cfg.min_lr_ratio,
-        precision=cfg.precision, log_every=cfg.log_every, eval_every=cfg.eval_every or steps_per_epoch,
-        ckpt_every=cfg.ckpt_every, seed=cfg.seed, parallel=cfg.parallel,
-    )
+    # CLIP's AdamW betas/eps (Radford et al. 2021); evaluation once per epoch unless asked otherwise
+    train_config = cfg.train_config(betas=(0.9, 0.98), eps=1e-6, eval_every=cfg.eval_every or steps_per_epoch)
     task = ClipTask(model, cfg.loss, held_out, grayscale_prob=cfg.grayscale_prob)
     trainer = Trainer(task, batches, train_config, stage_dir)
     task.set_distributed(trainer.rank, trainer.world_size)
@@ -378,7 +349,7 @@ def _run(cfg: ClipPretrainConfig, stage_dir: StageDir) -> dict[str, str]:
     metrics, details = evaluate_clip(task.clip, held_out)
     outputs: dict[str, str] = {}
     if trainer.rank == 0:
-        clip_path = save_clip(task.clip, stage_dir.root / "clip", extra={"step": trainer.step, "metrics": metrics})
+        clip_path = save_model(stage_dir.root / "clip", task.clip, {"step": trainer.step, "metrics": metrics})
         tower_path = save_image_tower(task.clip, stage_dir.root / "image_tower")
         _figures(stage_dir, records, details, held_out)
         outputs = {

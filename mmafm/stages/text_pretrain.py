@@ -1,4 +1,4 @@
-"""Stage 03: core pretraining of an AFM text model on the data stage's token shards.
+"""Stage 02: core pretraining of an AFM text model on the data stage's token shards.
 
 The 2024 AFM report (section 3 "Pre-training"; REFERENCE.md "2024 pretraining") pretrains in
 three steps: *core* pretraining, *continued* pretraining at sequence length 8192 with a lower peak
@@ -8,7 +8,7 @@ stage is the core step at tiny scale: next-token cross-entropy plus the model co
 global grad-norm clipping, on the shared trainer (:mod:`mmafm.train`, so it checkpoints and resumes).
 It reports held-out perplexity against the uniform-vocabulary level, plots loss and perplexity
 curves, writes sample generations, and saves the weights with the preset and config that rebuild
-them (:func:`load_text_model`).
+them (:func:`mmafm.save_model`; :func:`mmafm.load_model` reads them back).
 
 How the rest of the recipe slots in (a later issue):
 
@@ -33,12 +33,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mmafm.checkpoint import CheckpointError, load_into, read_metadata, save_checkpoint
+from mmafm.checkpoint import load_into, save_model
 from mmafm.config import ConfigError, to_dict
+from mmafm.eval.perplexity import held_out_perplexity, perplexity
 from mmafm.io import atomic_write_json
 from mmafm.registry import create_model, get_config, list_models, model_family
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageConfig, StageDir
+from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.train.trainer import setting
 
 __all__ = [
     "TextPretrainConfig",
@@ -46,18 +48,22 @@ __all__ = [
     "build_text_model",
     "held_out_batches",
     "train_text_model",
-    "load_text_model",
     "run",
 ]
 
-STAGE = "03_text_pretrain"
+STAGE = "02_text_pretrain"
 TEXT_FAMILIES = ("text", "ptmoe")
-CHECKPOINT_KIND = "mmafm text model"
 
 
 @dataclass
-class TextPretrainConfig(StageConfig):
-    """Core text pretraining. Defaults: the tiny CPU pipeline (about a minute on 2 idle cores)."""
+class TextPretrainConfig(TrainStageConfig):
+    """Core text pretraining. Defaults: the tiny CPU pipeline (about a minute on 2 idle cores).
+
+    The trainer's settings (``max_steps``, ``lr``, ``schedule``, ``grad_accum_steps``,
+    ``grad_clip``, ``precision``, ``parallel``, ``log_every``, ...) come from
+    :class:`~mmafm.train.trainer.TrainSettings`; re-declared below are those with this stage's own
+    default or source.
+    """
 
     # --- model
     preset: str = "afm_2024_device_tiny"  # any text preset (mmafm.list_models("afm_*")); vocab_size is set from the tokenizer
@@ -68,21 +74,16 @@ class TextPretrainConfig(StageConfig):
     tokenizer: str = ""  # the data stage's `tokenizer` (tokenizer.model); decodes the samples
     seq_len: int = field(default=128, metadata={"min": 2})  # tokens per training row [paper: 4096 core, 8192 continued, 32768 long-context]
     batch_size: int = field(default=8, metadata={"min": 1})  # rows per step per rank [paper: 4096 x 4096 tokens]
-    grad_accum_steps: int = field(default=1, metadata={"min": 1})  # micro-batches per optimizer step
-    # --- optimization (shared trainer: AdamW, warm-up + cosine)
-    max_steps: int = field(default=150, metadata={"min": 1})  # optimizer steps
-    lr: float = field(default=3e-3, metadata={"min": 0.0})  # peak LR [paper: 1e-2 with mu-param and its own optimizer; AdamW without mu-param needs less, open]
-    warmup_steps: int = field(default=20, metadata={"min": 0})  # linear warm-up [paper: 5k of ~500k steps]
-    min_lr_ratio: float = field(default=0.005, metadata={"min": 0.0, "max": 1.0})  # cosine floor / peak [paper: 0.005 core, 0.001 continued]
-    weight_decay: float = field(default=0.1, metadata={"min": 0.0})  # AdamW decay (scaled by LR) [paper: 3.16e-4 decoupled from LR in its own optimizer; open]
-    grad_clip: float = field(default=1.0, metadata={"min": 0.0})  # global grad-norm clip [paper: 1.0]; 0 = off
-    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})  # bf16 autocast on GPUs
-    parallel: str = field(default="none", metadata={"choices": ("none", "ddp", "fsdp")})  # "ddp" or "fsdp" (FSDP2, one unit per layer) under torchrun
+    # --- optimization (shared trainer: AdamW, warm-up + cosine); "fsdp" = FSDP2, one unit per layer
+    max_steps: int = setting("max_steps", 150)  # optimizer steps
+    lr: float = setting("lr", 3e-3)  # peak LR [paper: 1e-2 with mu-param and its own optimizer; AdamW without mu-param needs less, open]
+    warmup_steps: int = setting("warmup_steps", 20)  # linear warm-up [paper: 5k of ~500k steps]
+    min_lr_ratio: float = setting("min_lr_ratio", 0.005)  # cosine floor / peak [paper: 0.005 core, 0.001 continued]
+    weight_decay: float = setting("weight_decay", 0.1)  # AdamW decay (scaled by LR) [paper: 3.16e-4 decoupled from LR in its own optimizer; open]
     # --- evaluation, checkpoints, samples
-    eval_every: int = field(default=50, metadata={"min": 0})  # steps between held-out evaluations (and always at the end); 0 = end only
+    eval_every: int = setting("eval_every", 50)  # steps between held-out evaluations (and always at the end); 0 = end only
     eval_batches: int = field(default=4, metadata={"min": 1})  # held-out batches per evaluation (the first N of val.bin)
-    ckpt_every: int = field(default=50, metadata={"min": 0})  # resumable checkpoint cadence; 0 = end only
-    log_every: int = field(default=10, metadata={"min": 1})  # metrics record cadence
+    ckpt_every: int = setting("ckpt_every", 50)  # resumable checkpoint cadence; 0 = end only
     sample_prompts: str = "The|A computer is|In the beginning"  # "|"-separated prompts continued after training
     sample_tokens: int = field(default=32, metadata={"min": 1})  # tokens generated per prompt
     sample_temperature: float = field(default=0.0, metadata={"min": 0.0})  # 0 = greedy; > 0 samples (seeded by `seed`)
@@ -110,7 +111,9 @@ class TextPretrainTask:
         """Training loss and metrics: the model's CE + z-loss (override for distillation)."""
         return self.decoder.loss(logits, targets)
 
-    def training_forward(self, batch: tuple[torch.Tensor, torch.Tensor]):
+    def training_forward(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         input_ids, targets = batch  # (B, T), (B, T)
         logits = self.model(input_ids)  # (B, T, V)
         loss, metrics = self.compute_loss(logits, targets)
@@ -121,18 +124,10 @@ class TextPretrainTask:
         return batch[0].numel()
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out token-level cross-entropy (no z-loss) and its perplexity."""
+        """Held-out token-level cross-entropy (no z-loss) and its perplexity
+        (:func:`mmafm.eval.perplexity.held_out_perplexity`)."""
         device = next(self.decoder.parameters()).device
-        total, count = 0.0, 0
-        for input_ids, targets in self.val_batches:
-            logits = self.model(input_ids.to(device))
-            ce = nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum"
-            )
-            total += ce.item()
-            count += targets.numel()
-        val_loss = total / max(count, 1)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return held_out_perplexity(self.model, self.val_batches, device)
 
 
 # --------------------------------------------------------------------------------- building
@@ -194,60 +189,13 @@ def train_text_model(
 ):
     """Train ``model`` on ``cfg.tokens_dir`` with the shared trainer; returns ``(trainer, records)``."""
     from mmafm.data.shards import TokenShards
-    from mmafm.train import TrainConfig, Trainer
+    from mmafm.train import Trainer
 
     train_data = TokenShards(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, seed=cfg.seed, split="train")
     task = task_cls(model, held_out_batches(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
-    train_config = TrainConfig(
-        max_steps=cfg.max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule="cosine",
-        warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1), min_lr_ratio=cfg.min_lr_ratio,
-        grad_accum_steps=cfg.grad_accum_steps, grad_clip=cfg.grad_clip, precision=cfg.precision,
-        log_every=cfg.log_every, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed,
-        parallel=cfg.parallel,
-    )
+    train_config = cfg.train_config()
     trainer = Trainer(task, train_data, train_config, stage_dir, optimizer_factory, scheduler_factory)
     return trainer, trainer.fit()
-
-
-def load_text_model(path: str | Path) -> nn.Module:
-    """Rebuild a model saved by this stage (preset + overrides from the metadata, then weights)."""
-    metadata = read_metadata(path)
-    if metadata.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path}: not a text-model checkpoint (metadata kind {metadata.get('kind')!r}, "
-                              f"expected {CHECKPOINT_KIND!r})")
-    model = create_model(metadata["preset"], **metadata["model_overrides"])
-    load_into(model, path)
-    return model.eval()
-
-
-def load_generator(source: str | Path, tokenizer: str | Path | None = None) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` of a finished run of this stage: ``source`` is the stage folder (its
-    manifest names both) or a text-model checkpoint (its metadata names the tokenizer);
-    ``tokenizer`` overrides. A missing source, tokenizer or a vocabulary mismatch is a
-    :class:`~mmafm.config.ConfigError` naming it."""
-    from mmafm.checkpoint import checkpoint_paths
-    from mmafm.stages.base import read_manifest
-    from mmafm.tokenizer import Tokenizer
-
-    source = Path(source)
-    if not source.is_dir() and not checkpoint_paths(source)[0].is_file():
-        raise ConfigError(f"{source}: no such stage directory or text-model checkpoint")
-    if source.is_dir():
-        outputs = read_manifest(source).get("outputs", {})
-        if "checkpoint" not in outputs:
-            raise ConfigError(f"{source}: its manifest names no checkpoint (is it a {STAGE} stage?)")
-        checkpoint, tokenizer_path = outputs["checkpoint"], outputs.get("tokenizer")
-    else:
-        checkpoint, tokenizer_path = source, read_metadata(source).get("tokenizer")
-    tokenizer_path = tokenizer or tokenizer_path
-    if not tokenizer_path or not Path(tokenizer_path).is_file():
-        raise ConfigError(f"tokenizer {str(tokenizer_path)!r} not found; pass the tokenizer.model the model was trained with")
-    model = load_text_model(checkpoint)
-    loaded = Tokenizer.load(tokenizer_path)
-    if loaded.vocab_size != model.config.vocab_size:
-        raise ConfigError(f"tokenizer {tokenizer_path} has {loaded.vocab_size} tokens, the model "
-                          f"{model.config.vocab_size}: pass the tokenizer it was trained with")
-    return model, loaded
 
 
 # --------------------------------------------------------------------------- samples, figures
@@ -260,7 +208,7 @@ def _prompts(text: str) -> list[str]:
 
 @torch.no_grad()
 def _samples(model: nn.Module, tokenizer: Any, cfg: TextPretrainConfig) -> list[dict]:
-    from mmafm.generate import generate_text
+    from mmafm.inference import generate_text
 
     prompts = _prompts(cfg.sample_prompts)
     room = model.config.max_seq_len - max(len(tokenizer.encode(prompt)) for prompt in prompts)
@@ -289,7 +237,7 @@ def _figures(stage_dir: StageDir, records: list[dict], uniform_ppl: float) -> No
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(steps, [math.exp(min(v, 50.0)) for v in ce], label="train")
+    ax.plot(steps, [perplexity(v) for v in ce], label="train")
     ax.plot(eval_steps, [r["eval/val_ppl"] for r in evals], "o-", label="held-out")
     ax.axhline(uniform_ppl, ls="--", c="grey", label="uniform (vocab size)")
     ax.set(xlabel="step", ylabel="perplexity", yscale="log", title="perplexity")
@@ -344,15 +292,11 @@ def run(cfg: TextPretrainConfig) -> dict[str, str]:
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "seconds": round(time.time() - start, 1),
     }
-    checkpoint = save_checkpoint(
+    checkpoint = save_model(
         stage_dir.checkpoint_dir / "text_model",
-        model.state_dict(),
+        model,
         {
-            "kind": CHECKPOINT_KIND,
             "stage": STAGE,
-            "preset": cfg.preset,
-            "model_overrides": overrides,
-            "model_config": to_dict(model.config),
             "tokenizer": cfg.tokenizer,
             "step": trainer.step,
             "summary": summary,

@@ -1,4 +1,4 @@
-"""Stage 02: joint vision-language training with a captioning loss (2025 report, stage 2).
+"""Stage 03: joint vision-language training with a captioning loss (2025 report, stage 2).
 
 REFERENCE.md, "Vision encoders": after contrastive pretraining, "encoder + vision-language adapter
 + a small decoder [are] trained jointly" [2nd]. This stage builds a
@@ -9,18 +9,13 @@ loss is the decoder's next-token cross-entropy on the caption tokens only (image
 no target). Which parts train is configurable (``train_vision`` / ``train_adapter`` /
 ``train_text``).
 
-Held-out evaluation (the data stage's ``val`` split):
-
-- generated captions (greedy, KV cache) under held-out images, in a figure;
-- caption perplexity: ``exp`` of the mean negative log-likelihood per caption token (EOS included);
-- "pick the right caption": for each image, the true caption and ``num_candidates - 1`` other
-  held-out captions are scored by the model's mean log-likelihood per caption token given the
-  image; accuracy of picking the true one, against chance ``1 / num_candidates``. The same
-  candidates scored under a *different* held-out image give the accuracy the text prior alone
-  reaches (it should sit near chance).
+Held-out evaluation (the data stage's ``val`` split) comes from :mod:`mmafm.eval.captions`:
+generated captions (greedy, KV cache) under held-out images, in a figure; caption perplexity;
+"pick the right caption" among ``num_candidates`` held-out captions, against chance and against
+the same candidates under a wrong image (the text prior alone).
 
 Outputs: ``checkpoint`` (weights + config, read back by
-:func:`mmafm.models.multimodal.load_multimodal`), ``preset``, ``tokenizer``, ``mode``.
+:func:`mmafm.load_model`), ``preset``, ``tokenizer``, ``mode``.
 
 Run alone (no upstream stages), it makes its own synthetic pairs and trains a small tokenizer.
 """
@@ -28,55 +23,54 @@ Run alone (no upstream stages), it makes its own synthetic pairs and trains a sm
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mmafm.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
+from mmafm.checkpoint import CheckpointError, load_model, save_model
 from mmafm.config import ConfigError
+from mmafm.eval.captions import (
+    caption_ids,
+    caption_log_likelihoods,
+    caption_perplexity,
+    collate_captions,
+    evaluate_captions,
+    generate_captions,
+)
 from mmafm.models.adapter import MODES
 from mmafm.models.multimodal import IGNORE_INDEX, MultimodalModel
 from mmafm.registry import create_model, model_family
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageConfig, StageDir
+from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.train.trainer import setting
 
 __all__ = [
     "VLAlignmentConfig",
     "CaptionTask",
     "CaptionBatches",
     "build_model",
-    "caption_ids",
-    "collate_captions",
-    "caption_log_likelihoods",
-    "evaluate_captions",
     "run",
 ]
 
-STAGE = "02_vl_alignment"
-# text-model overrides a text checkpoint may carry -> the MultimodalConfig field that sets each
-TEXT_OVERRIDE_FIELDS = {"max_seq_len": "text_max_seq_len", "rope_theta": "text_rope_theta"}
+STAGE = "03_vl_alignment"
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class VLAlignmentConfig(StageConfig):
-    """Stage 02. Defaults are the tiny CPU run (< 4 minutes on 2 cores)."""
+class VLAlignmentConfig(TrainStageConfig):
+    """Stage 03. Defaults are the tiny CPU run (< 4 minutes on 2 cores)."""
 
     # --- inputs (a pipeline wires them from upstream manifests; empty = standalone) ---
     pairs_dir: str = ""  # 00_data `pairs_dir`; "" = make `synthetic_pairs` shape scenes here
     tokenizer: str = ""  # 00_data `tokenizer` (.model); "" = train a small BPE on the captions
     image_tower: str = ""  # 01_clip_pretrain `image_tower`; "" = fresh encoder
     image_preset: str = ""  # 01_clip_pretrain `image_preset`; "" = the model preset's encoder
-    text_checkpoint: str = ""  # 03_text_pretrain `checkpoint`; "" = fresh decoder
-    text_preset: str = ""  # 03_text_pretrain `preset`; "" = the model preset's decoder
+    text_checkpoint: str = ""  # 02_text_pretrain `checkpoint`; "" = fresh decoder
+    text_preset: str = ""  # 02_text_pretrain `preset`; "" = the model preset's decoder
     model_preset: str = "afm_vl_tiny"  # multimodal preset supplying the adapter and mode table
     synthetic_pairs: int = field(default=2000, metadata={"min": 16})  # standalone only: generated pairs
     # --- what trains [2nd: all three jointly] ---
@@ -89,17 +83,17 @@ class VLAlignmentConfig(StageConfig):
     image_tokens: int = field(default=16, metadata={"min": 0})  # tokens per view in `mode` (a square); 0 = preset's [paper: 144]
     max_caption_tokens: int = field(default=40, metadata={"min": 4})  # caption tokens kept (EOS included)
     # --- optimisation ---
-    steps: int = field(default=1000, metadata={"min": 1})  # optimizer steps
+    # (schedule, grad_accum_steps, grad_clip, precision, log_every: the trainer's defaults, TrainSettings)
+    max_steps: int = setting("max_steps", 1000)  # optimizer steps
     batch_size: int = field(default=32, metadata={"min": 1})  # pairs per step
-    lr: float = field(default=2e-3, metadata={"min": 0.0})  # peak learning rate [open]
-    warmup_steps: int = field(default=30, metadata={"min": 0})  # linear warm-up
-    min_lr_ratio: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # final LR / peak (cosine)
-    weight_decay: float = field(default=0.05, metadata={"min": 0.0})  # AdamW decoupled decay [open]
-    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})  # bf16 autocast on GPUs
+    lr: float = setting("lr", 2e-3)  # peak learning rate [open]
+    warmup_steps: int = setting("warmup_steps", 30)  # linear warm-up
+    min_lr_ratio: float = setting("min_lr_ratio", 0.1)  # final LR / peak (cosine) [open]
+    weight_decay: float = setting("weight_decay", 0.05)  # AdamW decoupled decay [open]
+    parallel: str = setting("parallel", "none", choices=("none",))  # one process: the stage has not been run under torchrun yet
     num_workers: int = field(default=0, metadata={"min": 0})  # DataLoader processes (2-core machine: 0)
-    log_every: int = field(default=10, metadata={"min": 1})  # metrics record cadence
-    eval_every: int = field(default=250, metadata={"min": 0})  # steps between held-out perplexity checks (64 pairs); 0 = end only
-    ckpt_every: int = field(default=500, metadata={"min": 0})  # resumable checkpoint cadence (0 = end only)
+    eval_every: int = setting("eval_every", 250)  # steps between held-out perplexity checks (64 pairs); 0 = end only
+    ckpt_every: int = setting("ckpt_every", 500)  # resumable checkpoint cadence (0 = end only)
     # --- evaluation ---
     eval_pairs: int = field(default=128, metadata={"min": 2})  # held-out pairs (the first N of the val split)
     num_candidates: int = field(default=4, metadata={"min": 2})  # captions per image in "pick the right caption"
@@ -108,26 +102,8 @@ class VLAlignmentConfig(StageConfig):
 
 
 # ------------------------------------------------------------------------------------- data
-def caption_ids(tokenizer: Any, caption: str, max_caption_tokens: int) -> torch.Tensor:
-    """``<s> <image> caption </s>``, the caption cut to ``max_caption_tokens`` (EOS included)."""
-    body = tokenizer.encode(caption)[: max_caption_tokens - 1] + [tokenizer.eos_id]
-    return torch.tensor([tokenizer.bos_id, tokenizer.image_id] + body, dtype=torch.long)
-
-
-def collate_captions(
-    samples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(images (B, 3, S, S), ids (B, T), labels (B, T))``: right-padded ids, padding unlabelled."""
-    images = torch.stack([image for image, _ in samples])
-    width = max(ids.numel() for _, ids in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (_, tokens) in enumerate(samples):
-        ids[row, : tokens.numel()] = tokens
-        labels[row, : tokens.numel()] = tokens
-    return images, ids, labels
-
-
+# a caption row is `<s> <image> caption </s>` (mmafm.eval.captions.caption_ids), batched by
+# collate_captions: the layout the held-out scoring uses too
 class CaptionBatches:
     """Re-iterable batches of the training shards; one iteration = one epoch (reproducible)."""
 
@@ -162,23 +138,19 @@ def _standalone_data(cfg: VLAlignmentConfig, root: Path) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------- model
-def _text_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Decoder weights and metadata of a 03_text_pretrain checkpoint."""
-    tensors, meta = load_checkpoint(path)
-    if "embed.weight" not in tensors:
-        raise CheckpointError(f"{path}: no decoder weights (expected an `embed.weight` tensor)")
-    return tensors, meta
-
-
 def build_model(cfg: VLAlignmentConfig, tokenizer: Any) -> MultimodalModel:
     """The multimodal model of ``cfg``, towers initialised from the upstream checkpoints."""
-    from mmafm.models.clip import load_image_tower
+    from mmafm.registry import TEXT_FAMILIES, get_config
 
     if model_family(cfg.model_preset) != "multimodal":
         raise ConfigError(f"{STAGE}: model_preset {cfg.model_preset!r} is not a multimodal preset (e.g. afm_vl_tiny)")
+    # the flat stage parameters become MultimodalConfig's nested tower overrides, on top of the
+    # model preset's own
+    preset_config = get_config(cfg.model_preset)
+    vision_overrides: dict[str, Any] = dict(preset_config.vision)
+    text_overrides: dict[str, Any] = {**preset_config.text, "vocab_size": tokenizer.vocab_size}
     overrides: dict[str, Any] = {
-        "image_token_id": tokenizer.image_id, "pad_token_id": tokenizer.pad_id,
-        "text_vocab_size": tokenizer.vocab_size, "default_mode": cfg.mode,
+        "image_token_id": tokenizer.image_id, "pad_token_id": tokenizer.pad_id, "default_mode": cfg.mode,
     }
     if cfg.image_preset:
         if model_family(cfg.image_preset) not in ("vit", "vitdet"):
@@ -198,42 +170,36 @@ def build_model(cfg: VLAlignmentConfig, tokenizer: Any) -> MultimodalModel:
     if cfg.image_tokens:
         overrides[tokens_field] = cfg.image_tokens
 
-    text_tensors = None
+    text_model = None
     if cfg.text_checkpoint:
-        text_tensors, text_meta = _text_checkpoint(cfg.text_checkpoint)
-        vocab = text_tensors["embed.weight"].shape[0]
+        text_model = load_model(cfg.text_checkpoint, family=TEXT_FAMILIES)
+        vocab = text_model.config.vocab_size
         if vocab != tokenizer.vocab_size:
             raise ConfigError(
                 f"{STAGE}: text_checkpoint {cfg.text_checkpoint} has a vocabulary of {vocab} but the "
                 f"tokenizer {cfg.tokenizer or '(standalone)'} has {tokenizer.vocab_size}; pass the "
                 "tokenizer the text stage was trained with"
             )
-        text_overrides = dict(text_meta.get("model_overrides") or {})
-        text_overrides.pop("vocab_size", None)  # the tokenizer's, checked above
-        unknown = sorted(set(text_overrides) - set(TEXT_OVERRIDE_FIELDS))
-        if unknown:
-            raise ConfigError(
-                f"{STAGE}: text_checkpoint {cfg.text_checkpoint} was built with overrides {unknown} that "
-                f"the multimodal config cannot carry (supported: {sorted(TEXT_OVERRIDE_FIELDS)})"
-            )
-        overrides.update({TEXT_OVERRIDE_FIELDS[k]: v for k, v in text_overrides.items()})
+        checkpoint_overrides = dict(text_model.model_spec.overrides)
+        checkpoint_overrides.pop("vocab_size", None)  # the tokenizer's, checked above
+        text_overrides.update(checkpoint_overrides)  # validated against the text preset's config
     if cfg.image_tower:
-        tower_preset = json.loads(checkpoint_paths(cfg.image_tower)[1].read_text()).get("preset")
+        tower = load_model(cfg.image_tower, family=("vit", "vitdet"))
+        tower_preset = tower.model_spec.preset
         if tower_preset != cfg.image_preset:
             raise ConfigError(
                 f"{STAGE}: image_tower {cfg.image_tower} was trained from preset {tower_preset!r}, "
                 f"but image_preset is {cfg.image_preset!r}; pass the CLIP stage's image_preset output"
             )
-        tower = load_image_tower(cfg.image_tower)
         if "img_size" in {f.name for f in dataclasses.fields(tower.config)}:
-            overrides["vision_img_size"] = tower.config.img_size
+            vision_overrides["img_size"] = tower.config.img_size
 
-    model = create_model(cfg.model_preset, **overrides)
+    model = create_model(cfg.model_preset, vision=vision_overrides, text=text_overrides, **overrides)
     if cfg.image_tower:
         model.vision.load_state_dict(tower.state_dict(), strict=True)
-    if text_tensors is not None:
+    if text_model is not None:
         try:
-            model.text.load_state_dict(text_tensors, strict=True)
+            model.text.load_state_dict(text_model.state_dict(), strict=True)
         except RuntimeError as err:
             raise CheckpointError(
                 f"{cfg.text_checkpoint} does not fit text preset {model.config.text_preset!r}: {err}"
@@ -268,121 +234,7 @@ class CaptionTask:
         sums, counts = caption_log_likelihoods(
             self.plain, self.held_out["images"], self.held_out["ids"], self.mode
         )
-        return {"val_caption_ppl": math.exp(-float(sums.sum() / counts.sum()))}
-
-
-# ------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def caption_log_likelihoods(
-    model: MultimodalModel,
-    images: torch.Tensor,  # (N, 3, S, S)
-    ids: list[torch.Tensor],  # N rows of `<s> <image> caption </s>`
-    mode: str,
-    batch_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:  # (N,), (N,)
-    """Summed log-likelihood of each row's caption tokens (EOS included) given its image, and
-    the number of those tokens."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad = model.config.pad_token_id
-    sums, counts = [], []
-    for start in range(0, len(ids), batch_size):
-        chunk = [(images[i], ids[i]) for i in range(start, min(start + batch_size, len(ids)))]
-        batch_images, batch_ids, labels = collate_captions(chunk, pad)
-        out = model(batch_ids.to(device), batch_images.to(device), mode=mode, labels=labels.to(device))
-        targets = torch.full_like(out.labels, IGNORE_INDEX)
-        targets[:, :-1] = out.labels[:, 1:]  # next token; image slots and padding are IGNORE_INDEX
-        log_probs = F.log_softmax(out.logits.float(), dim=-1)
-        keep = targets != IGNORE_INDEX
-        token_lp = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * keep
-        sums.append(token_lp.sum(1).cpu())
-        counts.append(keep.sum(1).cpu())
-    model.train(was_training)
-    return torch.cat(sums), torch.cat(counts)
-
-
-def _candidates(captions: list[str], num_candidates: int, seed: int) -> list[list[int]]:
-    """For each caption, its own index first, then ``num_candidates - 1`` indices of other
-    captions with different text (seeded)."""
-    rng = random.Random(f"vl-candidates-{seed}")
-    distinct = len(set(captions))
-    if distinct < num_candidates:
-        raise ValueError(
-            f"'pick the right caption' needs {num_candidates} different held-out captions, found "
-            f"{distinct}; raise eval_pairs or lower num_candidates"
-        )
-    lists = []
-    for index, caption in enumerate(captions):
-        others: list[int] = []
-        chosen_texts = {caption}
-        while len(others) < num_candidates - 1:
-            j = rng.randrange(len(captions))
-            if captions[j] not in chosen_texts:
-                others.append(j)
-                chosen_texts.add(captions[j])
-        lists.append([index] + others)
-    return lists
-
-
-@torch.no_grad()
-def evaluate_captions(
-    model: MultimodalModel,
-    tokenizer: Any,
-    images: torch.Tensor,  # (N, 3, S, S)
-    captions: list[str],
-    mode: str,
-    num_candidates: int = 4,
-    max_caption_tokens: int = 40,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Caption perplexity and "pick the right caption" accuracy (with chance and a wrong-image
-    control) on held-out pairs."""
-    ids = [caption_ids(tokenizer, c, max_caption_tokens) for c in captions]
-    sums, counts = caption_log_likelihoods(model, images, ids, mode)
-    perplexity = math.exp(-float(sums.sum() / counts.sum()))
-
-    candidates = _candidates(captions, num_candidates, seed)
-    num = len(captions)
-    shift = random.Random(f"vl-wrong-image-{seed}").randrange(1, num)  # image (i + shift) % N: never i
-    rows_images, rows_ids = [], []
-    for use_wrong_image in (False, True):
-        for index, cands in enumerate(candidates):
-            image_index = (index + shift) % num if use_wrong_image else index
-            for j in cands:
-                rows_images.append(image_index)
-                rows_ids.append(ids[j])
-    cand_sums, cand_counts = caption_log_likelihoods(model, images[rows_images], rows_ids, mode)
-    scores = (cand_sums / cand_counts).view(2, num, num_candidates)  # mean log-likelihood per token
-    picked = scores.argmax(dim=-1)  # (2, N); the true caption is candidate 0
-    return {
-        "caption_ppl": perplexity,
-        "choice_accuracy": float((picked[0] == 0).float().mean()),
-        "choice_accuracy_wrong_image": float((picked[1] == 0).float().mean()),
-        "choice_chance": 1.0 / num_candidates,
-        "eval_pairs": float(num),
-    }
-
-
-@torch.no_grad()
-def generate_captions(
-    model: MultimodalModel, tokenizer: Any, images: torch.Tensor, mode: str, max_new_tokens: int
-) -> list[str]:
-    """Greedy captions (KV cache) for ``images`` from the prompt ``<s> <image>``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    prompt = [[tokenizer.bos_id, tokenizer.image_id]] * images.shape[0]
-    new_tokens = model.generate(
-        images=images.to(device), prompt=prompt, mode=mode, max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_id,
-    )
-    model.train(was_training)
-    texts = []
-    for row in new_tokens.tolist():
-        row = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
-        texts.append(tokenizer.decode(row))
-    return texts
+        return {"val_caption_ppl": caption_perplexity(sums, counts)}
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -435,7 +287,7 @@ def run(cfg: VLAlignmentConfig) -> dict[str, str]:
     """Train, evaluate, plot and write the checkpoint later stages start from."""
     from mmafm.data.shards import ImageTextShards, expand_shards, image_to_tensor, load_pairs
     from mmafm.tokenizer import Tokenizer
-    from mmafm.train import Trainer, TrainConfig, seed_everything
+    from mmafm.train import Trainer, seed_everything
 
     stage_dir = StageDir(cfg.out_dir, STAGE)
     seed_everything(cfg.seed)
@@ -470,12 +322,7 @@ def run(cfg: VLAlignmentConfig) -> dict[str, str]:
         tokenize=lambda caption: caption_ids(tokenizer, caption, cfg.max_caption_tokens),
     )
     batches = CaptionBatches(dataset, cfg.batch_size, tokenizer.pad_id, cfg.num_workers)
-    train_config = TrainConfig(
-        max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule="cosine",
-        warmup_steps=min(cfg.warmup_steps, cfg.steps - 1), min_lr_ratio=cfg.min_lr_ratio,
-        precision=cfg.precision, log_every=cfg.log_every, eval_every=cfg.eval_every,
-        ckpt_every=cfg.ckpt_every, seed=cfg.seed,
-    )
+    train_config = cfg.train_config()
     task = CaptionTask(model, cfg.mode, perplexity_subset)
     trainer = Trainer(task, batches, train_config, stage_dir)
     records = trainer.fit()
@@ -491,9 +338,9 @@ def run(cfg: VLAlignmentConfig) -> dict[str, str]:
     stage_dir.log({"step": trainer.step, **{f"final/{k}": v for k, v in metrics.items()}})
     _figures(stage_dir, records, shown, metrics)
 
-    checkpoint = model.save(
-        stage_dir.root / "vl_model",
-        {"preset": cfg.model_preset, "step": trainer.step, "mode": cfg.mode, "metrics": metrics},
+    checkpoint = save_model(
+        stage_dir.root / "vl_model", model,
+        {"tokenizer": str(tokenizer_path), "step": trainer.step, "mode": cfg.mode, "metrics": metrics},
     )
     outputs = {
         "checkpoint": str(checkpoint),

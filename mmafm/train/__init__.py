@@ -2,6 +2,9 @@
 
     from mmafm.train import Trainer, TrainConfig
     records = Trainer(task, batches, TrainConfig(max_steps=100), stage_dir).fit()
+
+``task`` follows :class:`TrainingTask` (:mod:`mmafm.train.task`); checkpoints and exact resume
+are :mod:`mmafm.train.checkpointing`; the torchrun entry point is :mod:`mmafm.launch`.
 """
 
 from mmafm.train.distributed import (
@@ -16,11 +19,17 @@ from mmafm.train.distributed import (
 )
 from mmafm.train.optim import build_optimizer, param_groups
 from mmafm.train.schedule import WarmupConstant, WarmupCosine, build_scheduler, constant_schedule, cosine_schedule
-from mmafm.train.trainer import TrainConfig, Trainer, count_items, move_to, seed_everything
+from mmafm.train.task import CountingTask, EvaluatingTask, TrainingTask
+from mmafm.train.trainer import TrainConfig, Trainer, TrainSettings, count_items, move_to, seed_everything, setting
 
 __all__ = [
     "Trainer",
     "TrainConfig",
+    "TrainSettings",
+    "setting",
+    "TrainingTask",
+    "EvaluatingTask",
+    "CountingTask",
     "seed_everything",
     "move_to",
     "count_items",

@@ -1,33 +1,33 @@
 """The one training loop every mmafm stage uses.
 
-A stage brings a *task*, its data and a :class:`TrainConfig`:
+A stage brings a *task* (the contract is :class:`mmafm.train.task.TrainingTask`), its data and a
+:class:`TrainConfig`:
 
 - ``task.model``: the ``nn.Module`` being trained (and checkpointed). The trainer moves it to the
   device and may replace ``task.model`` by a ``DistributedDataParallel`` wrapper, so the task
   must always call ``self.model(...)``.
 - ``task.training_forward(batch) -> (losses, metrics)``: ``losses`` a dict of scalar tensors,
   summed for the backward pass; ``metrics`` a dict of floats (or scalar tensors) to log.
-- optionally ``task.evaluate() -> dict[str, float]`` (called on every rank, under ``no_grad``,
-  every ``eval_every`` steps and at the end), and ``task.count_items(batch) -> int`` (tokens or
-  samples, for the throughput column; default: the leading dimension of the first tensor).
+- optionally ``task.evaluate() -> dict[str, float]`` (:class:`~mmafm.train.task.EvaluatingTask`:
+  called on every rank, under ``no_grad``, every ``eval_every`` steps and at the end), and
+  ``task.count_items(batch) -> int`` (:class:`~mmafm.train.task.CountingTask`: tokens or samples,
+  for the throughput column; default: the leading dimension of the first tensor).
 
 Recipe (2024 AFM report, section 3 "Pre-training", see REFERENCE.md): decoupled weight decay,
 linear warm-up then cosine decay to ``min_lr_ratio`` of the peak, global grad-norm clipping at
 1.0 before the update. Everything else (gradient accumulation, bf16 autocast, checkpoints with
 exact resume, DDP/FSDP2 under torchrun) is standard practice as in nanoGPT and torchtitan.
 
-Checkpoints live in ``stage_dir.checkpoint_dir``: ``step_<8-digit step>.safetensors`` (model weights,
-optimizer tensors, RNG states) + ``step_<8-digit step>.json`` (step, data position, scheduler, optimizer
-hyper-parameters, Python/NumPy RNG, the config), ``latest.json`` naming the newest one, and the
-final weights as ``final.safetensors``. A trainer started on a stage dir holding a checkpoint
-resumes from it exactly.
+Checkpoints live in ``stage_dir.checkpoint_dir`` (layout: :mod:`mmafm.train.checkpointing`):
+``step_<8-digit step>`` files holding everything needed to continue, ``latest.json`` naming the
+newest one, and the final weights as ``final.safetensors``. A trainer started on a stage dir
+holding a checkpoint resumes from it exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -43,9 +43,20 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from mmafm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mmafm.checkpoint import CheckpointError
 from mmafm.config import ConfigError, coerce_fields, to_dict
-from mmafm.io import atomic_path, atomic_write_json, read_jsonl
+from mmafm.train.checkpointing import (
+    FINAL,
+    gather_train_state,
+    load_train_state,
+    rank_rng_state,
+    read_latest_checkpoint,
+    rng_state,
+    set_rng_state,
+    truncate_metrics,
+    write_final_weights,
+    write_train_checkpoint,
+)
 from mmafm.train.distributed import (
     PARALLEL_MODES,
     barrier,
@@ -58,18 +69,24 @@ from mmafm.train.distributed import (
 )
 from mmafm.train.optim import build_optimizer
 from mmafm.train.schedule import build_scheduler
+from mmafm.train.task import TrainingTask
 
-__all__ = ["TrainConfig", "Trainer", "seed_everything", "move_to", "count_items"]
+__all__ = ["TrainSettings", "TrainConfig", "setting", "Trainer", "seed_everything", "move_to", "count_items"]
 
-LATEST = "latest.json"
-FINAL = "final"
 # names the trainer writes into every metrics record itself
 RESERVED_NAMES = ("step", "lr", "grad_norm", "tokens_or_samples_per_s")
 
 
 @dataclass
-class TrainConfig:
-    """How to train: optimizer, schedule, precision, logging, checkpoints, parallelism."""
+class TrainSettings:
+    """The trainer settings every training stage exposes as its own flat parameters.
+
+    One name per concept: a training stage's config inherits these fields
+    (:class:`mmafm.stages.base.TrainStageConfig`), so ``max_steps`` means the same thing in every
+    stage, notebook, ``-p`` override, the torchrun launcher and :class:`TrainConfig`. A stage that
+    wants another default (or fewer choices) re-declares the field with :func:`setting`, with its
+    comment and sources next to it.
+    """
 
     # optimizer steps in total (a step = grad_accum_steps micro-batches on every rank)
     max_steps: int = field(default=100, metadata={"min": 1})
@@ -78,10 +95,6 @@ class TrainConfig:
     # decoupled (AdamW) weight decay, not applied to norms, biases, embeddings, no_weight_decay()
     # [open: 2024 AFM used 3.16e-4 with its own optimizer; 0.1 is the usual AdamW value]
     weight_decay: float = field(default=0.1, metadata={"min": 0.0})
-    # AdamW betas, each in [0, 1) [open: (0.9, 0.95) as in nanoGPT/LLaMA]
-    betas: tuple[float, float] = (0.9, 0.95)
-    # AdamW epsilon (> 0)
-    eps: float = field(default=1e-8, metadata={"min": 0.0})
     # "cosine": warm-up then cosine to min_lr_ratio [paper, pre-training]; "constant": warm-up
     # then flat [paper, SFT]
     schedule: str = field(default="cosine", metadata={"choices": ("cosine", "constant")})
@@ -95,20 +108,45 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"min": 0.0})
     # "fp32", or "bf16" = torch.autocast(bfloat16) around the forward (weights stay fp32)
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
+    # "none" (one process), "ddp" or "fsdp" (FSDP2 fully_shard); the last two need torchrun
+    parallel: str = field(default="none", metadata={"choices": PARALLEL_MODES})
     # write a metrics record every this many steps (and at the last step)
     log_every: int = field(default=10, metadata={"min": 1})
     # call task.evaluate() every this many steps; 0 = only at the end
     eval_every: int = field(default=0, metadata={"min": 0})
     # save a resumable checkpoint every this many steps; 0 = only at the end
     ckpt_every: int = field(default=0, metadata={"min": 0})
+
+
+def setting(name: str, default: Any, choices: tuple | None = None) -> Any:
+    """A :class:`TrainSettings` field with a stage's own default (and optionally fewer choices).
+
+    The bounds (``min``/``max``) stay those of :class:`TrainSettings`, so a stage cannot loosen
+    them; ``choices`` may only narrow the allowed values.
+    """
+    base = TrainSettings.__dataclass_fields__[name]
+    metadata = dict(base.metadata)
+    if choices is not None:
+        if not set(choices) <= set(metadata.get("choices", choices)):
+            raise ValueError(f"setting {name!r}: choices {choices} are not a subset of {metadata['choices']}")
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig(TrainSettings):
+    """How to train: the stage-facing :class:`TrainSettings` plus what stages fix themselves."""
+
+    # AdamW betas, each in [0, 1) [open: (0.9, 0.95) as in nanoGPT/LLaMA]
+    betas: tuple[float, float] = (0.9, 0.95)
+    # AdamW epsilon (> 0)
+    eps: float = field(default=1e-8, metadata={"min": 0.0})
     # how many step checkpoints to keep (older ones are deleted; final weights always kept)
     keep_checkpoints: int = field(default=2, metadata={"min": 1})
     # seeds Python, NumPy and torch (rank r uses seed + r) and the per-epoch data order
     seed: int = field(default=0, metadata={"min": 0})
     # torch.use_deterministic_algorithms(warn_only) during fit() on CPU
     deterministic: bool = True
-    # "none" (one process), "ddp" or "fsdp" (FSDP2 fully_shard); the last two need torchrun
-    parallel: str = field(default="none", metadata={"choices": PARALLEL_MODES})
     # "auto" = cuda:LOCAL_RANK when a GPU is visible, else cpu
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
 
@@ -218,64 +256,12 @@ class _DataCursor:
 _END = object()
 
 
-def _rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _flatten_optimizer(optim_state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state dict (keyed by parameter name) -> safetensors tensors + JSON metadata."""
-    tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, dict] = {}
-    for param_name, param_state in optim_state["state"].items():
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{param_name}/{key}"] = value
-            else:
-                plain.setdefault(str(param_name), {})[key] = value
-    groups = []
-    for group in optim_state["param_groups"]:
-        groups.append({
-            k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in group.items()
-        })
-    return tensors, {"param_groups": groups, "state": plain}
-
-
-def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
-    state: dict[str, dict] = {name: dict(values) for name, values in meta["state"].items()}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            param_name, entry = key[len("optim/"):].rsplit("/", 1)
-            state.setdefault(param_name, {})[entry] = value
-    groups = []
-    for group in meta["param_groups"]:
-        # JSON turned tuples (AdamW's betas) into lists
-        groups.append({k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()})
-    return {"state": state, "param_groups": groups}
-
-
 class Trainer:
     """Trains ``task.model`` on ``train_data`` as ``config`` says; see the module docstring.
 
     Args:
-        task: object with ``model`` and ``training_forward(batch)``; optionally ``evaluate()``
-            and ``count_items(batch)``.
+        task: a :class:`~mmafm.train.task.TrainingTask` (``model`` and
+            ``training_forward(batch)``); optionally ``evaluate()`` and ``count_items(batch)``.
         train_data: an iterable of batches (this rank's share under torchrun), iterated again
             for every epoch. For exact resume it must give the same batches for a given epoch
             each time: fixed lists, or shuffling drawn from torch/NumPy/Python's global RNG at
@@ -291,7 +277,7 @@ class Trainer:
 
     def __init__(
         self,
-        task: Any,
+        task: TrainingTask,
         train_data: Iterable,
         config: TrainConfig,
         stage_dir: Any = None,
@@ -516,12 +502,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _state_dicts(self) -> tuple[dict, dict]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_state_dict(self._model, self.optimizer, options=options)
-
     def save_checkpoint(self) -> Path | None:
         """Save everything needed to resume at ``self.step`` (collective; rank 0 writes).
 
@@ -530,119 +510,65 @@ class Trainer:
         """
         if self.stage_dir is None:
             return None
-        model_state, optim_state = self._state_dicts()
-        rng_states = [_rng_state()]
+        model_state, optim_state = gather_train_state(self._model, self.optimizer)
+        rng_states = [rng_state()]
         if self.world_size > 1:
             gathered: list = [None] * self.world_size
             dist.all_gather_object(gathered, rng_states[0])
             rng_states = gathered
         path = None
         if self.rank == 0:
-            path = self._write_checkpoint(model_state, optim_state, rng_states)
+            scheduler_state = dict(self.scheduler.state_dict())
+            if "lr_lambdas" in scheduler_state:  # the schedule comes from the config, not the file
+                scheduler_state["lr_lambdas"] = [None] * len(scheduler_state["lr_lambdas"])
+            metadata = {
+                "data": self._cursor.state(),
+                "world_size": self.world_size,
+                "parallel": self.parallel,
+                "scheduler": scheduler_state,
+                "train_config": to_dict(self.config),
+            }
+            path = write_train_checkpoint(
+                self.checkpoint_dir, self.step, model_state, optim_state, rng_states, metadata,
+                keep=self.config.keep_checkpoints,
+            )
         barrier()
         return path
-
-    def _write_checkpoint(self, model_state: dict, optim_state: dict, rng_states: list[dict]) -> Path:
-        tensors = {f"model/{k}": v for k, v in model_state.items()}
-        optim_tensors, optim_meta = _flatten_optimizer(optim_state)
-        tensors.update(optim_tensors)
-        rng_meta = {}
-        for rank, state in enumerate(rng_states):
-            tensors[f"rng/{rank}/torch"] = state["torch"]
-            for index, cuda_state in enumerate(state.get("cuda", [])):
-                tensors[f"rng/{rank}/cuda/{index}"] = cuda_state
-            kind, keys, pos, has_gauss, cached = state["numpy"]
-            rng_meta[str(rank)] = {
-                "python": [state["python"][0], list(state["python"][1]), state["python"][2]],
-                "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
-                "cuda_devices": len(state.get("cuda", [])),
-            }
-        scheduler_state = dict(self.scheduler.state_dict())
-        if "lr_lambdas" in scheduler_state:  # the schedule comes from the config, not the file
-            scheduler_state["lr_lambdas"] = [None] * len(scheduler_state["lr_lambdas"])
-        metadata = {
-            "kind": "mmafm.train checkpoint",
-            "step": self.step,
-            "data": self._cursor.state(),
-            "world_size": self.world_size,
-            "parallel": self.parallel,
-            "optimizer": optim_meta,
-            "scheduler": scheduler_state,
-            "rng": rng_meta,
-            "train_config": to_dict(self.config),
-        }
-        name = f"step_{self.step:08d}"
-        path = save_checkpoint(self.checkpoint_dir / name, tensors, metadata)
-        atomic_write_json(self.checkpoint_dir / LATEST, {"step": self.step, "checkpoint": name})
-        self._prune_checkpoints(keep=name)
-        return path
-
-    def _prune_checkpoints(self, keep: str) -> None:
-        steps = sorted(p.with_suffix("") for p in self.checkpoint_dir.glob("step_*.json"))
-        for old in steps[: -self.config.keep_checkpoints]:
-            if old.name == keep:
-                continue
-            old.with_suffix(".json").unlink(missing_ok=True)  # JSON first: marks it incomplete
-            old.with_suffix(".safetensors").unlink(missing_ok=True)
 
     def _save_final(self) -> None:
         if self.stage_dir is None:
             return
         weights = self.full_state_dict()
         if self.rank == 0:
-            save_checkpoint(
-                self.checkpoint_dir / FINAL, weights,
-                {"kind": "mmafm.train final weights", "step": self.step, "train_config": to_dict(self.config)},
-            )
+            write_final_weights(self.checkpoint_dir, weights, self.step, to_dict(self.config))
         barrier()
 
     def _resume(self) -> bool:
         """Load the latest checkpoint of the stage dir if there is one; True if resumed."""
         if self.stage_dir is None:
             return False
-        latest = self.checkpoint_dir / LATEST
-        if not latest.is_file():
+        found = read_latest_checkpoint(self.checkpoint_dir)
+        if found is None:
             return False
-        try:
-            name = json.loads(latest.read_text())["checkpoint"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"corrupt {latest}: {err}") from err
-        tensors, meta = load_checkpoint(self.checkpoint_dir / name)
-        if meta.get("kind") != "mmafm.train checkpoint":
-            raise CheckpointError(f"{self.checkpoint_dir / name}: not a trainer checkpoint (no metadata?)")
+        path, tensors, meta = found
         step = int(meta["step"])
         if step > self.config.max_steps:
-            raise CheckpointError(
-                f"{self.checkpoint_dir / name} is at step {step}, past max_steps={self.config.max_steps}"
-            )
+            raise CheckpointError(f"{path} is at step {step}, past max_steps={self.config.max_steps}")
         saved_cfg = meta.get("train_config", {})
         same_accum = saved_cfg.get("grad_accum_steps") == self.config.grad_accum_steps
         if meta.get("world_size") != self.world_size or not same_accum:
             warnings.warn(
-                f"resuming {name} saved with world_size={meta.get('world_size')}, grad_accum_steps="
+                f"resuming {path.name} saved with world_size={meta.get('world_size')}, grad_accum_steps="
                 f"{saved_cfg.get('grad_accum_steps')} under world_size={self.world_size}, grad_accum_steps="
                 f"{self.config.grad_accum_steps}: the data position is not the same any more",
                 stacklevel=3,
             )
-
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        optim_state = _unflatten_optimizer(tensors, meta["optimizer"])
-        set_state_dict(
-            self._model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-            options=StateDictOptions(full_state_dict=True),
-        )
+        load_train_state(self._model, self.optimizer, tensors, meta)
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step = step
         self._cursor.fast_forward(meta["data"])
         # RNG last: fast-forwarding the data may draw random numbers
-        rank_key = str(self.rank) if str(self.rank) in meta["rng"] else "0"
-        rng = dict(meta["rng"][rank_key])
-        rng["torch"] = tensors[f"rng/{rank_key}/torch"]
-        if rng.get("cuda_devices"):
-            rng["cuda"] = [tensors[f"rng/{rank_key}/cuda/{i}"] for i in range(rng["cuda_devices"])]
-        _set_rng_state(rng)
+        set_rng_state(rank_rng_state(tensors, meta, self.rank))
         self.records = self._truncate_metrics(step)
         return True
 
@@ -650,12 +576,4 @@ class Trainer:
         """Drop records logged after ``step`` (a killed run's tail) so no step appears twice."""
         if self.stage_dir is None:
             return []
-        path = Path(self.stage_dir.metrics_path)
-        records = read_jsonl(path)
-        kept = [r for r in records if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
-        barrier()  # every rank has read before rank 0 rewrites
-        if self.rank == 0 and len(kept) != len(records):
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
-        barrier()
-        return [r for r in kept if "step" in r]
+        return truncate_metrics(Path(self.stage_dir.metrics_path), step, self.rank)

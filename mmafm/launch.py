@@ -3,7 +3,7 @@
 Papermill executes a notebook in one kernel process, so multi-process training launches the
 stage function itself, once per rank::
 
-    torchrun --standalone --nproc_per_node 8 -m mmafm.train.launch 01_clip_pretrain \\
+    torchrun --standalone --nproc_per_node 8 -m mmafm.launch 01_clip_pretrain \\
         --run-id clip-8gpu -p parallel=ddp -p max_steps=20000
 
 The config is resolved exactly as ``mmafm run`` does (dataclass defaults <- ``--config`` YAML <-
@@ -27,7 +27,7 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     from mmafm.cli import add_stage_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m mmafm.train.launch", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mmafm.launch", description=__doc__.split("\n")[0])
     add_stage_arguments(parser, run_id_default="torchrun's run id or a timestamp")
     return parser
 

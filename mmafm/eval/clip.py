@@ -11,13 +11,16 @@
 Every function takes a model-like object with ``encode_image(images)`` and
 ``encode_text(tokens)`` (a :class:`mmafm.models.clip.CLIP` or anything shaped like it), so the
 metrics can be checked on constructed encoders whose answers are known.
+
+:func:`evaluate_clip` runs both on the held-out set the CLIP stage builds (Fashion-MNIST test images
+and the data stage's ``val`` pairs); every metric the stage logs comes from it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ __all__ = [
     "retrieval_metrics",
     "chance_recall",
     "fashion_mnist_tensor",
+    "evaluate_clip",
 ]
 
 # Prompt templates and class words [open], chosen as CLIP chose its prompts -- on held-out images
@@ -246,3 +250,36 @@ def fashion_mnist_tensor(
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (pixels.clamp(0, 1) - mean_t) / std_t
+
+
+def evaluate_clip(model: Any, held_out: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Zero-shot Fashion-MNIST and held-out image<->text retrieval, in eval mode.
+
+    Args:
+        model: A CLIP-like model (``encode_image``, ``encode_text``); its train/eval mode is
+            restored afterwards.
+        held_out: ``fmnist_images`` ``(N, 3, S, S)``, ``fmnist_labels`` ``(N,)``,
+            ``fmnist_prompts`` (one prompt name per class), ``tokenize`` (captions -> ids),
+            ``val_images`` ``(M, 3, S, S)``, ``val_tokens`` ``(M, T)`` and ``val_captions`` (the
+            caption strings: equal captions count as correct answers for each other).
+
+    Returns:
+        ``(metrics, details)``: ``fmnist_top1`` / ``fmnist_top5`` / ``fmnist_chance`` plus
+        :func:`retrieval_metrics` at k = 1 and 5; ``details`` holds the
+        :class:`ZeroShotResult` (``zero_shot``) and the ``(M, M)`` image-caption cosine
+        similarities (``similarity``) for figures.
+    """
+    was_training = model.training
+    model.eval()
+    zero_shot = zero_shot_classification(
+        model, held_out["fmnist_images"], held_out["fmnist_labels"], held_out["fmnist_prompts"],
+        FASHION_MNIST_TEMPLATES, held_out["tokenize"],
+    )
+    image_features = embed_images(model, held_out["val_images"])  # (M, E)
+    text_features = embed_texts(model, held_out["val_tokens"])  # (M, E)
+    retrieval = retrieval_metrics(image_features, text_features, ks=(1, 5), groups=held_out["val_captions"])
+    model.train(was_training)
+    metrics = {"fmnist_top1": zero_shot.top1, "fmnist_top5": zero_shot.top5, "fmnist_chance": zero_shot.chance}
+    metrics.update(retrieval)
+    details = {"zero_shot": zero_shot, "similarity": image_features @ text_features.T}
+    return metrics, details

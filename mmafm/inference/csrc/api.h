@@ -1,0 +1,76 @@
+/* The exported symbols of the mmafm decode kernels (mmafm/inference/kernels.py binds each one:
+   its SYMBOLS table lists the same names with their ctypes signatures, in this order).
+
+   Every function computes in float32. "_f32" variants read float32 weights and K/V cache,
+   "_bf16" variants bfloat16 ones (converted to float32 in registers). Functions returning int
+   return 0 on success, 1 when out of memory (their outputs are then undefined unless stated),
+   2 for an out-of-range token or position (mmafm_decode_step_*, nothing written). */
+#ifndef MMAFM_API_H
+#define MMAFM_API_H
+
+#include <stdint.h>
+
+typedef uint16_t bf16_t; /* bfloat16 storage: the upper 16 bits of a float32 */
+
+/* One decoder layer's weights and K/V storage for a whole decode step (mirrored by DecodeLayer
+   in kernels.py); matrices and caches in the step's storage type, gains float32. */
+typedef struct {
+  const float* attn_norm;
+  const void *wq, *wk, *wv, *wo;  /* wk = wv = NULL: the layer shares K/V */
+  const float *q_norm, *k_norm, *ffn_norm;
+  const void *w_gate, *w_up, *w_down;
+  void *k_cache, *v_cache;  /* (batch, kv_heads, slots, head_dim): its own, or its source layer's */
+  long kv_batch_stride, kv_head_stride, slots;
+  long ring;    /* 1: sliding-window ring buffer, column t in slot t % slots */
+  long rope;    /* 1: RoPE, 0: no positional encoding */
+  long hidden;  /* SwiGLU width */
+} mmafm_layer_t;
+
+/* y[r] = rms_norm(x[r]) * w for rows r; y may be x */
+void mmafm_rms_norm_f32(const float* x, const float* w, float* y, long rows, long dim, float eps);
+
+/* y = [x w0^T | x w1^T | x w2^T] for `batch` rows (w1 / w2 unused when out1 / out2 are 0) */
+void mmafm_gemv3_f32(const float* x, const float* w0, const float* w1, const float* w2, float* y,
+                     long batch, long out0, long out1, long out2, long in, int nthreads);
+void mmafm_gemv3_bf16(const float* x, const bf16_t* w0, const bf16_t* w1, const bf16_t* w2, float* y,
+                      long batch, long out0, long out1, long out2, long in, int nthreads);
+
+/* the attention half of a pre-norm decoder layer for one new token per row (see kernels.h) */
+int mmafm_attention_decode_f32(
+    const float* x, float* y, const float* norm_w, float eps,
+    const float* wq, const float* wk, const float* wv, const float* wo,
+    const float* q_norm_w, const float* k_norm_w, const float* cos, const float* sin,
+    float* k_cache, float* v_cache, long kv_batch_stride, long kv_head_stride, long write_slot, long keys,
+    const unsigned char* valid, long valid_stride,
+    long batch, long dim, long heads, long kv_heads, long head_dim, int nthreads);
+int mmafm_attention_decode_bf16(
+    const float* x, float* y, const float* norm_w, float eps,
+    const bf16_t* wq, const bf16_t* wk, const bf16_t* wv, const bf16_t* wo,
+    const float* q_norm_w, const float* k_norm_w, const float* cos, const float* sin,
+    bf16_t* k_cache, bf16_t* v_cache, long kv_batch_stride, long kv_head_stride, long write_slot, long keys,
+    const unsigned char* valid, long valid_stride,
+    long batch, long dim, long heads, long kv_heads, long head_dim, int nthreads);
+
+/* the SwiGLU half of a pre-norm decoder layer, in place on x (batch, dim) */
+int mmafm_swiglu_decode_f32(float* x, const float* norm_w, float eps, const float* w_gate,
+                            const float* w_up, const float* w_down, long batch, long dim, long hidden,
+                            int nthreads);
+int mmafm_swiglu_decode_bf16(float* x, const float* norm_w, float eps, const bf16_t* w_gate,
+                             const bf16_t* w_up, const bf16_t* w_down, long batch, long dim, long hidden,
+                             int nthreads);
+
+/* a whole decode step of a dense decoder: embedding, every layer, final norm, head -> logits */
+int mmafm_decode_step_f32(
+    const long* tokens, const float* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const float* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads);
+int mmafm_decode_step_bf16(
+    const long* tokens, const bf16_t* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const bf16_t* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads);
+
+#endif /* MMAFM_API_H */

@@ -1,0 +1,220 @@
+/* One storage variant of the decode kernels: included by kernels.c once per storage type, after
+   it defines (then undefines)
+     WEIGHT_T, LOAD_W(v)            weight element type and its conversion to float32
+     CACHE_T, LOAD_C(v), STORE_C(f) K/V-cache element type, its load and its store
+     STORAGE_SUFFIX                 f32 or bf16: NAME(mmafm_gemv3) is mmafm_gemv3_<suffix>
+   Activations and sums are float32 in every variant. No include guard: included twice. */
+
+/* y[b, o] = sum_i x[b, i] * w[o, i] for b < batch (few rows), written with row stride ystride:
+   every weight row is read once and used for all input rows while it sits in L1; 16 float32
+   accumulators per dot product (one AVX-512 register, or two AVX2 ones, once vectorised). */
+static void NAME(gemv)(const float* restrict x, const WEIGHT_T* restrict w, float* restrict y,
+                     long batch, long out, long in, long ystride) {
+  /* orphaned work-sharing: inside mmafm_gemv3's parallel region the rows are split over the
+     team (no barrier until the region ends); outside one, this is a plain loop */
+  #pragma omp for schedule(static) nowait
+  for (long o0 = 0; o0 < out; o0 += 4) {
+    const long rows = out - o0 < 4 ? out - o0 : 4;
+    for (long b = 0; b < batch; ++b) {
+      const float* xb = x + b * in;
+      for (long r = 0; r < rows; ++r) {
+        const WEIGHT_T* wr = w + (o0 + r) * in;
+        float acc[16] = {0};
+        long i = 0;
+        for (; i + 16 <= in; i += 16)
+          for (int j = 0; j < 16; ++j) acc[j] += LOAD_W(wr[i + j]) * xb[i + j];
+        float s = 0.0f;
+        for (int j = 0; j < 16; ++j) s += acc[j];
+        for (; i < in; ++i) s += LOAD_W(wr[i]) * xb[i];
+        y[b * ystride + o0 + r] = s;
+      }
+    }
+  }
+}
+
+/* up to three weights sharing one input (Q/K/V, gate/up): y = [x w0^T | x w1^T | x w2^T] */
+void NAME(mmafm_gemv3)(const float* x, const WEIGHT_T* w0, const WEIGHT_T* w1, const WEIGHT_T* w2, float* y,
+                     long batch, long out0, long out1, long out2, long in, int nthreads) {
+  const long stride = out0 + out1 + out2;
+  #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && stride * in >= PARALLEL_MIN_ELEMENTS)
+  {
+    NAME(gemv)(x, w0, y, batch, out0, in, stride);
+    if (out1) NAME(gemv)(x, w1, y + out0, batch, out1, in, stride);
+    if (out2) NAME(gemv)(x, w2, y + out0 + out1, batch, out2, in, stride);
+  }
+}
+
+/* single-query attention of the `group` query heads (rows of q and o, head_dim wide) that share
+   one KV head, over keys [0, keys) of a K/V cache view: each K and V row is read once for the whole
+   group. scores: group x keys scratch; valid: NULL or one byte per key column (0 = padding). */
+static void NAME(attend_group)(const float* restrict q, const CACHE_T* restrict kh, const CACHE_T* restrict vh,
+                             float* restrict o, float* restrict scores, long group, long keys, long dim,
+                             float scale, const unsigned char* restrict valid) {
+  for (long t = 0; t < keys; ++t) {
+    const CACHE_T* kt = kh + t * dim;
+    for (long g = 0; g < group; ++g) {
+      if (valid && !valid[t]) { scores[g * keys + t] = -INFINITY; continue; }
+      const float* qg = q + g * dim;
+      float acc[16] = {0};  /* 16 lanes so the dot product vectorises without -ffast-math */
+      long d = 0;
+      for (; d + 16 <= dim; d += 16)
+        for (int j = 0; j < 16; ++j) acc[j] += qg[d + j] * LOAD_C(kt[d + j]);
+      float dot = 0.0f;
+      for (int j = 0; j < 16; ++j) dot += acc[j];
+      for (; d < dim; ++d) dot += qg[d] * LOAD_C(kt[d]);
+      scores[g * keys + t] = dot * scale;
+    }
+  }
+  for (long g = 0; g < group; ++g) {
+    float* sg = scores + g * keys;
+    float best = -INFINITY, total = 0.0f;
+    for (long t = 0; t < keys; ++t) best = sg[t] > best ? sg[t] : best;
+    for (long t = 0; t < keys; ++t) {
+      sg[t] = expf(sg[t] - best);  /* exp(-inf) = 0 for padding */
+      total += sg[t];
+    }
+    for (long t = 0; t < keys; ++t) sg[t] /= total;
+    for (long d = 0; d < dim; ++d) o[g * dim + d] = 0.0f;
+  }
+  for (long t = 0; t < keys; ++t) {
+    const CACHE_T* vt = vh + t * dim;
+    for (long g = 0; g < group; ++g) {
+      const float weight = scores[g * keys + t];
+      if (weight == 0.0f) continue;
+      float* og = o + g * dim;
+      for (long d = 0; d < dim; ++d) og[d] += weight * LOAD_C(vt[d]);
+    }
+  }
+}
+
+/* y = x + o_proj(attention(rope(qk_norm(q, k)), v)) of x_norm = rms_norm(x): the attention half of a
+   pre-norm decoder layer for one new token per row. With wk == NULL the layer shares K/V: it reads
+   keys [0, keys) of k_cache / v_cache and writes nothing; otherwise its new K/V go to cache slot
+   write_slot first (so keys includes them). Caches are (batch, kv_heads, slots, head_dim) with
+   unit inner strides. cos, sin: (batch, head_dim) or NULL (no RoPE); q_norm_w, k_norm_w: NULL
+   without QK-norm; valid: NULL or (batch, valid_stride) bytes per key column. Returns 0, or 1 when
+   out of memory (y untouched). */
+int NAME(mmafm_attention_decode)(
+    const float* restrict x, float* restrict y, const float* norm_w, float eps,
+    const WEIGHT_T* wq, const WEIGHT_T* wk, const WEIGHT_T* wv, const WEIGHT_T* wo,
+    const float* q_norm_w, const float* k_norm_w, const float* cos, const float* sin,
+    CACHE_T* k_cache, CACHE_T* v_cache, long kv_batch_stride, long kv_head_stride, long write_slot, long keys,
+    const unsigned char* valid, long valid_stride,
+    long batch, long dim, long heads, long kv_heads, long head_dim, int nthreads) {
+  const long q_width = heads * head_dim, kv_width = wk ? kv_heads * head_dim : 0;
+  const long qkv_width = q_width + 2 * kv_width;
+  float* xn = malloc(sizeof(float) * batch * (dim + qkv_width + q_width + dim + head_dim));
+  float* scores = malloc(sizeof(float) * batch * heads * (keys > 0 ? keys : 1));
+  if (!xn || !scores) { free(xn); free(scores); return 1; }
+  float* qkv = xn + batch * dim;        /* (batch, q | k | v) */
+  float* att = qkv + batch * qkv_width; /* (batch, heads, head_dim) */
+  float* out = att + batch * q_width;   /* (batch, dim) */
+  float* tmp = out + batch * dim;       /* (head_dim) */
+  mmafm_rms_norm_f32(x, norm_w, xn, batch, dim, eps);
+  NAME(mmafm_gemv3)(xn, wq, wk, wv, qkv, batch, q_width, kv_width, kv_width, dim, nthreads);
+  for (long b = 0; b < batch; ++b) {
+    float* row = qkv + b * qkv_width;
+    const float* cb = cos ? cos + b * head_dim : NULL;
+    const float* sb = sin ? sin + b * head_dim : NULL;
+    norm_rope_heads(row, heads, head_dim, q_norm_w, eps, cb, sb, tmp);
+    if (!wk) continue;
+    norm_rope_heads(row + q_width, kv_heads, head_dim, k_norm_w, eps, cb, sb, tmp);
+    for (long h = 0; h < kv_heads; ++h) {
+      const long at = b * kv_batch_stride + h * kv_head_stride + write_slot * head_dim;
+      for (long d = 0; d < head_dim; ++d) {
+        k_cache[at + d] = STORE_C(row[q_width + h * head_dim + d]);
+        v_cache[at + d] = STORE_C(row[q_width + kv_width + h * head_dim + d]);
+      }
+    }
+  }
+  const long group = heads / kv_heads, pairs = batch * kv_heads;
+  const float scale = 1.0f / sqrtf((float)head_dim);
+  #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && pairs > 1 && pairs * group * keys * head_dim >= 65536L)
+  for (long p = 0; p < pairs; ++p) {  /* one (row, KV head) and its group of query heads */
+    const long b = p / kv_heads, h = p % kv_heads;
+    const long kv_at = b * kv_batch_stride + h * kv_head_stride;
+    NAME(attend_group)(qkv + b * qkv_width + h * group * head_dim, k_cache + kv_at, v_cache + kv_at,
+                     att + (b * heads + h * group) * head_dim, scores + p * group * keys, group, keys, head_dim,
+                     scale, valid ? valid + b * valid_stride : NULL);
+  }
+  NAME(mmafm_gemv3)(att, wo, NULL, NULL, out, batch, dim, 0, 0, q_width, nthreads);
+  for (long i = 0; i < batch * dim; ++i) y[i] = x[i] + out[i];
+  free(xn);
+  free(scores);
+  return 0;
+}
+
+/* x += w_down(silu(w_gate x_norm) * w_up x_norm), x_norm = rms_norm(x): the SwiGLU half of a
+   pre-norm decoder layer, in place on (batch, dim). Returns 0, or 1 when out of memory. */
+int NAME(mmafm_swiglu_decode)(float* x, const float* norm_w, float eps, const WEIGHT_T* w_gate,
+                            const WEIGHT_T* w_up, const WEIGHT_T* w_down, long batch, long dim, long hidden,
+                            int nthreads) {
+  float* xn = malloc(sizeof(float) * batch * (dim + 2 * hidden + hidden + dim));
+  if (!xn) return 1;
+  float* gate_up = xn + batch * dim;          /* (batch, gate | up) */
+  float* act = gate_up + batch * 2 * hidden;  /* (batch, hidden) */
+  float* out = act + batch * hidden;          /* (batch, dim) */
+  mmafm_rms_norm_f32(x, norm_w, xn, batch, dim, eps);
+  NAME(mmafm_gemv3)(xn, w_gate, w_up, NULL, gate_up, batch, hidden, hidden, 0, dim, nthreads);
+  for (long b = 0; b < batch; ++b)
+    for (long i = 0; i < hidden; ++i) {
+      const float g = gate_up[b * 2 * hidden + i];
+      act[b * hidden + i] = g / (1.0f + expf(-g)) * gate_up[b * 2 * hidden + hidden + i];
+    }
+  NAME(mmafm_gemv3)(act, w_down, NULL, NULL, out, batch, dim, 0, 0, hidden, nthreads);
+  for (long i = 0; i < batch * dim; ++i) x[i] += out[i];
+  free(xn);
+  return 0;
+}
+
+/* logits (batch, vocab) of one new token per row: embed, every layer (attention half, SwiGLU
+   half), final RMSNorm, output head. column: the cache column of the new tokens (the K/V go there,
+   or to column % slots in a ring); positions (batch,): their RoPE positions, rows of cos_table /
+   sin_table (max_position, head_dim); valid: NULL or (batch, valid_stride) bytes, 0 = padding
+   column (only with linear caches). Returns 0; 1 out of memory (this column of the cache may be
+   part written); 2 a token outside the vocabulary or a position outside the table (nothing
+   written). */
+int NAME(mmafm_decode_step)(
+    const long* tokens, const WEIGHT_T* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const WEIGHT_T* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads) {
+  for (long b = 0; b < batch; ++b)
+    if (tokens[b] < 0 || tokens[b] >= vocab || positions[b] < 0 || positions[b] >= max_position) return 2;
+  float* block = malloc(sizeof(float) * batch * (3 * dim + 2 * head_dim));
+  if (!block) return 1;
+  float* x = block;  /* the residual stream, ping-ponged with y */
+  float* y = x + batch * dim;
+  float* xn = y + batch * dim;
+  float* cos = xn + batch * dim;  /* (batch, head_dim) rows of this step's positions */
+  float* sin = cos + batch * head_dim;
+  for (long b = 0; b < batch; ++b) {
+    for (long i = 0; i < dim; ++i) x[b * dim + i] = LOAD_W(embed[tokens[b] * dim + i]);
+    for (long d = 0; d < head_dim; ++d) {
+      cos[b * head_dim + d] = cos_table[positions[b] * head_dim + d];
+      sin[b * head_dim + d] = sin_table[positions[b] * head_dim + d];
+    }
+  }
+  int failed = 0;
+  for (long l = 0; l < n_layers && !failed; ++l) {
+    const mmafm_layer_t* L = layers + l;
+    const long num_keys = L->ring ? (column + 1 < L->slots ? column + 1 : L->slots) : column + 1;
+    const long slot = L->ring ? column % L->slots : column;
+    failed = NAME(mmafm_attention_decode)(
+        x, y, L->attn_norm, eps, L->wq, L->wk, L->wv, L->wo, L->q_norm, L->k_norm,
+        L->rope ? cos : NULL, L->rope ? sin : NULL, L->k_cache, L->v_cache, L->kv_batch_stride,
+        L->kv_head_stride, slot, num_keys, L->ring ? NULL : valid, valid_stride,
+        batch, dim, heads, kv_heads, head_dim, nthreads);
+    if (!failed)
+      failed = NAME(mmafm_swiglu_decode)(y, L->ffn_norm, eps, L->w_gate, L->w_up, L->w_down, batch, dim,
+                                       L->hidden, nthreads);
+    float* swap = x; x = y; y = swap;
+  }
+  if (!failed) {
+    mmafm_rms_norm_f32(x, final_norm, xn, batch, dim, eps);
+    NAME(mmafm_gemv3)(xn, head, NULL, NULL, logits, batch, vocab, 0, 0, dim, nthreads);
+  }
+  free(block);
+  return failed;
+}

@@ -1,0 +1,310 @@
+"""Generation with a KV cache: the one decode loop of every mmafm decoder, text or multimodal.
+
+:func:`decode` prefills a prompt given as token ids or as input embeddings (a multimodal model
+passes the embeddings with its image tokens spliced in), then decodes one token per step through
+a :class:`~mmafm.inference.plan.DecodePlan` built for the call. Around it:
+
+- :func:`generate`: token-id prompts of any lengths, left-padded into one batch
+  (:func:`left_pad`); positions count real tokens only and padding keys are masked, so each row
+  generates what it would alone;
+- :func:`sample_next_token`: greedy (``temperature=0``), temperature, top-k and top-p (nucleus),
+  combinable, seeded through a ``torch.Generator``;
+- stop semantics: a row ends at its first stop token, which is not part of its output, or after
+  ``max_new_tokens``; the loop ends when every row has;
+- :func:`generate_text` on strings, :func:`decode_tokens_per_second` to time decoding.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from mmafm.inference.kernels import kernel_linears
+from mmafm.inference.plan import build_plan, module_logits
+from mmafm.layers.kv_cache import KVCache
+
+__all__ = [
+    "Decoded",
+    "decode",
+    "prefill",
+    "generate",
+    "generate_text",
+    "decode_tokens_per_second",
+    "sample_next_token",
+    "left_pad",
+]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts into ``(input_ids (B, T), attention_mask (B, T))``; 0 marks padding."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, longest - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+            mask[row, longest - len(prompt) :] = 1
+    return ids, mask
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def sample_next_token(
+    logits: torch.Tensor,  # (B, V)
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # (B,) long
+    """Pick one token per row: argmax when ``temperature == 0``, else sample from the
+    temperature-scaled distribution restricted to the ``top_k`` most likely tokens and to the
+    smallest set whose probability reaches ``top_p`` (the most likely token is always kept)."""
+    _check_sampling(temperature, top_k, top_p)
+    logits = logits.float()
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p  # the first token has mass_before 0: always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(
+    model: nn.Module,
+    cache: KVCache,
+    input_ids: torch.Tensor | None = None,  # (B, T)
+    *,
+    inputs_embeds: torch.Tensor | None = None,  # (B, T, dim)
+    attention_mask: torch.Tensor | None = None,  # (B, T), 0 = (left) padding
+) -> torch.Tensor:  # (B, V) float32
+    """Run the prompt into ``cache`` and return the logits of its last position: the model's
+    modules, with every ``F.linear`` through the kernels' dispatch (oneDNN for prefill-sized
+    inputs, see :func:`~mmafm.inference.kernels.kernel_linears`)."""
+    with kernel_linears():
+        return module_logits(model, input_ids, cache, attention_mask, inputs_embeds)
+
+
+class Decoded(NamedTuple):
+    """What :func:`decode` returns."""
+
+    tokens: list[list[int]]  # per row, the generated tokens; a stop token ends a row and is not included
+    logits: torch.Tensor | None  # (B, steps, V) float32: what each step's token was chosen from, if asked
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: int | Iterable[int] = (),
+    generator: torch.Generator | None = None,
+    cache_dtype: torch.dtype | str | None = None,
+    quantized_cache: bool = False,
+    keep_logits: bool = False,
+) -> Decoded:
+    """The decode loop: prefill the prompt, then choose and feed one token per row and step.
+
+    Args:
+        model: a decoder with ``config`` (``vocab_size``, ``max_seq_len``), ``new_cache`` and
+            ``forward(ids or inputs_embeds=, cache=, attention_mask=)``.
+        input_ids: (B, T) prompt token ids, left-padded where ``attention_mask`` says so.
+        inputs_embeds: (B, T, dim) prompt embeddings instead of ``input_ids``.
+        attention_mask: (B, T), 1 = real token, 0 = left padding; None = all real.
+        max_new_tokens: most tokens generated per row.
+        temperature, top_k, top_p: sampling controls, see :func:`sample_next_token`.
+        stop_tokens: a row ends at the first of these (which is not returned).
+        generator: randomness for sampling.
+        cache_dtype: KV-cache dtype (default: the model's).
+        quantized_cache: int8 KV cache.
+        keep_logits: also return each step's logits.
+
+    Returns:
+        The tokens of each row, and with ``keep_logits`` the logits (B, steps run, V).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, dim)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_k, top_p)  # also when greedy: a bad setting is a mistake
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    batch, length = prompt.shape[:2]
+    context = model.config.max_seq_len
+    if length > context:
+        raise ValueError(f"prompt of {length} tokens is longer than the model's context (max_seq_len={context})")
+    if length + max_new_tokens > context:
+        raise ValueError(
+            f"prompt of {length} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+            f"(max_seq_len={context}); lower max_new_tokens to <= {context - length}"
+        )
+    stop = {stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    if max_new_tokens == 0:
+        return Decoded(outputs, None)
+    if attention_mask is not None and bool(attention_mask.bool().all()):
+        attention_mask = None  # no padding: no mask arithmetic
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(batch, length + max_new_tokens, dtype=cache_dtype, quantized=quantized_cache)
+        logits = prefill(model, cache, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        plan = build_plan(model, cache)  # once per call: from the modules as they are now
+        finished = [False] * batch
+        kept: list[torch.Tensor] = []
+        greedy = temperature == 0.0
+        for step in range(max_new_tokens):
+            if keep_logits:
+                kept.append(logits)
+            if greedy:  # argmax needs no float copy, scaling or filtering
+                next_tokens = logits.argmax(dim=-1)  # (B,)
+            else:
+                next_tokens = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            for row, token in enumerate(next_tokens.tolist()):
+                if finished[row]:
+                    continue
+                if token in stop:
+                    finished[row] = True
+                else:
+                    outputs[row].append(token)
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            logits = plan.step(next_tokens)  # (B, V)
+    finally:
+        model.train(was_training)
+    return Decoded(outputs, torch.stack(kept, dim=1) if keep_logits else None)
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.ndim != 2:
+            raise ValueError(f"a prompt tensor must be (batch, seq_len), got shape {tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {row} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    return prompts
+
+
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: int | Iterable[int] = (),
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    cache_dtype: torch.dtype | str | None = None,
+    quantized_cache: bool = False,
+) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens (:func:`decode` on token ids).
+
+    Args:
+        model: a decoder with ``new_cache`` and ``forward(ids, cache=, attention_mask=)``.
+        prompts: token-id lists (any lengths) or a (B, T) tensor of equal-length prompts.
+        max_new_tokens: most tokens generated per prompt.
+        temperature, top_k, top_p: sampling controls, see :func:`sample_next_token`.
+        stop_tokens: a row ends at the first of these (which is not returned).
+        pad_token_id: id used for left padding (masked out, so any valid id works).
+        generator, seed: randomness for sampling (``seed`` builds a generator).
+        cache_dtype: KV-cache dtype (default: the model's).
+        quantized_cache: int8 KV cache.
+
+    Returns:
+        The generated tokens of each prompt (prompt excluded).
+    """
+    prompts = _check_prompts(prompts, model.config.vocab_size)
+    device = next(model.parameters()).device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ids, mask = left_pad(prompts, pad_token_id, device)
+    return decode(
+        model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, stop_tokens=stop_tokens, generator=generator, cache_dtype=cache_dtype,
+        quantized_cache=quantized_cache,
+    ).tokens
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    bos: bool = False,
+) -> list[dict]:
+    """:func:`generate` on text: encode ``prompts`` with ``tokenizer`` (a leading BOS with ``bos``),
+    stop at its EOS, pad with its pad id, decode. Returns ``{"prompt", "completion", "tokens"}``
+    per prompt (``tokens``: how many were generated)."""
+    ids = [tokenizer.encode(prompt, bos=bos) for prompt in prompts]
+    completions = generate(
+        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_tokens=[tokenizer.eos_id], pad_token_id=tokenizer.pad_id, seed=seed,
+    )
+    return [
+        {"prompt": prompt, "completion": tokenizer.decode(tokens), "tokens": len(tokens)}
+        for prompt, tokens in zip(prompts, completions)
+    ]
+
+
+def decode_tokens_per_second(
+    model: nn.Module, prompt_len: int = 64, new_tokens: int = 32, batch_size: int = 1, repeats: int = 3,
+    seed: int = 0,
+) -> float:
+    """Greedy decode speed of ``model`` in tokens per second per row: the median time of
+    :func:`generate` for ``new_tokens + 1`` tokens minus that for 1 token (so the prefill is not
+    counted), over ``repeats`` runs after one warm-up, on random prompts of ``prompt_len`` tokens."""
+    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
+        raise ValueError(f"prompt_len, new_tokens and repeats must be >= 1, got {prompt_len}, {new_tokens}, {repeats}")
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=generator)
+
+    def timed(count: int) -> float:
+        start = time.perf_counter()
+        generate(model, prompts, max_new_tokens=count)
+        return time.perf_counter() - start
+
+    timed(new_tokens + 1)  # warm-up: kernels compiled and loaded, caches allocated once
+    short = statistics.median(timed(1) for _ in range(repeats))
+    long = statistics.median(timed(new_tokens + 1) for _ in range(repeats))
+    return new_tokens / max(long - short, 1e-9)

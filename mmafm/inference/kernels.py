@@ -1,0 +1,577 @@
+"""Native CPU kernels for decode-sized inference: GEMV, RMSNorm, fused decoder halves, a whole step.
+
+Decoding one token at a time multiplies every weight matrix by a single vector, so a decode step
+costs one read of all weights: its speed limit is memory bandwidth, not FLOPs. On the x86 CPUs
+this project runs on, ``F.linear`` with one fp32 row reaches about half the bandwidth a plain
+streaming read gets, and each small torch op costs microseconds of dispatch. The C in ``csrc/``
+(float32 and bfloat16 variants of one template, made by the preprocessor) removes both:
+
+- :func:`linears` / :func:`linear`: at most :data:`MAX_ROWS` rows go to a C GEMV that streams each
+  weight row once for all input rows (up to three weights sharing an input in one call); more
+  rows (prefill) go to oneDNN's matmul; :func:`kernel_linears` routes every ``F.linear`` of a block
+  of code there (what the prefill of :mod:`mmafm.inference.generate` runs under);
+- :func:`attention_block` (RMSNorm, Q/K/V, QK-norm, RoPE, cache write, attention, output
+  projection and residual of one layer) and :func:`swiglu_block` (the FFN half): one call each;
+- :func:`decode_step`: a whole step of a dense decoder (embedding to logits) in one call, for
+  float32 or bfloat16 weights and cache. Python's per-op overhead is then gone, and a step costs
+  about one read of the weights.
+
+Which of these runs for which layer is decided by :mod:`mmafm.inference.plan`; this module only
+knows tensors. Every function here is for inference (no autograd, CPU, not under
+``torch.compile``) and falls back to torch, or returns None, for anything else; one helper,
+:func:`kernel_ready`, says whether a kernel may read a set of tensors.
+
+The C is compiled on first use with the system C compiler (``$MMAFM_CC``, else ``cc`` / ``gcc``;
+``-O3 -march=native -fopenmp``), cached under ``$MMAFM_CACHE_DIR`` (default ``~/.cache/mmafm``)
+keyed by source, flags, compiler and host CPU, and loaded with :mod:`ctypes` (calls release the
+GIL). A failed build (no compiler, bad flags) is one warning, after which everything takes the
+torch path; ``MMAFM_NATIVE_LINEAR=0`` or :func:`kernels_disabled` switch the kernels off. Sums
+are accumulated in float32 in another order than torch's, so results match to float32 rounding
+(about 1e-6 relative), not bit for bit. The GEMV splits rows over ``torch.get_num_threads()``
+OpenMP threads for weights of >= 128K elements; smaller ones run on one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from mmafm.io import atomic_path
+
+__all__ = [
+    "MAX_ROWS",
+    "MAX_NORM_ELEMENTS",
+    "CSRC",
+    "FLAGS",
+    "SYMBOLS",
+    "KernelBuildError",
+    "build_library",
+    "KernelLoader",
+    "Kernels",
+    "kernels",
+    "kernels_available",
+    "kernels_unavailable_reason",
+    "kernels_disabled",
+    "kernel_ready",
+    "linear",
+    "linears",
+    "kernel_linears",
+    "rms_norm",
+    "attention_block",
+    "swiglu_block",
+    "DecodeLayer",
+    "DecodeStep",
+    "decode_layer",
+    "decode_step",
+]
+
+MAX_ROWS = 8  # more rows than this (batched decode too): a GEMM (oneDNN) reuses the weights better
+MAX_NORM_ELEMENTS = 16384  # larger inputs: torch's vectorised, multi-threaded rms_norm
+_F32 = torch.float32
+
+CSRC = Path(__file__).with_name("csrc")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+
+
+class DecodeLayer(ctypes.Structure):
+    """One decoder layer for :class:`DecodeStep` (mirrors ``mmafm_layer_t`` in ``csrc/api.h``)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "attn_norm", "wq", "wk", "wv", "wo", "q_norm", "k_norm", "ffn_norm", "w_gate", "w_up", "w_down",
+        "k_cache", "v_cache",
+    )] + [(name, ctypes.c_long) for name in ("kv_batch_stride", "kv_head_stride", "slots", "ring", "rope", "hidden")]
+
+
+_P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+_GEMV3 = (None, [_P] * 5 + [_L] * 5 + [_I])
+_ATTENTION = (_I, [_P] * 3 + [_F] + [_P] * 10 + [_L] * 4 + [_P, _L] + [_L] * 5 + [_I])
+_SWIGLU = (_I, [_P] * 2 + [_F] + [_P] * 3 + [_L] * 3 + [_I])
+_STEP = (_I, [_P] * 5 + [_L] * 2 + [_P, _L] + [ctypes.POINTER(DecodeLayer), _L] + [_P] * 3 + [_L] * 6 + [_F, _I])
+# symbol -> (restype, argtypes): every function csrc/api.h declares, in its order (a test parses
+# api.h and checks the two agree)
+SYMBOLS: dict[str, tuple] = {
+    "mmafm_rms_norm_f32": (None, [_P] * 3 + [_L] * 2 + [_F]),
+    "mmafm_gemv3_f32": _GEMV3,
+    "mmafm_gemv3_bf16": _GEMV3,
+    "mmafm_attention_decode_f32": _ATTENTION,
+    "mmafm_attention_decode_bf16": _ATTENTION,
+    "mmafm_swiglu_decode_f32": _SWIGLU,
+    "mmafm_swiglu_decode_bf16": _SWIGLU,
+    "mmafm_decode_step_f32": _STEP,
+    "mmafm_decode_step_bf16": _STEP,
+}
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # storage type -> variant
+
+
+class KernelBuildError(RuntimeError):
+    """The C kernels could not be compiled or loaded (no compiler, bad flags, missing symbol)."""
+
+
+class Kernels:
+    """The loaded library: each :data:`SYMBOLS` entry as an attribute without its ``mmafm_``
+    prefix (``kernels.gemv3_f32(...)``), its ctypes signature set."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self.library = library
+        for symbol, (restype, argtypes) in SYMBOLS.items():
+            try:
+                function = getattr(library, symbol)
+            except AttributeError as error:
+                raise KernelBuildError(f"{library._name} lacks the symbol {symbol}") from error
+            function.restype, function.argtypes = restype, argtypes
+            setattr(self, symbol.removeprefix("mmafm_"), function)
+
+    def variant(self, name: str, dtype: torch.dtype):
+        """The ``name`` kernel for weights stored as ``dtype`` (float32 or bfloat16)."""
+        return getattr(self, f"{name}_{_SUFFIX[dtype]}")
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = [line for line in handle if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def build_library(compiler: str | None = None, flags: Sequence[str] = FLAGS, cache_dir: str | Path | None = None) -> Path:
+    """Compile ``csrc/kernels.c`` into a shared library (once per source, flags, compiler and CPU).
+
+    Args:
+        compiler: executable name or path; default ``$MMAFM_CC``, else ``cc``, else ``gcc``.
+        flags: compiler flags (``-shared -fPIC`` included).
+        cache_dir: where built libraries are kept; default ``$MMAFM_CACHE_DIR/native`` or
+            ``~/.cache/mmafm/native``.
+
+    Returns:
+        The path of the library.
+
+    Raises:
+        KernelBuildError: no such compiler, or the compilation failed (with its first 500
+            characters of stderr).
+    """
+    name = compiler or os.environ.get("MMAFM_CC") or shutil.which("cc") or shutil.which("gcc")
+    resolved = shutil.which(name) if name else None
+    if resolved is None:
+        raise KernelBuildError(f"no C compiler: {name or 'cc/gcc'!r} not found (set MMAFM_CC or install cc)")
+    sources = "\0".join(path.read_text() for path in sorted(CSRC.glob("*.[ch]")))  # all the build reads
+    key = hashlib.sha256("\0".join([sources, " ".join(flags), resolved, platform.node(), _cpu_id()]).encode())
+    root = Path(cache_dir) if cache_dir else Path(os.environ.get("MMAFM_CACHE_DIR", Path.home() / ".cache" / "mmafm"))
+    library = root / "native" / f"kernels_{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    with atomic_path(library) as built:  # concurrent builders all end with a whole file
+        command = [resolved, *flags, f"-I{CSRC}", str(CSRC / "kernels.c"), "-o", str(built), "-lm"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except (OSError, subprocess.SubprocessError) as error:
+            raise KernelBuildError(f"running {resolved} failed: {error}") from error
+        if result.returncode:
+            raise KernelBuildError(
+                f"compiling {CSRC / 'kernels.c'} with {' '.join([resolved, *flags])} failed: "
+                f"{result.stderr.strip()[:500]}"
+            )
+    return library
+
+
+class KernelLoader:
+    """Builds and loads the kernels on first :meth:`get`, once; a failure is one warning and
+    remembered (``failure`` says why), after which :meth:`get` returns None.
+
+    Args:
+        compiler, flags, cache_dir: as :func:`build_library`.
+    """
+
+    def __init__(self, compiler: str | None = None, flags: Sequence[str] = FLAGS,
+                 cache_dir: str | Path | None = None):
+        self.compiler, self.flags, self.cache_dir = compiler, tuple(flags), cache_dir
+        self.failure = ""
+        self._kernels: Kernels | bool | None = None  # None: not tried yet; False: unavailable
+        self._lock = threading.Lock()
+
+    def get(self) -> Kernels | None:
+        """The kernels, or None where they cannot be built (or ``MMAFM_NATIVE_LINEAR=0``)."""
+        if self._kernels is None:
+            with self._lock:
+                if self._kernels is None:
+                    self._kernels = self._load()
+        return self._kernels or None
+
+    def _load(self) -> Kernels | bool:
+        if os.environ.get("MMAFM_NATIVE_LINEAR", "1") == "0":
+            self.failure = "disabled by MMAFM_NATIVE_LINEAR=0"
+            return False
+        try:
+            return Kernels(ctypes.CDLL(str(build_library(self.compiler, self.flags, self.cache_dir))))
+        except (KernelBuildError, OSError) as error:
+            self.failure = str(error)
+            warnings.warn(f"mmafm: native decode kernels unavailable ({error}); decoding takes the torch path",
+                          RuntimeWarning, stacklevel=3)
+            return False
+
+
+_LOADER = KernelLoader()
+_switched_off = False  # kernels_disabled() in effect
+
+
+def kernels() -> Kernels | None:
+    """The process's kernels (built on first use), or None when unavailable or switched off."""
+    return None if _switched_off else _LOADER.get()
+
+
+def kernels_available() -> bool:
+    """Can the kernels run here (building them on first call), and are they switched on?"""
+    return kernels() is not None
+
+
+def kernels_unavailable_reason() -> str:
+    """Why :func:`kernels` returns None ("" when it does not): the build error, the environment
+    switch, or :func:`kernels_disabled`."""
+    if kernels_available():
+        return ""
+    return "switched off by kernels_disabled()" if _switched_off else _LOADER.failure
+
+
+@contextlib.contextmanager
+def kernels_disabled() -> Iterator[None]:
+    """Inside this block every decode takes the plain torch module path (e.g. to time or check
+    the module-by-module computation against the kernels); they come back after it. The switch
+    is process-wide, not per thread."""
+    global _switched_off
+    saved, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = saved
+
+
+# ----------------------------------------------------------------------------- eligibility
+
+_PLAIN = (torch.Tensor, nn.Parameter)  # no tensor subclasses (DTensor, fake tensors, proxies)
+
+
+def kernel_ready(dtype: torch.dtype, *tensors: torch.Tensor | None, contiguous: bool = True) -> bool:
+    """May a kernel read ``tensors`` (None entries skipped) in place of torch? Plain CPU tensors
+    of ``dtype`` (contiguous unless told otherwise), nothing autograd would record, not traced by
+    ``torch.compile``. The one check every wrapper below makes before its call."""
+    if torch.compiler.is_compiling():
+        return False
+    recording = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if (type(t) not in _PLAIN or t.dtype != dtype or not t.is_cpu or (contiguous and not t.is_contiguous())
+                or (recording and t.requires_grad)):
+            return False
+    return True
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# ----------------------------------------------------------------------------- linear layers
+
+# oneDNN's fp32 matmul (what inductor lowers CPU linears to) is 5-20% faster than F.linear's MKL
+# call for prefill-sized inputs on this project's CPUs; used for inference only
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linears(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tuple(F.linear(x, w) for w in weights)`` for 1 to 3 weights reading the same input
+    (Q/K/V, gate/up): with the kernels and at most :data:`MAX_ROWS` rows, one GEMV call for all
+    of them (the outputs are then views of one buffer)."""
+    if not 1 <= len(weights) <= 3:
+        raise ValueError(f"linears takes 1 to 3 weights, got {len(weights)}")
+    library = kernels()
+    in_features = x.shape[-1]
+    if (
+        library is not None and 0 < x.numel() <= MAX_ROWS * in_features
+        and kernel_ready(_F32, x, contiguous=False) and kernel_ready(_F32, *weights)
+        and all(w.dim() == 2 and w.shape[1] == in_features for w in weights)
+    ):
+        outs = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
+        pointers = [w.data_ptr() for w in weights] + [None] * (3 - len(weights))
+        rows = x.reshape(-1, in_features).contiguous()  # (N, in)
+        y = torch.empty(x.shape[:-1] + (sum(outs),), dtype=_F32)  # (..., out0 + out1 + out2)
+        library.gemv3_f32(rows.data_ptr(), *pointers, y.data_ptr(), rows.shape[0], *outs, in_features,
+                          torch.get_num_threads())
+        return y.split([w.shape[0] for w in weights], dim=-1)
+    return tuple(F.linear(x, w) for w in weights)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (..., in) x (out, in) -> (..., out)
+    """``F.linear(x, weight)``: few-row CPU float32 inference through the GEMV kernel, many-row
+    (prefill) through oneDNN's matmul, everything else (training, other dtypes) plain."""
+    if x.numel() <= MAX_ROWS * x.shape[-1]:
+        return linears(x, weight)[0]
+    if (
+        _ONEDNN and not _switched_off and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
+        and kernel_ready(_F32, x, contiguous=False) and kernel_ready(_F32, weight)
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
+
+
+class _KernelLinears(TorchFunctionMode):
+    """Every bias-free ``F.linear`` (what ``nn.Linear`` and most adapters call) goes to
+    :func:`linear`; every other op runs unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, *rest = args  # nn.Linear passes its bias (None) positionally
+            if (rest[0] if rest else kwargs.get("bias")) is None:
+                return linear(x, weight)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def kernel_linears() -> Iterator[None]:
+    """Inside this block ``F.linear`` calls take :func:`linear` (GEMV for few rows, oneDNN for
+    many): the prefill's dispatch, whatever modules call them. It costs a Python call per torch
+    op, which a prefill does not notice and a decode step of a small model would, so decode steps
+    run through the plan's kernels instead."""
+    with _KernelLinears():
+        yield
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # (..., dim)
+    """``F.rms_norm(x, (dim,), weight, eps)``; up to :data:`MAX_NORM_ELEMENTS` float32 CPU
+    elements go to the kernels' RMSNorm (the one every fused kernel applies), equal to torch's
+    up to float32 summation order."""
+    library = kernels()
+    if (
+        library is not None and weight.dim() == 1 and x.shape[-1] == weight.shape[0]
+        and 0 < x.numel() <= MAX_NORM_ELEMENTS
+        and kernel_ready(_F32, x, contiguous=False) and kernel_ready(_F32, weight)
+    ):
+        rows = x.contiguous()
+        y = torch.empty(x.shape, dtype=_F32)
+        library.rms_norm_f32(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), rows.numel() // weight.shape[0],
+                             weight.shape[0], eps)
+        return y
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+# ----------------------------------------------------------------------------- fused decoder halves
+
+
+def attention_block(
+    x: torch.Tensor,  # (B, 1, dim): the residual stream of one new token per row
+    norm_weight: torch.Tensor,  # (dim,) pre-attention RMSNorm gain
+    eps: float,
+    wq: torch.Tensor,  # (H * D, dim)
+    wk: torch.Tensor | None,  # (Hkv * D, dim); None: the layer shares K/V (reads the cache, writes nothing)
+    wv: torch.Tensor | None,  # (Hkv * D, dim)
+    wo: torch.Tensor,  # (dim, H * D)
+    q_norm_weight: torch.Tensor | None,  # (D,) QK-norm gains, None without QK-norm
+    k_norm_weight: torch.Tensor | None,
+    cos: torch.Tensor | None,  # (B, 1, D) RoPE of the new positions; None = no positional encoding
+    sin: torch.Tensor | None,
+    k_cache: torch.Tensor,  # (B, Hkv, S, D) float32 storage (or a view with unit inner strides)
+    v_cache: torch.Tensor,
+    write_slot: int,  # slot of the new K/V (ignored when sharing)
+    num_keys: int,  # attend over slots [0, num_keys), the new one included
+    key_valid: torch.Tensor | None = None,  # (B, >= num_keys) bool, False = padding column
+) -> torch.Tensor | None:  # (B, 1, dim), or None where the kernel does not apply
+    """The attention half of a pre-norm decoder layer for one decode step, in one native call:
+    ``x + o_proj(attn(rope(qk_norm(q)), rope(qk_norm(k)), v))`` of ``rms_norm(x)``, writing the new
+    K/V into the cache. For float32 CPU inference; None (nothing written) otherwise.
+
+    Equal to the module-by-module computation up to float32 summation order."""
+    library = kernels()
+    if library is None or x.dim() != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= MAX_ROWS or k_cache.dim() != 4:
+        return None  # more rows: torch's GEMMs (oneDNN) beat a GEMV per row
+    batch, _, dim = x.shape
+    _, kv_heads, slots, head_dim = k_cache.shape
+    q_width = wq.shape[0]
+    if not (
+        kernel_ready(_F32, x, norm_weight, wq, wk, wv, wo, q_norm_weight, k_norm_weight, cos, sin)
+        and kernel_ready(_F32, k_cache, v_cache, contiguous=False)
+        and (wk is None) == (wv is None) and (cos is None) == (sin is None)
+        and q_width % head_dim == 0 and (q_width // head_dim) % kv_heads == 0
+        and wq.shape == (q_width, dim) and wo.shape == (dim, q_width) and norm_weight.shape == (dim,)
+        and (wk is None or wk.shape == wv.shape == (kv_heads * head_dim, dim))
+        and (q_norm_weight is None or q_norm_weight.shape == (head_dim,))
+        and (k_norm_weight is None or k_norm_weight.shape == (head_dim,))
+        and (cos is None or cos.shape == sin.shape == (batch, 1, head_dim))
+        and k_cache.shape == v_cache.shape and k_cache.shape[0] == batch
+        and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim
+        and 0 < num_keys <= slots and (wk is None or 0 <= write_slot < num_keys)
+        and (key_valid is None or (key_valid.dtype == torch.bool and key_valid.dim() == 2
+                                   and key_valid.shape[0] == batch and key_valid.shape[1] >= num_keys
+                                   and key_valid.stride(1) == 1))
+    ):
+        return None
+    y = torch.empty_like(x)
+    failed = library.attention_decode_f32(
+        x.data_ptr(), y.data_ptr(), norm_weight.data_ptr(), eps,
+        wq.data_ptr(), _ptr(wk), _ptr(wv), wo.data_ptr(), _ptr(q_norm_weight), _ptr(k_norm_weight),
+        _ptr(cos), _ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+        write_slot, num_keys, _ptr(key_valid), 0 if key_valid is None else key_valid.stride(0),
+        batch, dim, q_width // head_dim, kv_heads, head_dim, torch.get_num_threads(),
+    )
+    return None if failed else y
+
+
+def swiglu_block(
+    x: torch.Tensor,  # (B, 1, dim), updated in place
+    norm_weight: torch.Tensor,  # (dim,) pre-FFN RMSNorm gain
+    eps: float,
+    w_gate: torch.Tensor,  # (hidden, dim)
+    w_up: torch.Tensor,  # (hidden, dim)
+    w_down: torch.Tensor,  # (dim, hidden)
+) -> bool:
+    """``x += w_down(silu(w_gate n) * w_up n)`` with ``n = rms_norm(x)``, in place, in one native
+    call (float32 CPU inference). False, with ``x`` untouched, where the kernel does not apply."""
+    library = kernels()
+    if library is None or x.dim() != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= MAX_ROWS:
+        return False
+    batch, _, dim = x.shape
+    hidden = w_gate.shape[0]
+    if not (
+        kernel_ready(_F32, x, norm_weight, w_gate, w_up, w_down)
+        and norm_weight.shape == (dim,) and w_gate.shape == w_up.shape == (hidden, dim)
+        and w_down.shape == (dim, hidden)
+    ):
+        return False
+    failed = library.swiglu_decode_f32(x.data_ptr(), norm_weight.data_ptr(), eps, w_gate.data_ptr(), w_up.data_ptr(),
+                                       w_down.data_ptr(), batch, dim, hidden, torch.get_num_threads())
+    return not failed
+
+
+# ----------------------------------------------------------------------------- whole decode step
+
+
+class DecodeStep:
+    """A whole decode step of a dense pre-norm decoder in one native call: embedding, every layer
+    through the fused attention and SwiGLU halves, final RMSNorm and output head, K/V written into
+    the cache. Weights and cache are float32, or bfloat16 (read at half the bytes, converted to
+    float32 in registers: activations and sums stay float32). Built by :func:`decode_step` from
+    validated tensors, which it keeps alive; the caller keeps the cache's bookkeeping (columns,
+    positions)."""
+
+    def __init__(self, library: Kernels, layers: list[tuple[DecodeLayer, tuple]], embed: torch.Tensor,
+                 final_norm: torch.Tensor, head: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                 heads: int, kv_heads: int, head_dim: int, eps: float):
+        self._tensors = [t for _, kept in layers for t in kept] + [embed, final_norm, head, cos_table, sin_table]
+        self._layers = (DecodeLayer * len(layers))(*(layer for layer, _ in layers))
+        self._kernel = library.variant("decode_step", head.dtype)
+        self.n_layers, self.dim = len(layers), embed.shape[1]
+        self.embed, self.final_norm, self.head = embed, final_norm, head
+        self.cos_table, self.sin_table = cos_table, sin_table
+        self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,  # (B,) int64, one new token per row
+        positions: torch.Tensor,  # (B,) int64 RoPE positions
+        column: int,  # cache column of the new tokens
+        key_valid: torch.Tensor | None = None,  # (B, >= column + 1) bool, False = padding column
+    ) -> torch.Tensor:  # (B, V) float32 logits
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        if tokens.dtype != torch.int64 or positions.dtype != torch.int64 or tokens.dim() != 1 \
+                or positions.shape != tokens.shape:
+            raise ValueError(f"tokens and positions must be (batch,) int64, got {tokens.dtype} {tuple(tokens.shape)} "
+                             f"and {positions.dtype} {tuple(positions.shape)}")
+        batch = tokens.shape[0]
+        if key_valid is not None and not (key_valid.dtype == torch.bool and key_valid.dim() == 2
+                                          and key_valid.shape[0] == batch and key_valid.shape[1] > column
+                                          and key_valid.stride(1) == 1):
+            raise ValueError(f"key_valid must be ({batch}, > {column}) bool with unit column stride")
+        logits = torch.empty((batch, self.head.shape[0]), dtype=_F32)
+        failed = self._kernel(
+            tokens.data_ptr(), self.embed.data_ptr(), positions.data_ptr(), self.cos_table.data_ptr(),
+            self.sin_table.data_ptr(), self.cos_table.shape[0], column, _ptr(key_valid),
+            0 if key_valid is None else key_valid.stride(0), self._layers, self.n_layers,
+            self.final_norm.data_ptr(), self.head.data_ptr(), logits.data_ptr(), batch, self.dim, self.heads,
+            self.kv_heads, self.head_dim, self.head.shape[0], self.eps, torch.get_num_threads(),
+        )
+        if failed == 2:
+            raise ValueError(f"decode step: a token outside [0, {self.head.shape[0]}) or a position outside "
+                             f"[0, {self.cos_table.shape[0]})")
+        if failed:
+            raise MemoryError("decode step: out of memory in the native kernel")
+        return logits
+
+
+def _gain(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A norm gain as the kernels read it: float32, contiguous (a copy for bf16 models)."""
+    return None if t is None else t.detach().float().contiguous()
+
+
+def decode_layer(
+    attn_norm: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor | None, wv: torch.Tensor | None, wo: torch.Tensor,
+    q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, ffn_norm: torch.Tensor, w_gate: torch.Tensor,
+    w_up: torch.Tensor, w_down: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ring: bool, rope: bool,
+    heads: int,
+) -> tuple[DecodeLayer, tuple] | None:
+    """One layer of a :class:`DecodeStep` (weights as in :func:`attention_block` and
+    :func:`swiglu_block`; ``k_cache`` / ``v_cache`` the whole (B, Hkv, slots, D) storage of the
+    layer, or of its source when ``wk`` is None; ``heads`` query heads), or None where the step
+    cannot run it. Matrices and caches are all float32 or all bfloat16; the norm gains are read
+    as float32 (copies for bf16)."""
+    if k_cache.dim() != 4 or wq.dtype not in _SUFFIX:
+        return None
+    _, kv_heads, slots, head_dim = k_cache.shape
+    dim, hidden, q_width = wq.shape[1], w_gate.shape[0], wq.shape[0]
+    matrices = (wq, wk, wv, wo, w_gate, w_up, w_down)
+    if not (
+        kernel_ready(wq.dtype, *matrices) and kernel_ready(wq.dtype, k_cache, v_cache, contiguous=False)
+        and all(t is None or t.is_cpu for t in (attn_norm, q_norm, k_norm, ffn_norm))
+        and (wk is None) == (wv is None)
+        and attn_norm.shape == ffn_norm.shape == (dim,) and q_width == heads * head_dim and heads % kv_heads == 0
+        and wo.shape == (dim, q_width) and (wk is None or wk.shape == wv.shape == (kv_heads * head_dim, dim))
+        and (q_norm is None or q_norm.shape == (head_dim,)) and (k_norm is None or k_norm.shape == (head_dim,))
+        and w_gate.shape == w_up.shape == (hidden, dim) and w_down.shape == (dim, hidden)
+        and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+        and k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim
+    ):
+        return None
+    gains = tuple(_gain(t) for t in (attn_norm, q_norm, k_norm, ffn_norm))
+    attn_gain, q_gain, k_gain, ffn_gain = gains
+    layer = DecodeLayer(
+        *(_ptr(t) for t in (attn_gain, wq, wk, wv, wo, q_gain, k_gain, ffn_gain, w_gate, w_up, w_down)),
+        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), slots, int(ring), int(rope),
+        hidden,
+    )
+    return layer, (wq, *(t for t in (*matrices, *gains, k_cache, v_cache) if t is not None))
+
+
+def decode_step(
+    layers: list[tuple[DecodeLayer, tuple]], embed: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor,
+    cos_table: torch.Tensor, sin_table: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float,
+) -> DecodeStep | None:
+    """A :class:`DecodeStep` over ``layers`` (from :func:`decode_layer`), or None without the
+    kernels or with tensors they cannot take. ``embed`` (V, dim) and ``head`` (V', dim) in the
+    layers' storage type (float32 or bfloat16); RoPE tables float32."""
+    library = kernels()
+    dtype = embed.dtype
+    if not (
+        library is not None and layers and dtype in _SUFFIX
+        and kernel_ready(dtype, embed, head) and kernel_ready(_F32, cos_table, sin_table) and final_norm.is_cpu
+        and embed.dim() == head.dim() == 2 and embed.shape[1] == head.shape[1] == final_norm.shape[0]
+        and cos_table.shape == sin_table.shape == (cos_table.shape[0], head_dim)
+        and heads % kv_heads == 0
+        and all(kept[0].dtype == dtype and kept[0].shape == (heads * head_dim, embed.shape[1]) and layer.hidden
+                for layer, kept in layers)
+    ):
+        return None
+    return DecodeStep(library, layers, embed, _gain(final_norm), head, cos_table, sin_table, heads, kv_heads,
+                      head_dim, eps)

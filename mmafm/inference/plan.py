@@ -1,0 +1,436 @@
+"""The decode plan: which kernel computes each layer of a decode step, decided from the modules.
+
+A plan is built from a plain model once per ``generate`` call, after the prefill, for the cache
+that call decodes into (:func:`build_plan`). It looks at the modules as they are then, with exact
+type checks, and decides per layer and half-layer:
+
+- the **attention half** of a layer runs in :func:`~mmafm.inference.kernels.attention_block`
+  when the layer is exactly a :class:`~mmafm.models.text.Block` whose ``attn`` is exactly an
+  :class:`~mmafm.models.text.Attention` with bias-free ``nn.Linear`` projections and
+  :class:`~mmafm.layers.norm.RMSNorm` norms, none of them hooked;
+- the **FFN half** runs in :func:`~mmafm.inference.kernels.swiglu_block` when ``ffn`` is exactly
+  a :class:`~mmafm.layers.swiglu.SwiGLU` of such linears after such a norm;
+- **the whole step** (embedding to logits) is one :class:`~mmafm.inference.kernels.DecodeStep`
+  call only when every layer qualifies and so do the embedding, final norm and head.
+
+Anything the plan does not recognise (a hook, a LoRA or quantized linear, an ``nn.Linear``
+subclass, another norm, an MoE FFN, another trunk such as PT-MoE's tracks) makes that half, that
+layer or that model take the module path: its modules are called as they are. So a new kind of
+layer needs no edit here or in ``models/`` to be decoded correctly; teaching the plan to run it
+in a kernel is an addition here. Like a compiled graph, a plan assumes the modules and
+parameters stay the same objects while it is used (one ``generate`` call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from mmafm.inference import kernels
+from mmafm.layers.kv_cache import KVCache
+from mmafm.layers.norm import RMSNorm
+from mmafm.layers.rope import rope_table
+from mmafm.layers.swiglu import SwiGLU
+from mmafm.models.text import (
+    Attention,
+    AttentionContext,
+    Block,
+    DecoderLM,
+    TextModel,
+    kv_source_layer,
+    run_blocks,
+)
+
+__all__ = ["KERNEL", "MODULE", "LayerPlan", "DecodePlan", "build_plan", "module_logits"]
+
+KERNEL, MODULE = "kernel", "module"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one decoder layer runs in a decode step."""
+
+    index: int
+    attention: str  # KERNEL or MODULE
+    ffn: str  # KERNEL or MODULE
+    why: str = ""  # why a half takes the module path ("" when both run in kernels)
+
+
+# ----------------------------------------------------------------------------- recognising modules
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _linear_why(module: nn.Module | None, name: str) -> str:
+    """"" when ``module`` is exactly a bias-free, hook-free ``nn.Linear`` (so ``x @ weight.T``
+    is all it does), else why not."""
+    if type(module) is not nn.Linear:
+        return f"{name} is {type(module).__name__}, not nn.Linear"
+    if module.bias is not None:
+        return f"{name} has a bias"
+    return f"{name} has hooks" if _hooked(module) else ""
+
+
+def _norm_why(module: nn.Module | None, name: str) -> str:
+    """"" when ``module`` is exactly a hook-free :class:`RMSNorm`, else why not."""
+    if type(module) is not RMSNorm:
+        return f"{name} is {type(module).__name__}, not RMSNorm"
+    return f"{name} has hooks" if _hooked(module) else ""
+
+
+def _first(*reasons: str) -> str:
+    return next((reason for reason in reasons if reason), "")
+
+
+def _block_why(block: nn.Module) -> str:
+    if type(block) is not Block:
+        return f"the layer is {type(block).__name__}, not Block"
+    if _hooked(block):
+        return "the layer has hooks"
+    if block.training and block.dropout.p > 0:
+        return "dropout is active"
+    return ""
+
+
+def _attention_why(block: Block) -> str:
+    """"" when the kernel may compute ``block``'s attention half from its weights."""
+    attn = block.attn
+    if type(attn) is not Attention:
+        return f"attn is {type(attn).__name__}, not Attention"
+    if _hooked(attn):
+        return "attn has hooks"
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj") if attn.owns_kv else ("q_proj", "o_proj")
+    return _first(
+        _norm_why(block.attn_norm, "attn_norm"),
+        *(_norm_why(getattr(attn, name), f"attn.{name}") for name in ("q_norm", "k_norm")
+          if getattr(attn, name) is not None),
+        *(_linear_why(getattr(attn, name), f"attn.{name}") for name in projections),
+    )
+
+
+def _ffn_why(block: Block) -> str:
+    """"" when the kernel may compute ``block``'s FFN half from its weights."""
+    ffn = block.ffn
+    if type(ffn) is not SwiGLU:
+        return f"ffn is {type(ffn).__name__}, not SwiGLU"
+    if _hooked(ffn):
+        return "ffn has hooks"
+    return _first(
+        _norm_why(block.ffn_norm, "ffn_norm"),
+        *(_linear_why(getattr(ffn, name), f"ffn.{name}") for name in ("w_gate", "w_up", "w_down")),
+    )
+
+
+def _cache_why(block: Block, cache: KVCache) -> str:
+    """What of the cache layout keeps ``block``'s attention half out of a kernel (any dtype)."""
+    attn = block.attn
+    if attn.window is None:
+        return ""
+    if not attn.owns_kv:
+        return "a window over a shared source's keys needs the module path's mask"
+    return "padded ring buffer: the module path masks by column" if cache.has_padding else ""
+
+
+def _model_why(model: nn.Module, cache: KVCache) -> str:
+    """What keeps every layer of ``model`` out of the kernels for this call ("" = nothing)."""
+    if type(model) is not TextModel:
+        return f"the model is {type(model).__name__}: only TextModel's trunk is planned layer by layer"
+    if _hooked(model) or _global_forward_hooks or _global_forward_pre_hooks:
+        return "forward hooks on the model (or global ones)"
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return "autograd or torch.compile: the kernels do not record or trace"
+    if not kernels.kernels_available():
+        return f"no native kernels ({kernels.kernels_unavailable_reason()})"
+    if cache.quantized:
+        return "int8 KV cache"
+    if cache.device.type != "cpu":
+        return f"the cache is on {cache.device}"
+    if cache.batch_size > kernels.MAX_ROWS:
+        return f"{cache.batch_size} rows > {kernels.MAX_ROWS}: torch's GEMMs beat a GEMV per row"
+    return ""
+
+
+def _step_why(model: TextModel, cache: KVCache) -> str:
+    """What keeps the embedding, final norm and head (and the cache) out of a whole-step kernel."""
+    head = "" if model.config.tie_embeddings else _linear_why(model.lm_head, "lm_head")
+    embed = model.embed
+    if type(embed) is not nn.Embedding or _hooked(embed) or embed.max_norm is not None:
+        return "embed is not a plain hook-free nn.Embedding"
+    if cache.dtype != embed.weight.dtype or cache.dtype not in (torch.float32, torch.bfloat16):
+        return f"a {cache.dtype} cache for {embed.weight.dtype} weights (the step takes float32 or bfloat16, both alike)"
+    if cache.max_len > model.config.max_seq_len:
+        return f"cache of {cache.max_len} columns > max_seq_len={model.config.max_seq_len} (RoPE table)"
+    return _first(head, _norm_why(model.norm, "norm"))
+
+
+def _attention_weights(block: Block) -> list[torch.Tensor]:
+    attn = block.attn
+    norms = [norm.weight for norm in (block.attn_norm, attn.q_norm, attn.k_norm) if norm is not None]
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj") if attn.owns_kv else ("q_proj", "o_proj")
+    return norms + [getattr(attn, name).weight for name in projections]
+
+
+def _ffn_weights(block: Block) -> list[torch.Tensor]:
+    ffn = block.ffn
+    return [block.ffn_norm.weight, ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight]
+
+
+def _float32_why(weights: list[torch.Tensor], cache: KVCache) -> str:
+    """The per-layer kernels read float32 weights and cache only."""
+    if cache.dtype != torch.float32 or not kernels.kernel_ready(torch.float32, *weights):
+        return "per-layer kernels take float32 CPU weights and cache (bfloat16 runs as a whole step only)"
+    return ""
+
+
+# ----------------------------------------------------------------------------- running a step
+
+
+def module_logits(model: nn.Module, ids: torch.Tensor | None, cache: KVCache, attention_mask: torch.Tensor | None,
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:  # (B, V) float32
+    """Logits of the last position of one forward call with ``cache``: the module path. For a
+    :class:`DecoderLM` the head runs on one hidden state per row, not all T."""
+    if isinstance(model, DecoderLM):
+        hidden = model(ids, inputs_embeds=inputs_embeds, cache=cache, attention_mask=attention_mask,
+                       return_hidden=True)  # (B, T, dim)
+        return model.logits(hidden[:, -1])
+    if inputs_embeds is not None:
+        return model(inputs_embeds=inputs_embeds, cache=cache, attention_mask=attention_mask)[:, -1]
+    return model(ids, cache=cache, attention_mask=attention_mask)[:, -1]
+
+
+class _KernelLayer:
+    """One :class:`Block` of a layered step, called like the block (``(h, ctx, shared_kv) ->
+    (h, kv, aux)``), with its attention and/or FFN half in a kernel. A kernel that declines at
+    run time (a shape it does not take) leaves that half to the modules, having written nothing."""
+
+    def __init__(self, block: Block, attention: bool, ffn: bool, step: _LayeredStep):
+        self.block, self.attention, self.ffn, self.step = block, attention, ffn, step
+
+    def __call__(self, h: torch.Tensor, ctx: AttentionContext, shared_kv: tuple | None):
+        block = self.block
+        fused = self._attention(h, ctx, shared_kv) if self.attention else None
+        if fused is None:
+            attn_out, kv = block.attn(block.attn_norm(h), ctx, shared_kv)
+            y = h + attn_out  # (B, 1, dim), a new tensor: the FFN kernel may update it in place
+        else:
+            y, kv = fused
+        ffn = block.ffn
+        if self.ffn and kernels.swiglu_block(y, block.ffn_norm.weight, block.ffn_norm.eps, ffn.w_gate.weight,
+                                       ffn.w_up.weight, ffn.w_down.weight):
+            return y, kv, None
+        if block.is_moe:
+            ffn_out, aux = ffn(block.ffn_norm(y))
+            return y + ffn_out, kv, aux
+        return y + ffn(block.ffn_norm(y)), kv, None
+
+    def _attention(self, h: torch.Tensor, ctx: AttentionContext, shared_kv: tuple | None):
+        """``(h + attention half, (keys, values, key_time))`` from the kernel, the new K/V written
+        where :meth:`KVCache.update` would put them, or None (nothing written)."""
+        attn, norm = self.block.attn, self.block.attn_norm
+        cache = ctx.cache
+        if attn.owns_kv:
+            store = cache.layers[attn.cache_index]
+            keys, values = store.keys, store.values  # (B, Hkv, slots, D) storage
+            slot, num_keys, key_time = self.step.target(attn.cache_index, keys.shape[2])
+            wk, wv = attn.k_proj.weight, attn.v_proj.weight
+        else:
+            keys, values, key_time = shared_kv
+            slot, num_keys, wk, wv = 0, keys.shape[2], None, None
+        rope = (ctx.cos, ctx.sin) if attn.use_rope else (None, None)
+        y = kernels.attention_block(
+            h, norm.weight, norm.eps, attn.q_proj.weight, wk, wv, attn.o_proj.weight,
+            None if attn.q_norm is None else attn.q_norm.weight, None if attn.k_norm is None else attn.k_norm.weight,
+            *rope, keys, values, slot, num_keys, ctx.key_valid,
+        )
+        if y is None:
+            return None
+        if attn.owns_kv and attn.window is None:
+            keys, values = keys.narrow(2, 0, num_keys), values.narrow(2, 0, num_keys)  # what update returns
+        return y, (keys, values, key_time)
+
+
+class _LayeredStep:
+    """A decode step of a :class:`TextModel` layer by layer: the model's own embedding, context,
+    :func:`run_blocks` and final norm, each layer a :class:`_KernelLayer` or the block itself."""
+
+    def __init__(self, model: TextModel, cache: KVCache, layers: tuple[LayerPlan, ...]):
+        self.model, self.cache = model, cache
+        self.runners: list[tuple[int, Callable]] = []
+        for plan, block in zip(layers, model.layers):
+            kernel_halves = (plan.attention == KERNEL, plan.ffn == KERNEL)
+            runner = _KernelLayer(block, *kernel_halves, self) if any(kernel_halves) else block
+            self.runners.append((plan.index, runner))
+        head_plain = model.config.tie_embeddings or not _linear_why(model.lm_head, "lm_head")
+        self.head = model.output_weight() if head_plain else None
+        self._key_time: dict = {}
+
+    def target(self, cache_index: int, slots: int) -> tuple[int, int, torch.Tensor]:
+        """``(write_slot, num_keys, key_time)`` of the one new column in layer ``cache_index``,
+        from the cache's public state during the open step: a linear buffer writes slot
+        ``column`` and attends over ``[0, column]``; a ring writes slot ``column % slots``. The
+        key columns are what :meth:`KVCache.update` would return (shared by the layers alike)."""
+        cache = self.cache
+        column, window = cache.length, cache.specs[cache_index].window
+        if window not in self._key_time:
+            if window is None:
+                key_time = torch.arange(column + 1, device=cache.device)
+            else:  # ring slot t % slots holds column t; -1 = empty
+                key_time = cache.slot_time[window].clone()
+                key_time[column % slots] = column
+            self._key_time[window] = key_time
+        if window is None:
+            return column, column + 1, self._key_time[window]
+        return column % slots, min(column + 1, slots), self._key_time[window]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, V) float32
+        model, cache = self.model, self.cache
+        h = model.embed_tokens(tokens[:, None])  # (B, 1, dim)
+        ctx = model.attention_context(h, cache)  # opens the cache's step
+        self._key_time.clear()
+        try:
+            h = run_blocks(self.runners, h, ctx, model.config, {}, [])
+        except BaseException:
+            cache.abort()
+            raise
+        cache.end()
+        hidden = model.norm(h)[:, -1]  # (B, dim)
+        return model.logits(hidden) if self.head is None else kernels.linear(hidden, self.head).float()
+
+
+class _WholeStep:
+    """A decode step in one :class:`~mmafm.inference.kernels.DecodeStep` call; the cache's
+    bookkeeping (columns, positions, ring slots) stays in :meth:`KVCache.begin` / ``end``."""
+
+    def __init__(self, step: kernels.DecodeStep, cache: KVCache):
+        self.step, self.cache = step, cache
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, V) float32
+        cache = self.cache
+        column = cache.length
+        positions = cache.begin(1)  # (B, 1)
+        try:
+            logits = self.step(tokens, positions.view(-1), column, cache.key_valid() if cache.has_padding else None)
+        except BaseException:
+            cache.abort()
+            raise
+        cache.end()
+        return logits
+
+
+def _whole_step(model: TextModel, cache: KVCache) -> kernels.DecodeStep | None:
+    """The kernel step over every layer of ``model`` (all of them already recognised), or None
+    where the tensors do not fit it."""
+    config = model.config
+    layers = []
+    for index, block in enumerate(model.layers):
+        attn, ffn = block.attn, block.ffn
+        source = model.layers[kv_source_layer(config, index)]
+        store = cache.layers[source.attn.cache_index]
+        layer = kernels.decode_layer(
+            block.attn_norm.weight, attn.q_proj.weight,
+            attn.k_proj.weight if attn.owns_kv else None, attn.v_proj.weight if attn.owns_kv else None,
+            attn.o_proj.weight, None if attn.q_norm is None else attn.q_norm.weight,
+            None if attn.k_norm is None else attn.k_norm.weight, block.ffn_norm.weight,
+            ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight, store.keys, store.values,
+            ring=source.attn.window is not None, rope=attn.use_rope, heads=config.n_heads,
+        )
+        if layer is None:
+            return None
+        layers.append(layer)
+    # the table the model's forward looks positions up in (bit-identical to rope_cos_sin)
+    cos_table, sin_table = rope_table(config.max_seq_len, config.head_dim, config.rope_theta, cache.device)
+    return kernels.decode_step(layers, model.embed.weight, model.norm.weight, model.output_weight(), cos_table,
+                         sin_table, config.n_heads, config.n_kv_heads, config.head_dim, model.norm.eps)
+
+
+class DecodePlan:
+    """How one ``generate`` call decodes: per layer, kernel or module path; or the whole step in
+    one kernel call. Built by :func:`build_plan`; :meth:`step` runs one decode step.
+
+    Attributes:
+        layers: one :class:`LayerPlan` per decoder layer (empty for models not planned layer by
+            layer, which run as modules).
+        whole_step: True when every step is one kernel call.
+        why: why the step is not one kernel call ("" when it is).
+    """
+
+    def __init__(self, model: nn.Module, cache: KVCache, layers: tuple[LayerPlan, ...], why: str,
+                 whole: kernels.DecodeStep | None):
+        self.model, self.cache, self.layers, self.why = model, cache, layers, why
+        self.whole_step = whole is not None
+        if whole is not None:
+            self._step: Callable = _WholeStep(whole, cache)
+        elif any(KERNEL in (layer.attention, layer.ffn) for layer in layers):
+            self._step = _LayeredStep(model, cache, layers)
+        else:
+            self._step = self._modules
+
+    def _modules(self, tokens: torch.Tensor) -> torch.Tensor:
+        return module_logits(self.model, tokens[:, None], self.cache, None)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, V) float32
+        """Logits of one new token per row, its K/V appended to the cache."""
+        return self._step(tokens)
+
+    @property
+    def module_layers(self) -> list[int]:
+        """Indices of the layers with a half on the module path."""
+        return [layer.index for layer in self.layers if MODULE in (layer.attention, layer.ffn)]
+
+    def describe(self) -> str:
+        """A markdown table: how each layer runs, and why where not in a kernel."""
+        if self.whole_step:
+            head = "whole step in one kernel call"
+        elif isinstance(self._step, _LayeredStep):
+            head = f"layer by layer ({self.why})"
+        else:
+            head = f"module path ({self.why})"
+        rows = [f"decode plan: {head}"]
+        if self.layers:
+            rows += ["", "| layer | attention | FFN | why |", "|---|---|---|---|"]
+            rows += [f"| {layer.index} | {layer.attention} | {layer.ffn} | {layer.why} |" for layer in self.layers]
+        return "\n".join(rows)
+
+
+def build_plan(model: nn.Module, cache: KVCache, whole_step: bool = True) -> DecodePlan:
+    """Decide how ``model`` decodes into ``cache`` (after its prefill, under ``torch.no_grad``).
+
+    Args:
+        model: any decoder with ``forward(ids, cache=)``; a :class:`TextModel` is planned layer
+            by layer, anything else runs as modules.
+        cache: the cache this call decodes into (its dtype, rows, padding and storage matter).
+        whole_step: allow the one-call step (False: at most per-layer kernels, e.g. to test them).
+
+    Returns:
+        The plan; its ``layers`` and ``why`` say what runs where.
+    """
+    model_why = _model_why(model, cache)
+    if model_why:
+        layers = tuple(LayerPlan(i, MODULE, MODULE, model_why) for i in range(len(getattr(model, "layers", ()))))
+        return DecodePlan(model, cache, layers if type(model) is TextModel else (), model_why, None)
+    # what each half could run in, whatever the storage type
+    candidates = []
+    for index, block in enumerate(model.layers):
+        block_why = _block_why(block)
+        attention_why = block_why or _attention_why(block) or _cache_why(block, cache)
+        ffn_why = block_why or _ffn_why(block)
+        candidates.append((index, block, attention_why, ffn_why))
+    step_why = _first(*(f"layer {i}: {a or f}" for i, _, a, f in candidates if a or f), _step_why(model, cache))
+    if not whole_step:
+        step_why = step_why or "whole step not allowed by the caller"
+    whole = None if step_why else _whole_step(model, cache)
+    if whole is not None:
+        return DecodePlan(model, cache, tuple(LayerPlan(i, KERNEL, KERNEL) for i, *_ in candidates), "", whole)
+    layers = []
+    for index, block, attention_why, ffn_why in candidates:
+        attention_why = attention_why or _float32_why(_attention_weights(block), cache)
+        ffn_why = ffn_why or _float32_why(_ffn_weights(block), cache)
+        layers.append(LayerPlan(index, MODULE if attention_why else KERNEL, MODULE if ffn_why else KERNEL,
+                                "; ".join(dict.fromkeys(w for w in (attention_why, ffn_why) if w))))
+    return DecodePlan(model, cache, tuple(layers), step_why or "the tensors do not fit the step kernel", None)
