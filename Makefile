@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIPELINE ?= configs/pipelines/tiny.yaml
+SEEDS ?= 0,1,2
 
-.PHONY: venv data demo test test-fast lab bench clean-runs
+.PHONY: venv data demo reproduce test test-fast lab bench clean-runs
 
 venv: $(STAMP)
 
@@ -25,6 +26,12 @@ data:
 
 demo: venv data
 	$(VENV)/bin/mmafm pipeline run $(PIPELINE)
+
+# The pipeline once per seed (runs/reproduce-seed<k>/, every stage's `seed` set to k), then each
+# summary number's mean ± std over the seeds in runs/reproduce/RESULTS.md. Three seeds of the tiny
+# pipeline take about three times `make demo`. Finished seeds are skipped on a re-run.
+reproduce: venv data
+	$(VENV)/bin/mmafm pipeline run $(PIPELINE) --run-id reproduce --seeds $(SEEDS)
 
 test: venv data
 	$(PY) -m pytest -q

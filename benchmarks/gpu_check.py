@@ -35,7 +35,8 @@ peak of another GPU (A100: 312, H200 NVL: 835).
 
 ``--dry-run`` builds both models full size on the meta device, runs their forward and backward
 there (shapes only, under the FLOP counter), and prints the parameter counts, the FLOPs and the
-trainer settings it would run. ``--smoke`` runs the timed path itself on ``afm_2025_device_tiny``
+trainer settings it would run, then the full-size PT-MoE server's track x FSDP plan on 8, 64 and
+512 GPUs (docs/distributed.md). ``--smoke`` runs the timed path itself on ``afm_2025_device_tiny``
 and ``clip_tiny`` on the CPU (gloo), so a lent GPU's minutes are not spent finding a script error.
 ``tests/test_gpu_check.py`` runs both. Without ``--dry-run`` / ``--smoke`` and without a visible
 CUDA GPU the script exits with status 2 and says so.
@@ -212,6 +213,17 @@ def dry_run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def print_track_plan() -> list[dict]:
+    """The full-size PT-MoE server on a track x FSDP mesh of 8, 64 and 512 GPUs (closed forms of
+    :func:`mmafm.train.parallel.track_plan`, docs/distributed.md): memory per GPU, bytes per step."""
+    from mmafm.train.parallel import plan_table, track_plan
+
+    plans = [track_plan(mmafm.get_config("afm_2025_server"), gpus) for gpus in (8, 64, 512)]
+    print("\nafm_2025_server, track x FSDP (seq 4096, 4096 rows per step, 1 row per micro-batch):")
+    print(plan_table(plans))
+    return [asdict(plan) for plan in plans]
+
+
 # ------------------------------------------------------------------------------- GPU run
 def _join_one_process_group() -> None:
     """torchrun's variables for a single process, unless torchrun already set them."""
@@ -303,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "dry_run": args.dry_run}
     if args.dry_run:
         report["results"] = dry_run(args)
+        report["track_plan"] = print_track_plan()
     else:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
         if not args.smoke and not torch.cuda.is_available():

@@ -3,10 +3,12 @@
     mmafm run 00_data -p vocab_size=4096            # one stage notebook via papermill
     mmafm run 02_text_pretrain --config configs/stages/02_text_pretrain.yaml -p max_steps=50
     mmafm pipeline run configs/pipelines/tiny.yaml  # all stages, outputs wired by manifests
+    mmafm pipeline run configs/pipelines/tiny.yaml --run-id reproduce --seeds 3  # once per seed
     mmafm list models | mmafm list stages | mmafm list models --params
     mmafm list models --params --family text --family ptmoe  # the text presets' shapes and KV cache
     mmafm config afm_2025_device                    # a model preset's config as YAML
     mmafm report runs/tiny                          # runs/tiny/REPORT.md: numbers + figures
+    mmafm report --seeds runs/reproduce-seed*       # runs/reproduce/RESULTS.md: mean ± std
     mmafm numbers                                   # the reports' numbers, computed from configs
     mmafm generate runs/tiny/02_text_pretrain --prompt "The" --max-new-tokens 40
 """
@@ -51,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     prun.add_argument("--only", action="append", help="run only this stage (repeatable)")
     prun.add_argument("-p", "--param", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="override a stage parameter, e.g. -p 02_text_pretrain.max_steps=20")
+    prun.add_argument("--seeds", metavar="N|K,K,...",
+                      help="run the pipeline once per seed (3 = seeds 0,1,2; or a list 0,4,7) into "
+                           "RUNS/<run-id>-seed<k>/ with every stage's seed set, then write the mean "
+                           "± std of the summary numbers to RUNS/<run-id>/RESULTS.md")
 
     lst = sub.add_parser("list", help="list model presets or stages")
     lst.add_argument("what", choices=("models", "stages"))
@@ -61,7 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="models: only this family (repeatable); text/ptmoe alone add the KV-cache columns")
 
     rep = sub.add_parser("report", help="write RUN_DIR/REPORT.md from the stages' manifests")
-    rep.add_argument("run_dir", help="e.g. runs/tiny")
+    rep.add_argument("run_dir", nargs="+", help="e.g. runs/tiny (with --seeds: one folder per seed)")
+    rep.add_argument("--seeds", action="store_true",
+                     help="aggregate the runs (one per seed): each summary number's mean ± std")
+    rep.add_argument("--out", help="with --seeds: the Markdown file; default RUNS/<run-id>/RESULTS.md "
+                                   "for folders named <run-id>-seed<k>")
 
     sub.add_parser("numbers", help="the reports' reproducible numbers, computed from the configs")
 
@@ -132,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mmafm.checkpoint import CheckpointError
     from mmafm.config import ConfigError, parse_overrides, to_dict
-    from mmafm.runner import StageFailed, run_pipeline, run_stage
+    from mmafm.runner import StageFailed, parse_seeds, run_pipeline, run_stage
     from mmafm.stages.base import ManifestError
 
     try:
@@ -141,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       runs_dir=args.runs_dir, force=args.force, log_output=args.log_output)
         elif args.command == "pipeline":
             run_pipeline(args.file, force=args.force, run_id=args.run_id, only=args.only,
-                         overrides=_stage_overrides(args.param))
+                         overrides=_stage_overrides(args.param),
+                         seeds=parse_seeds(args.seeds) if args.seeds else None)
         elif args.command == "list":
             if args.what == "models":
                 from mmafm.registry import list_models, model_family, preset_table
@@ -157,9 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 print("\n".join(list_stages()))
         elif args.command == "report":
-            from mmafm.report import write_report
+            from mmafm.report import write_report, write_seed_report
 
-            print(f"[mmafm] report written to {write_report(args.run_dir)}")
+            if args.seeds:
+                print(f"[mmafm] results over seeds written to {write_seed_report(args.run_dir, args.out)}")
+            else:
+                if args.out:
+                    raise ConfigError("--out goes with --seeds (a single run's report is RUN_DIR/REPORT.md)")
+                for run_dir in args.run_dir:
+                    print(f"[mmafm] report written to {write_report(run_dir)}")
         elif args.command == "numbers":
             from mmafm.report import reference_numbers
 

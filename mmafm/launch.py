@@ -41,15 +41,22 @@ def _default_run_id() -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     """Resolve the stage config, run the stage on this rank, return its outputs."""
-    from mmafm.config import parse_overrides
+    from mmafm.config import dump_yaml, parse_overrides
     from mmafm.runner import resolve_stage_config
     from mmafm.stages import get_stage
+    from mmafm.stages.base import CONFIG_FILE, check_resume
     from mmafm.train.distributed import cleanup_distributed, get_rank
 
     args = _parser().parse_args(argv)
     run_id = args.run_id or _default_run_id()
     out_dir = Path(args.runs_dir).resolve() / run_id / args.stage
     config = resolve_stage_config(args.stage, args.config, parse_overrides(args.param), out_dir=out_dir)
+    # as `mmafm run` does: never continue a folder's run under another config (every rank reads
+    # the same folder, so all refuse alike); rank 0 records the config the run is made with
+    check_resume(out_dir, config)
+    if os.environ.get("RANK", "0") == "0":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(config, out_dir / CONFIG_FILE)
     try:
         outputs = get_stage(args.stage).run(config)
     finally:

@@ -2,16 +2,33 @@
 
 ``mmafm report runs/tiny`` writes ``runs/tiny/REPORT.md``; the numbers quoted in README.md are
 copied from such a report of a ``make demo`` run, never typed by hand.
+
+Several runs of one pipeline under different seeds (``mmafm pipeline run ... --seeds 0,1,2``,
+``make reproduce``) are summarised together: ``mmafm report --seeds runs/tiny-seed*`` writes each
+summary number's mean and sample standard deviation over the runs, with every run's value, to
+``runs/tiny/RESULTS.md`` (:func:`write_seed_report`).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
+from typing import Any, Sequence
 
 from mmafm.io import atomic_write_text
 from mmafm.stages.base import ManifestError, read_manifest
 
-__all__ = ["collect", "render", "write_report"]
+__all__ = [
+    "collect",
+    "render",
+    "write_report",
+    "aggregate_seeds",
+    "mean_std",
+    "render_seeds",
+    "write_seed_report",
+    "seed_report_path",
+]
 
 
 def collect(run_dir: str | Path) -> dict[str, dict]:
@@ -60,6 +77,103 @@ def render(run_dir: str | Path) -> str:
 def write_report(run_dir: str | Path) -> Path:
     path = Path(run_dir) / "REPORT.md"
     atomic_write_text(path, render(run_dir))
+    return path
+
+
+# ------------------------------------------------------------------------ over seeds
+def _scalar_summary(manifest: dict) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in (manifest.get("summary") or {}).items()
+        if isinstance(value, (int, float, str, bool))
+    }
+
+
+def aggregate_seeds(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{stage: {metric: {run name: value}}}``: every scalar summary number of every run.
+
+    A stage or metric missing from some runs is kept with the runs that have it.
+    """
+    if not run_dirs:
+        raise ManifestError("no run folders to aggregate")
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for run_dir in run_dirs:
+        for stage, manifest in collect(run_dir).items():
+            for metric, value in _scalar_summary(manifest).items():
+                table.setdefault(stage, {}).setdefault(metric, {})[Path(run_dir).name] = value
+    return {stage: table[stage] for stage in sorted(table)}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (divisor n - 1; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _spread(values: list[Any]) -> str:
+    """``mean ± std`` of numbers, the value itself when every run has the same one."""
+    if all(value == values[0] for value in values):
+        return f"{_format(values[0])} (exact)"
+    if all(_is_number(value) for value in values):
+        mean, std = mean_std([float(v) for v in values])
+        return f"{mean:.4g} ± {std:.2g}"
+    return "varies"
+
+
+def render_seeds(run_dirs: Sequence[str | Path]) -> str:
+    """Markdown: per stage, each summary number's mean ± std over the runs and each run's value."""
+    names = [Path(run_dir).name for run_dir in run_dirs]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"run folders share a name: {names}")
+    lines = [
+        f"# Results over {len(names)} runs: {', '.join(f'`{n}`' for n in names)}",
+        "",
+        "Mean ± sample standard deviation (divisor n - 1) of every summary number over the runs; a",
+        "number equal in every run is shown once and marked exact. n counts the runs that have it.",
+        "",
+    ]
+    for stage, metrics in aggregate_seeds(run_dirs).items():
+        lines += [f"## {stage}", "", "| metric | mean ± std | n | " + " | ".join(names) + " |"]
+        lines.append("|---" * (3 + len(names)) + "|")
+        for metric, by_run in metrics.items():
+            values = list(by_run.values())
+            cells = [_format(by_run[name]) if name in by_run else "" for name in names]
+            lines.append(f"| {metric} | {_spread(values)} | {len(values)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+_SEED_RUN = re.compile(r"^(?P<run_id>.+)-seed\d+$")
+
+
+def seed_report_path(run_dirs: Sequence[str | Path]) -> Path:
+    """``runs/<run-id>/RESULTS.md`` for run folders named ``<run-id>-seed<k>`` in one folder.
+
+    Raises:
+        ManifestError: the folders do not share such a name and parent (pass the path instead).
+    """
+    matches = [_SEED_RUN.match(Path(run_dir).name) for run_dir in run_dirs]
+    run_ids = {m.group("run_id") for m in matches if m}
+    parents = {Path(run_dir).resolve().parent for run_dir in run_dirs}
+    if not run_dirs or not all(matches) or len(run_ids) != 1 or len(parents) != 1:
+        raise ManifestError(
+            f"cannot tell where the results of {[str(d) for d in run_dirs]} go: expected folders "
+            "<run-id>-seed<k> side by side; pass --out"
+        )
+    return parents.pop() / run_ids.pop() / "RESULTS.md"
+
+
+def write_seed_report(run_dirs: Sequence[str | Path], path: str | Path | None = None) -> Path:
+    """Write :func:`render_seeds` of ``run_dirs`` to ``path`` (default :func:`seed_report_path`)."""
+    path = Path(path) if path is not None else seed_report_path(run_dirs)
+    atomic_write_text(path, render_seeds(run_dirs))
     return path
 
 

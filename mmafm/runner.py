@@ -13,6 +13,15 @@ A pipeline passes outputs along: ``inputs: {tokens_dir: 00_data.tokens_dir}`` se
 parameter ``tokens_dir`` from the ``tokens_dir`` output in the manifest of stage ``00_data`` of the
 same run. A complete stage is skipped on re-run unless forced; an interrupted one is executed
 again in the same folder, where the trainer resumes from its last checkpoint.
+
+Nothing runs before everything that can be checked is: every stage's config of a pipeline
+(its YAML, ``params``, ``-p STAGE.key=value``; an output of a stage that has not run yet stands
+in as a placeholder), the stage names ``-p`` and ``--only`` refer to, the input paths that must
+exist (config fields with ``metadata["path"]``, :func:`mmafm.stages.base.check_input_paths`), and
+that a folder holding an unfinished run gets the same config it was started with
+(:func:`mmafm.stages.base.check_resume`). ``--seeds`` runs the whole pipeline once per seed into
+``runs/<run-id>-seed<k>/`` and writes the summary numbers' mean and spread to
+``runs/<run-id>/RESULTS.md`` (:func:`mmafm.report.write_seed_report`).
 """
 
 from __future__ import annotations
@@ -27,8 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from mmafm.config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
+from mmafm.io import remove_temp_files
 from mmafm.stages import get_stage
-from mmafm.stages.base import MANIFEST, ManifestError, read_manifest
+from mmafm.stages.base import (
+    CONFIG_FILE,
+    MANIFEST,
+    ManifestError,
+    check_input_paths,
+    check_resume,
+    has_checkpoint,
+    read_manifest,
+)
+from mmafm.train.checkpointing import remove_incomplete_checkpoints
 
 __all__ = [
     "StageFailed",
@@ -40,6 +59,8 @@ __all__ = [
     "run_stage",
     "run_pipeline",
     "load_pipeline",
+    "plan_pipeline",
+    "parse_seeds",
 ]
 
 KERNEL_NAME = "mmafm"
@@ -128,8 +149,14 @@ def run_stage(
 ) -> Path:
     """Execute ``notebooks/<stage>.ipynb`` into ``runs_dir/run_id/stage``; returns that folder.
 
+    Before the notebook starts: the config is resolved, its input paths must exist, and a folder
+    holding an unfinished run must have been started with the same config (``force`` starts
+    over instead); temp files a killed writer left are removed.
+
     Raises:
-        ConfigError: bad stage name, config file, key, type or value (nothing is executed).
+        ConfigError: bad stage name, config file, key, type or value; a missing input; an
+            unfinished run made with another config (:class:`~mmafm.stages.base.ResumeMismatch`).
+            Nothing is executed and no folder is made.
         StageFailed: a cell raised; the executed notebook is kept in the stage folder.
     """
     import papermill
@@ -139,19 +166,22 @@ def run_stage(
     config = resolve_stage_config(stage, config_file, params, out_dir=stage_dir)
     notebook = notebook_path(stage)
 
-    if _is_complete(stage_dir):
-        if not force:
-            print(f"[mmafm] {stage}: complete in {stage_dir}, skipped (use --force to re-run)")
-            return stage_dir
+    if _is_complete(stage_dir) and not force:
+        print(f"[mmafm] {stage}: complete in {stage_dir}, skipped (use --force to re-run)")
+        return stage_dir
+    check_input_paths(config, base=project_root(), source=f"stage {stage}")
+    if force and stage_dir.exists():
         shutil.rmtree(stage_dir)
-    elif (stage_dir / "checkpoints").is_dir() and any((stage_dir / "checkpoints").iterdir()):
-        if force:
-            shutil.rmtree(stage_dir)
-        else:
-            print(f"[mmafm] {stage}: unfinished run found in {stage_dir}, resuming")
+    elif has_checkpoint(stage_dir):
+        check_resume(stage_dir, config)
+        print(f"[mmafm] {stage}: unfinished run found in {stage_dir}, resuming (same config)")
+    removed = remove_temp_files(stage_dir) + remove_incomplete_checkpoints(stage_dir / "checkpoints")
+    if removed:
+        print(f"[mmafm] {stage}: removed {len(removed)} file(s) a killed writer left: "
+              + ", ".join(str(p.relative_to(stage_dir)) for p in removed))
 
     stage_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(config, stage_dir / "config.yaml")
+    dump_yaml(config, stage_dir / CONFIG_FILE)
     executed = stage_dir / f"{stage}.ipynb"
     print(f"[mmafm] {stage}: executing {notebook.relative_to(project_root())} -> {executed}")
     start = time.perf_counter()
@@ -207,17 +237,156 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     return pipeline
 
 
-def _resolve_inputs(entry: PipelineStage, run_dir: Path) -> dict[str, str]:
-    values = {}
-    for param, ref in entry.inputs.items():
-        producer, output = ref.split(".", 1)
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: ``"3"`` -> ``[0, 1, 2]`` (that many seeds from 0); ``"0,4,7"`` -> those seeds
+    (``"5,"`` is the single seed 5)."""
+    try:
+        numbers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        numbers = []
+    seeds = numbers if "," in text else list(range(numbers[0])) if numbers else []
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(
+            f"--seeds {text!r}: expected a number of seeds >= 1 (3 = seeds 0, 1, 2) or distinct "
+            "seeds >= 0 separated by commas (0,1,2)"
+        )
+    return seeds
+
+
+@dataclass
+class PlannedStage:
+    """One stage of a pipeline invocation, its config resolved and checked before anything runs."""
+
+    entry: PipelineStage
+    config_file: Path | None  # the stage's YAML, absolute
+    overrides: dict[str, Any]  # -p STAGE.key=value (and --seeds' seed) for this stage
+    config: Any  # the resolved config; placeholders stand for outputs not made yet
+    placeholders: set[str]  # parameters whose value an earlier stage of this invocation makes
+    runs: bool  # False: complete, skipped
+
+
+def _placeholder(config_cls: type, param: str, ref: str) -> Any:
+    """A value of the right type standing for ``ref``, an output that does not exist yet: a
+    string naming it for a free-form str field, else the field's default."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    if param not in fields:
+        return f"<{ref}>"  # resolving reports the unknown key
+    f = fields[param]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, str) and "choices" not in f.metadata:
+        return f"<{ref}>"
+    return default
+
+
+def _input_value(run_dir: Path, entry: PipelineStage, param: str, ref: str) -> str:
+    """The output ``ref`` (``<stage>.<output>``) from that stage's manifest in ``run_dir``."""
+    producer, output = ref.split(".", 1)
+    try:
         manifest = read_manifest(run_dir / producer)
-        if output not in manifest["outputs"]:
-            raise ManifestError(
-                f"stage {producer} has no output {output!r} (outputs: {sorted(manifest['outputs'])})"
-            )
-        values[param] = manifest["outputs"][output]
-    return values
+    except ManifestError as err:
+        raise ManifestError(
+            f"stage {entry.stage} reads {param} from {ref}, but {err} (run {producer} first, "
+            f"e.g. without --only)"
+        ) from None
+    if output not in manifest["outputs"]:
+        raise ManifestError(
+            f"stage {producer} has no output {output!r} (outputs: {sorted(manifest['outputs'])})"
+        )
+    return manifest["outputs"][output]
+
+
+def _check_stage_names(path: str | Path, names: list[str], wanted: list[str], what: str) -> None:
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        raise ConfigError(
+            f"{what} names stage(s) {unknown} not in pipeline {path}; its stages are: {', '.join(names)}"
+        )
+
+
+def plan_pipeline(
+    path: str | Path,
+    run_dir: Path,
+    force: bool = False,
+    only: list[str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> list[PlannedStage]:
+    """Resolve and check every stage a pipeline invocation would run, running none.
+
+    Each stage's config is resolved from its YAML, ``params``, its inputs and ``overrides``; an
+    input made by a stage that runs before it in this invocation is a placeholder (its path is
+    not checked); the others come from the manifests in ``run_dir``. Input paths must exist,
+    and a stage folder holding an unfinished run must have been started with the same config.
+
+    Raises:
+        ConfigError: a bad key, type or value in any stage, an unknown stage in ``only`` or
+            ``overrides`` (naming the pipeline's stages), a missing input path, a resume into
+            another config.
+        ManifestError: an input from a stage that is neither complete nor run now.
+    """
+    pipeline = load_pipeline(path)
+    root = project_root()
+    names = [s.stage for s in pipeline.stages]
+    overrides = overrides or {}
+    _check_stage_names(path, names, sorted(overrides), "-p STAGE.key=value")
+    _check_stage_names(path, names, only or [], "--only")
+    selected = [s for s in pipeline.stages if not only or s.stage in only]
+    runs = {s.stage for s in selected if force or not _is_complete(run_dir / s.stage)}
+    plans = []
+    for entry in selected:
+        config_cls = get_stage(entry.stage).config_cls
+        stage_overrides = dict(overrides.get(entry.stage, {}))
+        params = dict(entry.params)
+        placeholders = set()
+        for param, ref in entry.inputs.items():
+            if ref.split(".", 1)[0] in runs:
+                params[param] = _placeholder(config_cls, param, ref)
+                placeholders.add(param)
+            else:
+                params[param] = _input_value(run_dir, entry, param, ref)
+        params.update(stage_overrides)
+        placeholders -= set(stage_overrides)
+        config_file = (root / entry.config) if entry.config else None
+        config = resolve_stage_config(entry.stage, config_file, params, out_dir=run_dir / entry.stage)
+        if entry.stage in runs:
+            check_input_paths(config, skip=placeholders, base=root, source=f"{path}: stage {entry.stage}")
+            if not force and not placeholders:
+                check_resume(run_dir / entry.stage, config)
+        plans.append(PlannedStage(entry, config_file, stage_overrides, config, placeholders, entry.stage in runs))
+    return plans
+
+
+def _runs_dir(pipeline: PipelineConfig) -> Path:
+    runs_dir = Path(pipeline.runs_dir)
+    return runs_dir if runs_dir.is_absolute() else project_root() / runs_dir
+
+
+def _seed_overrides(
+    pipeline: PipelineConfig, overrides: dict[str, dict[str, Any]], seed: int
+) -> dict[str, dict[str, Any]]:
+    """``overrides`` with ``seed`` set for every stage; a ``-p STAGE.seed`` too is an error."""
+    out = {stage: dict(values) for stage, values in overrides.items()}
+    for entry in pipeline.stages:
+        if "seed" in out.get(entry.stage, {}):
+            raise ConfigError(f"-p {entry.stage}.seed conflicts with --seeds (which sets every stage's seed)")
+        out.setdefault(entry.stage, {})["seed"] = seed
+    return out
+
+
+def _execute(path: str | Path, plans: list[PlannedStage], run_id: str, run_dir: Path, force: bool) -> Path:
+    """Run the planned stages in order (inputs read from the manifests just written)."""
+    total = time.perf_counter()
+    for number, plan in enumerate(plans, 1):
+        entry = plan.entry
+        print(f"[mmafm] pipeline {Path(path).name} ({run_id}): stage {number}/{len(plans)} {entry.stage}")
+        params = dict(entry.params)
+        params.update({param: _input_value(run_dir, entry, param, ref) for param, ref in entry.inputs.items()})
+        params.update(plan.overrides)
+        run_stage(entry.stage, plan.config_file, params, run_id=run_id, runs_dir=run_dir.parent, force=force)
+    from mmafm.report import write_report
+
+    report = write_report(run_dir)
+    print(f"[mmafm] pipeline finished in {time.perf_counter() - total:.0f} s -> {run_dir} (summary: {report})")
+    return run_dir
 
 
 def run_pipeline(
@@ -226,34 +395,39 @@ def run_pipeline(
     run_id: str | None = None,
     only: list[str] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
+    seeds: list[int] | None = None,
 ) -> Path:
     """Run a pipeline's stages in order; returns ``runs_dir/run_id``.
+
+    Every stage is resolved and checked first (:func:`plan_pipeline`, for every seed), so a bad
+    key in the last stage fails before the first one runs.
 
     Args:
         only: run just these stages (their inputs must already be complete).
         overrides: extra params per stage name, applied last.
+        seeds: run the pipeline once per seed into ``runs_dir/<run_id>-seed<k>`` with every
+            stage's ``seed`` set to k, then write the summary numbers' mean and standard
+            deviation over the seeds to ``runs_dir/run_id/RESULTS.md``.
     """
     pipeline = load_pipeline(path)
     run_id = run_id or pipeline.run_id
-    root = project_root()
-    runs_dir = Path(pipeline.runs_dir)
-    if not runs_dir.is_absolute():
-        runs_dir = root / runs_dir
-    run_dir = runs_dir / run_id
-    selected = [s for s in pipeline.stages if not only or s.stage in only]
-    total = time.perf_counter()
-    for number, entry in enumerate(selected, 1):
-        print(f"[mmafm] pipeline {Path(path).name} ({run_id}): stage {number}/{len(selected)} {entry.stage}")
-        params = dict(entry.params)
-        params.update(_resolve_inputs(entry, run_dir))
-        params.update((overrides or {}).get(entry.stage, {}))
-        config_file = (root / entry.config) if entry.config else None
-        run_stage(entry.stage, config_file, params, run_id=run_id, runs_dir=runs_dir, force=force)
-    from mmafm.report import write_report
+    runs_dir = _runs_dir(pipeline)
+    overrides = overrides or {}
+    if not seeds:
+        run_dir = runs_dir / run_id
+        return _execute(path, plan_pipeline(path, run_dir, force, only, overrides), run_id, run_dir, force)
 
-    report = write_report(run_dir)
-    print(f"[mmafm] pipeline finished in {time.perf_counter() - total:.0f} s -> {run_dir} (summary: {report})")
-    return run_dir
+    planned = []
+    for seed in seeds:
+        seed_run = f"{run_id}-seed{seed}"
+        plans = plan_pipeline(path, runs_dir / seed_run, force, only, _seed_overrides(pipeline, overrides, seed))
+        planned.append((seed_run, plans))
+    run_dirs = [_execute(path, plans, seed_run, runs_dir / seed_run, force) for seed_run, plans in planned]
+    from mmafm.report import write_seed_report
+
+    results = write_seed_report(run_dirs, runs_dir / run_id / "RESULTS.md")
+    print(f"[mmafm] {len(seeds)} seeds done; mean ± std over seeds: {results}")
+    return runs_dir / run_id
 
 
 def stage_config_fields(stage: str) -> dict[str, Any]:

@@ -19,12 +19,15 @@ from torchvision import transforms
 from mmafm.config import ConfigError, from_dict
 from mmafm.data import DataPackageMissing, EmptySourceError, Pair, SourceStats, require_path
 from mmafm.data import fashion_mnist, sources
+from mmafm.data.images import to_rgb
 from mmafm.data.shards import (
     IMAGE_MEAN,
     IMAGE_STD,
     ImageTextShards,
     PairShardWriter,
+    ShardReadError,
     TokenShards,
+    iter_tar_samples,
     image_to_tensor,
     load_pairs,
     read_token_meta,
@@ -274,6 +277,106 @@ def test_no_shards_is_a_clear_error(tmp_path):
         ImageTextShards(str(tmp_path / "nothing-*.tar"), 8, train=True)
     with pytest.raises(FileNotFoundError, match="pairs-<split>"):
         load_pairs(tmp_path, "val")
+
+
+def _planted_shard(path, planted, truncate=False):
+    """For each ``(index, bad)``: two good samples and the planted bad one (``bad`` a reason, or
+    None); then, with ``truncate``, a last sample whose image is cut off mid-member (a copy
+    killed half-way)."""
+    good = _png(Image.new("RGB", (8, 8), "red"))
+    with tarfile.open(path, "w") as tar:
+        for index, bad in planted:
+            for j in range(2):
+                _tar_member(tar, f"s{index}-{j}.png", good)
+                _tar_member(tar, f"s{index}-{j}.txt", f"good {index} {j}".encode())
+            if bad == "undecodable image":
+                _tar_member(tar, f"s{index}-bad.png", b"\x89PNG not really")
+                _tar_member(tar, f"s{index}-bad.txt", b"a broken image")
+            elif bad == "empty caption":
+                _tar_member(tar, f"s{index}-bad.png", good)
+                _tar_member(tar, f"s{index}-bad.txt", b" ")
+            elif bad == "missing png or txt":
+                _tar_member(tar, f"s{index}-bad.png", good)
+        if truncate:
+            _tar_member(tar, "tail.png", bytes(range(256)) * 20)
+    if truncate:
+        with tarfile.open(path) as tar:
+            cut = tar.getmember("tail.png").offset_data + 100
+        path.write_bytes(path.read_bytes()[:cut])
+
+
+PLANTED = {"undecodable image": 1, "empty caption": 1, "missing png or txt": 1, "corrupt shard": 1}
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+@pytest.mark.parametrize("layout", ["by shard", "by sample"])
+def test_skip_counts_reach_the_main_process_from_workers(tmp_path, num_workers, layout):
+    planted = list(enumerate(["undecodable image", "empty caption", "missing png or txt", None]))
+    if layout == "by shard":  # 4 shards: workers read whole shards, bad ones in both workers' sets
+        for i, bad in planted:
+            _planted_shard(tmp_path / f"pairs-train-{i:06d}.tar", [(i, bad)], truncate=i == 3)
+    else:  # one shard: every worker reads all of it (and the damage) and keeps every k-th sample
+        _planted_shard(tmp_path / "pairs-train-000000.tar", planted, truncate=True)
+    dataset = ImageTextShards(tmp_path, 8, train=False, split="train")
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    captions = sorted(caption for _, caption in loader)
+    assert captions == sorted(f"good {i} {j}" for i in range(4) for j in range(2))
+    assert dataset.skipped == PLANTED  # counted in the workers, read in this process
+    list(DataLoader(dataset, batch_size=None, num_workers=num_workers))  # a second epoch adds to them
+    assert dataset.skipped == {reason: 2 * count for reason, count in PLANTED.items()}
+
+
+def test_damaged_shard_is_named(tmp_path):
+    with PairShardWriter(tmp_path, 0.99, shard_size=10) as writer:
+        for pair in _unique_pairs(30):
+            writer.write(pair)
+    shard = sorted(tmp_path.glob("pairs-val-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:3000])
+    # held-out pairs: an error naming the file, not a raw tarfile.ReadError
+    with pytest.raises(ShardReadError, match=re.escape(str(shard)) + r" cannot be read past sample \d") as caught:
+        load_pairs(tmp_path, "val")
+    assert isinstance(caught.value, tarfile.ReadError) and "00_data" in str(caught.value)
+    missing = tmp_path / "pairs-val-000099.tar"
+    with pytest.raises(ShardReadError, match=re.escape(str(missing))):
+        next(iter_tar_samples(missing))
+    # a training reader skips it, counts it once, and keeps the samples before the damage
+    dataset = ImageTextShards(tmp_path, 8, train=False, split="val")
+    assert writer.counts["val"] - 10 <= len(list(dataset)) < writer.counts["val"]
+    assert dataset.skipped == {"corrupt shard": 1}
+
+
+def _grey16(height=48, width=40):
+    """16-bit values covering 0..65535 with both ends, rounding boundaries and their neighbours."""
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, size=(height, width), dtype=np.int64)
+    edges = np.array([0, 1, 128, 129, 256, 257, 385, 386, 32767, 32768, 65278, 65279, 65534, 65535])
+    values.flat[: len(edges)] = edges
+    return values.astype(np.uint16)
+
+
+def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
+    values = _grey16()
+    reference = np.round(values.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)  # (H, W)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    with Image.open(io.BytesIO(png)) as loaded:
+        assert loaded.mode == "I;16"
+        assert np.array_equal(np.asarray(loaded), values)  # the file holds all 16 bits
+        rgb = np.asarray(to_rgb(loaded))
+    assert rgb.shape == values.shape + (3,) and all(np.array_equal(rgb[..., c], reference) for c in range(3))
+    big_endian = Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes())
+    as_int32 = Image.fromarray(values.astype(np.int32))  # older Pillow opened 16-bit PNGs as "I"
+    for image in (big_endian, as_int32):
+        assert np.array_equal(np.asarray(to_rgb(image))[..., 1], reference), image.mode
+    # the shard reader's evaluation transform at the image's own size: the reference, normalised
+    with tarfile.open(tmp_path / "pairs-val-000000.tar", "w") as tar:
+        _tar_member(tar, "deep.png", png)
+        _tar_member(tar, "deep.txt", b"a 16-bit grey picture")
+    square = np.round(values[4:44, :].astype(np.float64) * 255.0 / 65535.0) / 255.0  # centre crop (40, 40)
+    (tensor, _), = list(ImageTextShards(tmp_path, 40, train=False))
+    expected = (torch.from_numpy(square).float()[None] - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None]
+    torch.testing.assert_close(tensor, expected, atol=1e-5, rtol=0)
 
 
 def test_image_to_tensor_converts_modes():

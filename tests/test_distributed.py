@@ -102,6 +102,7 @@ def _tiny_stage(cfg: _TinyStageConfig) -> dict[str, str]:
 
 
 def test_launch_runs_a_stage_function_without_its_notebook(tmp_path, monkeypatch):
+    from mmafm.stages.base import ResumeMismatch
     from mmafm import stages
     from mmafm import launch
 
@@ -115,3 +116,7 @@ def test_launch_runs_a_stage_function_without_its_notebook(tmp_path, monkeypatch
     assert [r["step"] for r in read_jsonl(stage_dir / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
     with pytest.raises(ConfigError, match="max_steps"):
         launch.main(["zz_tiny_train", "--runs-dir", str(tmp_path), "--run-id", "r2", "-p", "max_steps=0"])
+    # like `mmafm run`, the launcher records the config and refuses to continue r1 under another
+    assert (stage_dir / "config.yaml").is_file()
+    with pytest.raises(ResumeMismatch, match=r"max_steps: 3 -> 4"):
+        launch.main(["zz_tiny_train", "--runs-dir", str(tmp_path), "--run-id", "r1", "-p", "max_steps=4"])

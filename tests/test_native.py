@@ -5,6 +5,11 @@ References: ``F.linear`` / ``F.rms_norm`` / ``rope_cos_sin`` / ``attend`` (torch
 whole model run with the native kernels switched off (the plain module path).
 """
 
+import multiprocessing
+import os
+import statistics
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -306,3 +311,139 @@ def test_disabled_turns_every_kernel_off_and_back_on():
         with kernels_disabled():
             raise RuntimeError("inside")
     assert kernels_available() == available
+
+
+# ----------------------------------------------------------------------------- thread pool
+# The kernels split big weights over torch.get_num_threads() threads (csrc/pool.h): rows are
+# claimed in chunks, so the thread count must not change a single bit of the result, and a caller
+# never waits for a helper that is not running (a busy machine) or spins while idle.
+
+
+def _with_threads(count, fn):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_native
+def test_pool_threads_change_no_bit_of_the_result():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 384)  # 3 rows: each weight row serves all of them
+    weights = [torch.randn(518, 384), torch.randn(130, 384), torch.randn(130, 384)]  # 778 rows, 299K elements
+    with torch.no_grad():
+        single = _with_threads(1, lambda: native.linears(x, *weights))
+        for threads in (2, 3, 5):
+            split = _with_threads(threads, lambda: native.linears(x, *weights))
+            assert all(torch.equal(a, b) for a, b in zip(split, single)), threads
+        for got, weight in zip(single, weights):
+            torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+    # the bf16 variant of the same GEMV (the whole-step kernel's), against float32 math on the rounded weights
+    library = native.kernels()
+    w16 = weights[0].to(torch.bfloat16)
+    rows = x.reshape(3, 384)
+    outs = []
+    for threads in (1, 3):
+        y = torch.empty(3, 518)
+        library.gemv3_bf16(rows.data_ptr(), w16.data_ptr(), None, None, y.data_ptr(), 3, 518, 0, 0, 384, threads)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], rows @ w16.float().T, rtol=1e-5, atol=1e-4)
+    assert 1 <= library.pool_helpers() <= 4
+
+
+@needs_native
+def test_whole_step_on_many_threads_equals_one_thread():
+    """Big enough that the GEMVs and the attention over the cache (4 (row, KV head) pairs, 100+
+    keys) run on the pool."""
+    torch.manual_seed(5)
+    model = mmafm.create_model("afm_2024_device_tiny", dim=384, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=64,
+                               ffn_dim=1024, vocab_size=1024, max_seq_len=128).eval()
+    prompt = torch.randint(0, 1024, (2, 100))
+    steps = torch.randint(0, 1024, (2, 3))
+
+    @torch.no_grad()
+    def decode(threads):  # (B, N, V); the prefill (torch's matmuls) always on one thread
+        cache = model.new_cache(2, 103)
+        _with_threads(1, lambda: model(prompt, cache=cache))
+        plan = build_plan(model, cache)
+        assert plan.whole_step
+        return _with_threads(threads, lambda: torch.stack([plan.step(steps[:, t]) for t in range(3)], dim=1))
+
+    single, split = decode(1), decode(3)
+    assert torch.equal(single, split)
+    with kernels_disabled():
+        want, _ = _decode_logits(model, prompt, steps, None)
+    torch.testing.assert_close(split, want, rtol=1e-4, atol=1e-4)
+
+
+def _gemv_call(threads):
+    x, w, y = torch.randn(1, 512), torch.randn(1536, 512), torch.empty(1, 1536)  # 786K elements: pooled
+    library = native.kernels()
+    return lambda: library.gemv3_f32(x.data_ptr(), w.data_ptr(), None, None, y.data_ptr(), 1, 1536, 0, 0, 512, threads)
+
+
+def _pin_process(cpus):
+    """Pin every thread of this process (sched_setaffinity is per thread on Linux)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that just ended
+            pass
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_a_helper_that_cannot_run_does_not_hold_up_its_caller():
+    """All threads on one core: the helper can only run when the caller does not. Each call must
+    still cost about what it costs on one thread (an OpenMP team waited for its helper's static
+    share and spun meanwhile: ~100x slower here, the busy-machine decode slowdown of issue 12)."""
+    one, two = _gemv_call(1), _gemv_call(2)
+    two()  # helpers started before pinning, so they are pinned too
+    saved = os.sched_getaffinity(0)
+    _pin_process({min(saved)})
+    try:
+        rounds = {1: [], 2: []}
+        for _ in range(5):  # interleaved: other load on this core hits both alike
+            for threads, call in ((1, one), (2, two)):
+                start = time.perf_counter()
+                for _ in range(50):
+                    call()
+                rounds[threads].append(time.perf_counter() - start)
+    finally:
+        _pin_process(saved)
+    assert statistics.median(rounds[2]) < 3 * statistics.median(rounds[1]), rounds
+
+
+@needs_native
+def test_idle_helpers_sleep_instead_of_spinning():
+    call = _gemv_call(2)
+    call()
+    time.sleep(0.05)
+    for _ in range(3):
+        call()
+        start = time.process_time()  # CPU time of every thread of the process
+        time.sleep(0.2)
+        idle = time.process_time() - start
+        if idle < 0.002:
+            break
+    assert idle < 0.002, f"{idle * 1e3:.1f} ms of CPU in 200 ms idle after a kernel call"
+
+
+@needs_native
+def test_pool_works_in_a_forked_child():
+    """DataLoader workers are forks: the child has none of the parent's helper threads."""
+    torch.manual_seed(1)
+    x, w = torch.randn(1, 512), torch.randn(1536, 512)
+    with torch.no_grad():
+        parent = _with_threads(2, lambda: native.linear(x, w))
+    with multiprocessing.get_context("fork").Pool(1) as workers:
+        child = workers.apply(_linear_on_two_threads, (x, w))
+    assert torch.equal(child, parent)
+
+
+def _linear_on_two_threads(x, w):
+    with torch.no_grad():
+        return _with_threads(2, lambda: native.linear(x, w))

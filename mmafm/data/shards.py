@@ -39,8 +39,11 @@ __all__ = [
     "IMAGE_STD",
     "split_of",
     "PairShardWriter",
+    "ShardReadError",
     "iter_tar_samples",
     "expand_shards",
+    "SKIP_REASONS",
+    "SkipCounts",
     "ImageTextShards",
     "load_pairs",
     "image_to_tensor",
@@ -190,24 +193,38 @@ class PairShardWriter:
                 opened[1].unlink(missing_ok=True)
 
 
+class ShardReadError(tarfile.ReadError):
+    """A pair shard that cannot be read to its end (truncated, corrupt, unreadable); the message
+    names the file. A :class:`tarfile.ReadError`, so handlers of tar errors still catch it."""
+
+
 def iter_tar_samples(path: str | Path) -> Iterator[dict[str, Any]]:
     """Group a WebDataset tar's consecutive members by key: ``{"__key__", "png", "txt", ...}``.
 
     Raises:
-        tarfile.ReadError: the tar is corrupt or truncated (after yielding what precedes it).
+        ShardReadError: the tar is missing, corrupt or truncated (after yielding the samples that
+            precede the damage); the message names ``path`` and how many samples were read.
     """
     sample: dict[str, Any] = {}
-    with tarfile.open(path, "r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = Path(member.name).name
-            key, _, ext = name.partition(".")
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[ext] = tar.extractfile(member).read()
+    complete = 0  # samples yielded
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = Path(member.name).name
+                key, _, ext = name.partition(".")
+                if sample and sample["__key__"] != key:
+                    complete += 1
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ShardReadError(
+            f"pair shard {path} cannot be read past sample {complete} ({type(error).__name__}: {error}); "
+            "it is truncated, corrupt or gone: re-run the 00_data stage, or delete the file"
+        ) from error
     if sample:
         yield sample
 
@@ -282,6 +299,46 @@ def _distributed_part() -> tuple[int, int]:
     return rank * workers + worker, world * workers
 
 
+# Why a sample of a pair shard is dropped: the keys of ImageTextShards.skipped
+SKIP_REASONS = ("missing png or txt", "caption not UTF-8", "empty caption", "undecodable image", "corrupt shard")
+
+
+class SkipCounts:
+    """Counts of dropped samples by reason, shared by a reader and its DataLoader workers.
+
+    A DataLoader worker iterates its own copy of the dataset (a fork, or an unpickled copy under
+    spawn), so a plain dict of counts never reaches the main process. The counts live in one
+    shared-memory int64 table instead, one row per reader process (row 0: the process that built
+    it; row ``1 + id``: DataLoader worker ``id``), so no two processes ever write the same cell and
+    no lock is needed; :meth:`totals` sums the rows. Shared memory follows the dataset into workers
+    started by fork (the default on Linux), forkserver and spawn alike, and keeps counting across
+    epochs (new workers reuse their rows). Each torch.distributed rank holds its own table.
+
+    Args:
+        reasons: the reasons that can be counted (:data:`SKIP_REASONS`).
+        max_workers: DataLoader workers one reader may have.
+    """
+
+    def __init__(self, reasons: Sequence[str] = SKIP_REASONS, max_workers: int = 64):
+        self.reasons = tuple(reasons)
+        self.max_workers = max_workers
+        self.table = torch.zeros(max_workers + 1, len(self.reasons), dtype=torch.int64).share_memory_()  # (P, R)
+
+    def add(self, reason: str) -> None:
+        """Count one ``reason`` for the calling process (its own row of the table)."""
+        info = get_worker_info()
+        if info is not None and info.id >= self.max_workers:
+            raise RuntimeError(f"skip counts are kept for up to {self.max_workers} DataLoader workers, "
+                               f"got worker {info.id}; lower num_workers")
+        row = 0 if info is None else 1 + info.id
+        self.table[row, self.reasons.index(reason)] += 1
+
+    def totals(self) -> dict[str, int]:
+        """``{reason: count}`` over every reader process, reasons never counted left out."""
+        sums = self.table.sum(dim=0).tolist()  # (R,)
+        return {reason: count for reason, count in zip(self.reasons, sums) if count}
+
+
 class ImageTextShards(IterableDataset):
     """Stream (image tensor (3, S, S), caption or token ids) from WebDataset pair shards.
 
@@ -293,10 +350,13 @@ class ImageTextShards(IterableDataset):
     centre-cropped. Note that with shard-level splitting ranks may see different sample counts:
     a DDP trainer should run a fixed number of steps rather than whole epochs.
 
-    Samples that cannot be used are skipped and counted in :attr:`skipped` (in the process that
-    iterates: a DataLoader worker's counts stay in that worker): an undecodable image, an empty
-    caption, a sample missing ``png`` or ``txt``, a corrupt (truncated) shard. An image of
-    another mode (L, RGBA, P) is converted to RGB.
+    Samples that cannot be used are skipped, logged and counted in :attr:`skipped` (reasons
+    :data:`SKIP_REASONS`; counts of every DataLoader worker included, see :class:`SkipCounts`): an
+    undecodable image, an empty caption, a sample missing ``png`` or ``txt``, and a truncated or
+    otherwise unreadable shard, which counts once as "corrupt shard" (the samples before the damage
+    are used; the log names the file). A training run thus survives a damaged shard as it survives a
+    damaged sample; :func:`load_pairs` (held-out sets) stops instead. An image of another mode
+    (L, RGBA, P, 16-bit grey) is converted to RGB by :func:`~mmafm.data.images.to_rgb`.
 
     Args:
         paths_or_glob: shard files, a glob, or the ``pairs`` folder (then ``split`` picks
@@ -331,19 +391,24 @@ class ImageTextShards(IterableDataset):
         self.image_size, self.train, self.tokenize = image_size, train, tokenize
         self.seed, self.shuffle_buffer, self.crop_scale = seed, shuffle_buffer, crop_scale
         self.epoch = 0
-        self.skipped: dict[str, int] = {}
+        self.skip_counts = SkipCounts()
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """``{reason: samples skipped}`` since this reader was built, over all its workers."""
+        return self.skip_counts.totals()
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shuffle of the next iteration (call before each epoch for a new order)."""
         self.epoch = epoch
 
     def _skip(self, reason: str, where: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.skip_counts.add(reason)
         log.warning("skipping %s: %s", where, reason)
 
     def _samples(self, shards: list[str], part: int, parts: int, by_sample: bool) -> Iterator[dict]:
         index = 0
-        for shard in shards:
+        for position, shard in enumerate(shards):
             try:
                 for sample in iter_tar_samples(shard):
                     if by_sample and index % parts != part:
@@ -351,8 +416,11 @@ class ImageTextShards(IterableDataset):
                         continue
                     index += 1
                     yield sample
-            except (tarfile.TarError, OSError, EOFError) as err:
-                self._skip(f"corrupt shard ({type(err).__name__})", shard)
+            except ShardReadError as error:
+                # split by sample, every reader reads every shard: one of them counts the damage
+                if not by_sample or position % parts == part:
+                    self.skip_counts.add("corrupt shard")
+                    log.warning("skipping the rest of a damaged shard: %s", error)
 
     def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, Any] | None:
         where = f"sample {sample.get('__key__')}"
@@ -423,7 +491,12 @@ def load_pairs(
 ) -> list[tuple[Image.Image, str]]:
     """All (RGB image, caption) pairs of one split, in shard order (for evaluation and plots).
 
-    Samples with an undecodable image or an empty caption are skipped (with a warning).
+    Samples with an undecodable image or an empty caption are skipped (with a warning). A damaged
+    shard is not: a held-out set that silently loses the end of a shard would change the metrics
+    measured on it, so the error names the file.
+
+    Raises:
+        ShardReadError: a shard of the split is truncated or unreadable.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

@@ -11,54 +11,10 @@ independent reference (tests/test_eval.py).
     from mmafm.eval import held_out_perplexity, retrieval_metrics, zero_shot_classification
 """
 
-from mmafm.eval.captions import (
-    caption_candidates,
-    caption_ids,
-    caption_log_likelihoods,
-    caption_perplexity,
-    collate_captions,
-    evaluate_captions,
-    generate_captions,
-)
-from mmafm.eval.clip import (
-    FASHION_MNIST_PROMPT_NAMES,
-    FASHION_MNIST_TEMPLATES,
-    ZeroShotResult,
-    chance_recall,
-    class_embeddings,
-    embed_images,
-    embed_texts,
-    evaluate_clip,
-    fashion_mnist_tensor,
-    retrieval_metrics,
-    zero_shot_classification,
-)
-from mmafm.eval.perplexity import MAX_LOG_PERPLEXITY, held_out_perplexity, perplexity, token_nll
+# each submodule's __all__ is the public API; the package re-exports all of them
+from mmafm.eval import captions as _captions, clip as _clip, perplexity as _perplexity
+from mmafm.eval.captions import *  # noqa: F401,F403
+from mmafm.eval.clip import *  # noqa: F401,F403
+from mmafm.eval.perplexity import *  # noqa: F401,F403
 
-__all__ = [
-    # contrastive (CLIP)
-    "FASHION_MNIST_TEMPLATES",
-    "FASHION_MNIST_PROMPT_NAMES",
-    "ZeroShotResult",
-    "class_embeddings",
-    "zero_shot_classification",
-    "embed_images",
-    "embed_texts",
-    "retrieval_metrics",
-    "chance_recall",
-    "fashion_mnist_tensor",
-    "evaluate_clip",
-    # captioning (vision-language)
-    "caption_ids",
-    "collate_captions",
-    "caption_log_likelihoods",
-    "caption_perplexity",
-    "caption_candidates",
-    "evaluate_captions",
-    "generate_captions",
-    # next-token (text)
-    "MAX_LOG_PERPLEXITY",
-    "perplexity",
-    "token_nll",
-    "held_out_perplexity",
-]
+__all__ = [*_clip.__all__, *_captions.__all__, *_perplexity.__all__]

@@ -22,13 +22,19 @@ knows tensors. Every function here is for inference (no autograd, CPU, not under
 :func:`kernel_ready`, says whether a kernel may read a set of tensors.
 
 The C is compiled on first use with the system C compiler (``$MMAFM_CC``, else ``cc`` / ``gcc``;
-``-O3 -march=native -fopenmp``), cached under ``$MMAFM_CACHE_DIR`` (default ``~/.cache/mmafm``)
+``-O3 -march=native -pthread``), cached under ``$MMAFM_CACHE_DIR`` (default ``~/.cache/mmafm``)
 keyed by source, flags, compiler and host CPU, and loaded with :mod:`ctypes` (calls release the
 GIL). A failed build (no compiler, bad flags) is one warning, after which everything takes the
 torch path; ``MMAFM_NATIVE_LINEAR=0`` or :func:`kernels_disabled` switch the kernels off. Sums
 are accumulated in float32 in another order than torch's, so results match to float32 rounding
 (about 1e-6 relative), not bit for bit. The GEMV splits rows over ``torch.get_num_threads()``
-OpenMP threads for weights of >= 128K elements; smaller ones run on one thread.
+threads for weights of >= 128K elements (smaller ones run on one thread), and so does the
+attention over a long cache, on the kernels' own thread pool (``csrc/pool.h``), not OpenMP: the
+threads claim chunks of rows instead of being assigned a share, so a helper thread that the OS
+has not scheduled (another process wants the core) holds nothing up, and idle helpers sleep
+after ``$MMAFM_SPIN_US`` microseconds (default 50) instead of spinning for milliseconds. On a
+busy machine an OpenMP team made decode several times slower than one thread (issue 12). Results
+do not depend on the thread count: each output is one thread's sum in a fixed order.
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ MAX_NORM_ELEMENTS = 16384  # larger inputs: torch's vectorised, multi-threaded r
 _F32 = torch.float32
 
 CSRC = Path(__file__).with_name("csrc")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-pthread", "-shared", "-fPIC")
 
 
 class DecodeLayer(ctypes.Structure):
@@ -113,6 +119,7 @@ SYMBOLS: dict[str, tuple] = {
     "mmafm_swiglu_decode_bf16": _SWIGLU,
     "mmafm_decode_step_f32": _STEP,
     "mmafm_decode_step_bf16": _STEP,
+    "mmafm_pool_helpers": (_I, []),
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # storage type -> variant
 

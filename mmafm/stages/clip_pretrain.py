@@ -66,9 +66,9 @@ class ClipPretrainConfig(TrainStageConfig):
     embed_dim: int = field(default=64, metadata={"min": 1})  # shared embedding width [open]
     loss: str = field(default="clip", metadata={"choices": ("clip", "siglip")})  # open_clip ClipLoss (softmax) or SigLipLoss (sigmoid)
     # --- data
-    pairs_dir: str = ""  # the data stage's `pairs_dir` (pairs-{train,val}-NNNNNN.tar)
-    tokenizer: str = ""  # the data stage's `tokenizer` file, or "openclip" (open_clip's bundled BPE)
-    fashion_mnist: str = ""  # the data stage's `fashion_mnist` folder; "" = /usr/share/datasets/fashion-mnist
+    pairs_dir: str = field(default="", metadata={"path": "dir"})  # the data stage's `pairs_dir` (pairs-{train,val}-NNNNNN.tar)
+    tokenizer: str = field(default="", metadata={"path": "file", "keywords": ("openclip",)})  # the data stage's `tokenizer` file, or "openclip" (open_clip's bundled BPE)
+    fashion_mnist: str = field(default="", metadata={"path": "dir"})  # the data stage's `fashion_mnist` folder; "" = /usr/share/datasets/fashion-mnist
     batch_size: int = field(default=128, metadata={"min": 2})  # pairs per step per rank (negatives come from the batch)
     num_workers: int = field(default=1, metadata={"min": 0})  # DataLoader processes decoding/augmenting (2-core machine: 1)
     threads: int = field(default=0, metadata={"min": 0})  # torch compute threads; 0 = CPU cores minus num_workers (>= 1), so the loader keeps its own core

@@ -67,14 +67,17 @@ class TextPretrainConfig(TrainStageConfig):
 
     # --- model
     preset: str = "afm_2024_device_tiny"  # any text preset (mmafm.list_models("afm_*")); vocab_size is set from the tokenizer
-    init_checkpoint: str = ""  # start from these weights (a text-pretrain `checkpoint` output) instead of random init; "" = random
+    init_checkpoint: str = field(default="", metadata={"path": "checkpoint"})  # start from these weights (a text-pretrain `checkpoint` output) instead of random init; "" = random
     rope_theta: float = field(default=0.0, metadata={"min": 0.0})  # RoPE base override; 0 = the preset's (500k); 6,315,089 for context lengthening [paper]
     # --- data (outputs of the 00_data stage)
-    tokens_dir: str = ""  # the data stage's `tokens_dir` (train.bin, val.bin, meta.json)
-    tokenizer: str = ""  # the data stage's `tokenizer` (tokenizer.model); decodes the samples
+    tokens_dir: str = field(default="", metadata={"path": "dir"})  # the data stage's `tokens_dir` (train.bin, val.bin, meta.json)
+    tokenizer: str = field(default="", metadata={"path": "file"})  # the data stage's `tokenizer` (tokenizer.model); decodes the samples
     seq_len: int = field(default=128, metadata={"min": 2})  # tokens per training row [paper: 4096 core, 8192 continued, 32768 long-context]
     batch_size: int = field(default=8, metadata={"min": 1})  # rows per step per rank [paper: 4096 x 4096 tokens]
     # --- optimization (shared trainer: AdamW, warm-up + cosine); "fsdp" = FSDP2, one unit per layer
+    # "track" (afm_2025_server* presets, under torchrun): each rank holds some of the PT-MoE tracks,
+    # one all-reduce per track block, FSDP2 over the ranks left (mmafm.train.parallel, docs/distributed.md)
+    parallel: str = setting("parallel", "none")
     max_steps: int = setting("max_steps", 150)  # optimizer steps
     lr: float = setting("lr", 3e-3)  # peak LR [paper: 1e-2 with mu-param and its own optimizer; AdamW without mu-param needs less, open]
     warmup_steps: int = setting("warmup_steps", 20)  # linear warm-up [paper: 5k of ~500k steps]
@@ -139,6 +142,14 @@ def _check_preset(name: str) -> None:
         raise ConfigError(f"{STAGE}: preset {name!r} is a {model_family(name)} model, expected a text preset")
 
 
+def _check_parallel(cfg: TextPretrainConfig) -> None:
+    if cfg.parallel == "track" and model_family(cfg.preset) != "ptmoe":
+        raise ConfigError(
+            f"{STAGE}: parallel='track' splits the tracks of a PT-MoE model; preset {cfg.preset!r} has "
+            f"none (use afm_2025_server or afm_2025_server_tiny, or parallel='fsdp')"
+        )
+
+
 def build_text_model(cfg: TextPretrainConfig, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:
     """The model the config describes and the overrides applied to its preset.
 
@@ -191,7 +202,14 @@ def train_text_model(
     from mmafm.data.shards import TokenShards
     from mmafm.train import Trainer
 
-    train_data = TokenShards(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, seed=cfg.seed, split="train")
+    if cfg.parallel == "track":  # the ranks of a track group share a batch: split by dp rank only
+        from mmafm.train.parallel import TrackDataShare
+
+        shards = TokenShards(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, seed=cfg.seed, split="train",
+                             shard_by_rank=False)
+        train_data = TrackDataShare(shards, model.config.num_tracks)
+    else:
+        train_data = TokenShards(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, seed=cfg.seed, split="train")
     task = task_cls(model, held_out_batches(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
     train_config = cfg.train_config()
     trainer = Trainer(task, train_data, train_config, stage_dir, optimizer_factory, scheduler_factory)
@@ -257,6 +275,7 @@ def run(cfg: TextPretrainConfig) -> dict[str, str]:
         if not getattr(cfg, name):
             raise ConfigError(f"{STAGE}: {name} is empty; pass the 00_data stage's `{name}` output")
     _check_preset(cfg.preset)
+    _check_parallel(cfg)
     _prompts(cfg.sample_prompts)
     start = time.time()
     stage_dir = StageDir(cfg.out_dir, STAGE)
@@ -288,7 +307,9 @@ def run(cfg: TextPretrainConfig) -> dict[str, str]:
         "val_ppl": round(final["eval/val_ppl"], 3),
         "uniform_ppl": uniform_ppl,
         "steps": trainer.step,
-        "train_tokens": trainer.step * cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * trainer.world_size,
+        # the ranks of a track group share one batch
+        "train_tokens": trainer.step * cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * trainer.world_size
+        // getattr(trainer.model, "track_degree", 1),
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "seconds": round(time.time() - start, 1),
     }

@@ -65,11 +65,11 @@ class VLAlignmentConfig(TrainStageConfig):
     """Stage 03. Defaults are the tiny CPU run (< 4 minutes on 2 cores)."""
 
     # --- inputs (a pipeline wires them from upstream manifests; empty = standalone) ---
-    pairs_dir: str = ""  # 00_data `pairs_dir`; "" = make `synthetic_pairs` shape scenes here
-    tokenizer: str = ""  # 00_data `tokenizer` (.model); "" = train a small BPE on the captions
-    image_tower: str = ""  # 01_clip_pretrain `image_tower`; "" = fresh encoder
+    pairs_dir: str = field(default="", metadata={"path": "dir"})  # 00_data `pairs_dir`; "" = make `synthetic_pairs` shape scenes here
+    tokenizer: str = field(default="", metadata={"path": "file"})  # 00_data `tokenizer` (.model); "" = train a small BPE on the captions
+    image_tower: str = field(default="", metadata={"path": "model"})  # 01_clip_pretrain `image_tower`; "" = fresh encoder
     image_preset: str = ""  # 01_clip_pretrain `image_preset`; "" = the model preset's encoder
-    text_checkpoint: str = ""  # 02_text_pretrain `checkpoint`; "" = fresh decoder
+    text_checkpoint: str = field(default="", metadata={"path": "model"})  # 02_text_pretrain `checkpoint`; "" = fresh decoder
     text_preset: str = ""  # 02_text_pretrain `preset`; "" = the model preset's decoder
     model_preset: str = "afm_vl_tiny"  # multimodal preset supplying the adapter and mode table
     synthetic_pairs: int = field(default=2000, metadata={"min": 16})  # standalone only: generated pairs
@@ -353,6 +353,7 @@ def run(cfg: VLAlignmentConfig) -> dict[str, str]:
         **{k: round(v, 4) for k, v in metrics.items()},
         "image_tokens": model.num_image_tokens(cfg.mode),
         "trainable": model.trainable_parts(),
+        "skipped_samples": dataset.skipped,  # training samples dropped, by reason, over all workers
         "examples": [{"true": t, "generated": g} for _, t, g in shown],
     }
     stage_dir.write_manifest(outputs, cfg, summary)

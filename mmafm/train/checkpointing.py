@@ -12,6 +12,11 @@ A stage directory's ``checkpoints/`` holds
   it, atomically, so a run killed mid-write resumes from the one before);
 - ``final.safetensors`` / ``final.json``: the final weights alone.
 
+A writer killed mid-checkpoint leaves at most a temp file (``.step_<step>.safetensors.XXXXXXXX.tmp``,
+:mod:`mmafm.io`) or a ``step_<step>.safetensors`` whose JSON was never written (or whose JSON
+pruning had already deleted); ``latest.json`` never names either. :func:`remove_incomplete_checkpoints`
+deletes them when the stage starts or resumes (:class:`mmafm.stages.base.StageDir` calls it).
+
 Model and optimizer state are full (unsharded) state dicts keyed by parameter name, gathered
 with ``torch.distributed.checkpoint.state_dict`` (a collective under FSDP2), so a checkpoint
 resumes on any world size and parallel mode. Only ``keep`` step checkpoints are kept.
@@ -29,7 +34,7 @@ import torch
 from torch import nn
 
 from mmafm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mmafm.io import atomic_path, atomic_write_json, read_jsonl
+from mmafm.io import atomic_path, atomic_write_json, read_jsonl, remove_temp_files
 from mmafm.train.distributed import barrier
 
 __all__ = [
@@ -47,6 +52,7 @@ __all__ = [
     "read_latest_checkpoint",
     "rank_rng_state",
     "prune_checkpoints",
+    "remove_incomplete_checkpoints",
     "write_final_weights",
     "truncate_metrics",
 ]
@@ -145,9 +151,13 @@ def unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, 
 # --------------------------------------------------------------------- model + optimizer
 def gather_train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state dicts on CPU, keyed by parameter name; a
-    collective under FSDP2 (call on every rank)."""
+    collective under FSDP2 and track parallelism (call on every rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+    from mmafm.train.parallel import gather_track_state, is_track_parallel
+
+    if is_track_parallel(model):  # the plain model's names: resumes in one process and back
+        return gather_track_state(model, optimizer)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_state_dict(model, optimizer, options=options)
 
@@ -156,11 +166,16 @@ def load_train_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
 ) -> None:
     """Load a checkpoint's model weights and optimizer state into ``model`` / ``optimizer``
-    (sharding them again under FSDP2)."""
+    (sharding them again under FSDP2; a track-parallel rank takes its tracks and the shared weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    from mmafm.train.parallel import is_track_parallel, load_track_state
 
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     optim_state = unflatten_optimizer(tensors, meta["optimizer"])
+    if is_track_parallel(model):
+        load_track_state(model, optimizer, model_state, optim_state)
+        return
     set_state_dict(
         model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
         options=StateDictOptions(full_state_dict=True),
@@ -234,6 +249,23 @@ def prune_checkpoints(checkpoint_dir: Path, keep: int, keep_name: str) -> None:
             continue
         old.with_suffix(".json").unlink(missing_ok=True)  # JSON first: marks it incomplete
         old.with_suffix(".safetensors").unlink(missing_ok=True)
+
+
+def remove_incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Delete what a killed writer left in ``checkpoint_dir``: temp files and step checkpoints
+    without their JSON (the JSON is written last, so only complete ones have it). Call it before
+    the trainer writes (rank 0); ``latest.json`` never names a file this removes.
+
+    Returns:
+        The paths removed.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    removed = remove_temp_files(checkpoint_dir)
+    for weights in sorted(checkpoint_dir.glob("step_*.safetensors")):
+        if not weights.with_suffix(".json").is_file():
+            weights.unlink(missing_ok=True)
+            removed.append(weights)
+    return removed
 
 
 def write_final_weights(checkpoint_dir: Path, weights: Mapping[str, torch.Tensor], step: int, train_config: dict) -> Path:

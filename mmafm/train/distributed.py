@@ -7,7 +7,10 @@ mmafm writes no distribution of its own: a run launched with ``torchrun`` (which
 - ``"ddp"``: :class:`torch.nn.parallel.DistributedDataParallel` (every rank holds the full model,
   gradients are all-reduced),
 - ``"fsdp"``: FSDP2 :func:`torch.distributed.fsdp.fully_shard` on each transformer block, then on
-  the root (parameters, gradients and optimizer state sharded across ranks), as in torchtitan.
+  the root (parameters, gradients and optimizer state sharded across ranks), as in torchtitan;
+- ``"track"``: the PT-MoE server model's tracks split over the ``track`` dimension of a
+  ``("dp", "track")`` device mesh, one all-reduce per track block, FSDP2 over ``dp``
+  (:mod:`mmafm.train.parallel`).
 
 Without torchrun everything here degrades to one process (rank 0 of 1).
 """
@@ -34,9 +37,11 @@ __all__ = [
     "default_device",
     "fsdp_units",
     "parallelize",
+    "clip_grad_norm",
+    "full_model_state_dict",
 ]
 
-PARALLEL_MODES = ("none", "ddp", "fsdp")
+PARALLEL_MODES = ("none", "ddp", "fsdp", "track")
 _BLOCK_LIST_NAMES = ("blocks", "layers")
 
 
@@ -146,16 +151,18 @@ def _shard(units: Iterable[nn.Module], root: nn.Module, device: torch.device | N
 
 
 def parallelize(model: nn.Module, mode: str, device: torch.device | None = None) -> nn.Module:
-    """Wrap ``model`` for data-parallel training across the process group.
+    """Wrap ``model`` for training across the process group.
 
     Args:
         model: the model, already on ``device``.
-        mode: ``"none"`` (returned as is), ``"ddp"`` or ``"fsdp"``.
+        mode: ``"none"`` (returned as is), ``"ddp"``, ``"fsdp"`` or ``"track"`` (a PT-MoE model).
         device: the model's device; for ``"ddp"`` on CUDA it names the GPU.
 
     Returns:
         The module to call in the training step: a ``DistributedDataParallel`` wrapper for
-        ``"ddp"``; for ``"fsdp"`` the same ``model`` object, sharded in place.
+        ``"ddp"``; for ``"fsdp"`` the same ``model`` object, sharded in place; for ``"track"`` the
+        same object holding only this rank's tracks
+        (:class:`~mmafm.train.parallel.TrackParallelPTMoE`), FSDP2-sharded over ``dp``.
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel: expected one of {list(PARALLEL_MODES)}, got {mode!r}")
@@ -171,4 +178,40 @@ def parallelize(model: nn.Module, mode: str, device: torch.device | None = None)
 
         device_ids = [device.index] if device is not None and device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
+    if mode == "track":
+        from mmafm.train.parallel import shard_tracks, track_mesh
+
+        num_tracks = getattr(getattr(model, "config", None), "num_tracks", 1)
+        device_type = device.type if device is not None else default_device().type
+        return shard_tracks(model, track_mesh(num_tracks, device_type=device_type))
     return _shard(fsdp_units(model), model, device)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``model`` to a global norm of ``max_norm`` (``inf``: measure only).
+
+    Returns:
+        The global norm before clipping, a plain tensor: over every rank's shard under FSDP2, over
+        every track (the replicated weights once) for a track-parallel model.
+    """
+    from mmafm.train.parallel import is_track_parallel
+
+    if is_track_parallel(model):
+        return model.clip_grad_norm_(max_norm)
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
+    return grad_norm
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded, one-process) weights on CPU; a collective under FSDP2 and for
+    a track-parallel model (call on every rank; rank 0's answer is the complete one)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from mmafm.train.parallel import gather_track_state, is_track_parallel
+
+    if is_track_parallel(model):
+        return gather_track_state(model)[0]
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

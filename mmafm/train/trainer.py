@@ -60,6 +60,8 @@ from mmafm.train.checkpointing import (
 from mmafm.train.distributed import (
     PARALLEL_MODES,
     barrier,
+    clip_grad_norm,
+    full_model_state_dict,
     get_local_rank,
     get_rank,
     get_world_size,
@@ -108,7 +110,8 @@ class TrainSettings:
     grad_clip: float = field(default=1.0, metadata={"min": 0.0})
     # "fp32", or "bf16" = torch.autocast(bfloat16) around the forward (weights stay fp32)
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
-    # "none" (one process), "ddp" or "fsdp" (FSDP2 fully_shard); the last two need torchrun
+    # "none" (one process), "ddp", "fsdp" (FSDP2 fully_shard) or "track" (PT-MoE tracks split over
+    # ranks, FSDP2 over the rest: mmafm.train.parallel); all but "none" need torchrun
     parallel: str = field(default="none", metadata={"choices": PARALLEL_MODES})
     # write a metrics record every this many steps (and at the last step)
     log_every: int = field(default=10, metadata={"min": 1})
@@ -309,7 +312,7 @@ class Trainer:
         if parallel == "none" and launched_with_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise ConfigError(
                 "TrainConfig: key 'parallel': launched by torchrun with several processes, "
-                "expected 'ddp' or 'fsdp', got 'none'"
+                "expected 'ddp', 'fsdp' or 'track', got 'none'"
             )
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if parallel != "none" and not init_distributed(backend):
@@ -333,10 +336,9 @@ class Trainer:
         return self._model
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's full (unsharded) weights on CPU; a collective under FSDP2 (call on all ranks)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        """The model's full (unsharded) weights on CPU; a collective under FSDP2 and track
+        parallelism (call on all ranks)."""
+        return full_model_state_dict(self._model)
 
     @property
     def checkpoint_dir(self) -> Path | None:
@@ -410,7 +412,7 @@ class Trainer:
         wrapped = self.task.model
         if self.parallel == "ddp" and not sync:
             return wrapped.no_sync()
-        if self.parallel == "fsdp":
+        if hasattr(self._model, "set_requires_gradient_sync"):  # FSDP2 ("fsdp", or "track" over dp)
             self._model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
@@ -457,10 +459,7 @@ class Trainer:
                 add(name, value)
 
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        params = [p for p in self._model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm(self._model, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -483,7 +482,8 @@ class Trainer:
             )
         record["lr"] = lr
         record["grad_norm"] = float(grad_norm)
-        record["tokens_or_samples_per_s"] = numbers[-1] / max(seconds, 1e-9)
+        replicas = getattr(self._model, "track_degree", 1)  # the ranks of a track group share one batch
+        record["tokens_or_samples_per_s"] = numbers[-1] / replicas / max(seconds, 1e-9)
         return record
 
     def _evaluate(self) -> None:

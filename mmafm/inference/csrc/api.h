@@ -73,4 +73,8 @@ int mmafm_decode_step_bf16(
     float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
     int nthreads);
 
+/* helper threads the kernels' thread pool (pool.h) has started so far: the calls above that take
+   nthreads > 1 run on their caller plus up to nthreads - 1 of them */
+int mmafm_pool_helpers(void);
+
 #endif /* MMAFM_API_H */

@@ -10,8 +10,21 @@
 #include <string.h>
 
 #include "api.h"
+#include "pool.h"
 
-#define PARALLEL_MIN_ELEMENTS 131072L /* smaller weights: one thread (fork/join would dominate) */
+#define PARALLEL_MIN_ELEMENTS 131072L /* smaller weights: one thread (waking helpers would dominate) */
+#define CHUNK_BYTES 65536L            /* weight bytes per chunk a thread claims, at least */
+
+/* rows per chunk of a GEMV over `rows` weight rows of row_bytes each: about CHUNK_BYTES, and at
+   least 4 chunks per thread (so threads that run take over the share of one that does not),
+   a multiple of the GEMV's 4-row blocks */
+static long gemv_grain(long rows, long row_bytes, int nthreads) {
+  long grain = (CHUNK_BYTES + row_bytes - 1) / row_bytes;
+  const long balanced = rows / (4L * nthreads);
+  if (grain > balanced) grain = balanced;
+  grain = (grain + 3) / 4 * 4;
+  return grain < 4 ? 4 : grain;
+}
 
 /* bfloat16 storage: the upper 16 bits of a float32; stores round to nearest even like torch */
 static inline float bf16_load(bf16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }

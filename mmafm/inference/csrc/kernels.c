@@ -1,5 +1,5 @@
 /* The mmafm decode kernels: one translation unit, compiled on first use by
-   mmafm/inference/kernels.py (cc -O3 -march=native -fopenmp -shared -fPIC -I<this folder>).
+   mmafm/inference/kernels.py (cc -O3 -march=native -pthread -shared -fPIC -I<this folder>).
 
    kernels.h is included once per storage type; the macros below say what the weights and the
    K/V cache are made of. Exported names are declared in api.h. */
@@ -12,13 +12,7 @@
 #define LOAD_C(v) f32_load(v)
 #define STORE_C(f) f32_store(f)
 #define STORAGE_SUFFIX f32
-#include "kernels.h"
-#undef WEIGHT_T
-#undef LOAD_W
-#undef CACHE_T
-#undef LOAD_C
-#undef STORE_C
-#undef STORAGE_SUFFIX
+#include "kernels.h" /* undefines the storage macros at its end */
 
 /* bfloat16 weights and cache (models cast with .to(torch.bfloat16)): half the bytes per token */
 #define WEIGHT_T bf16_t
@@ -27,10 +21,4 @@
 #define LOAD_C(v) bf16_load(v)
 #define STORE_C(f) bf16_store(f)
 #define STORAGE_SUFFIX bf16
-#include "kernels.h"
-#undef WEIGHT_T
-#undef LOAD_W
-#undef CACHE_T
-#undef LOAD_C
-#undef STORE_C
-#undef STORAGE_SUFFIX
+#include "kernels.h" /* undefines the storage macros at its end */

@@ -10,9 +10,6 @@
    accumulators per dot product (one AVX-512 register, or two AVX2 ones, once vectorised). */
 static void NAME(gemv)(const float* restrict x, const WEIGHT_T* restrict w, float* restrict y,
                      long batch, long out, long in, long ystride) {
-  /* orphaned work-sharing: inside mmafm_gemv3's parallel region the rows are split over the
-     team (no barrier until the region ends); outside one, this is a plain loop */
-  #pragma omp for schedule(static) nowait
   for (long o0 = 0; o0 < out; o0 += 4) {
     const long rows = out - o0 < 4 ? out - o0 : 4;
     for (long b = 0; b < batch; ++b) {
@@ -32,16 +29,36 @@ static void NAME(gemv)(const float* restrict x, const WEIGHT_T* restrict w, floa
   }
 }
 
-/* up to three weights sharing one input (Q/K/V, gate/up): y = [x w0^T | x w1^T | x w2^T] */
+/* mmafm_gemv3's work for the pool: its output columns, the three weights' rows end to end */
+typedef struct {
+  const float* x;
+  const WEIGHT_T* w[3];
+  float* y;
+  long out[3], batch, in, stride;
+} NAME(gemv3_job);
+
+static void NAME(gemv3_rows)(void* ctx, long begin, long end) {  /* output columns [begin, end) */
+  const NAME(gemv3_job)* job = ctx;
+  long offset = 0;
+  for (int k = 0; k < 3; offset += job->out[k], ++k) {
+    const long lo = begin > offset ? begin : offset;
+    const long hi = end < offset + job->out[k] ? end : offset + job->out[k];
+    if (lo < hi)
+      NAME(gemv)(job->x, job->w[k] + (lo - offset) * job->in, job->y + lo, job->batch, hi - lo, job->in, job->stride);
+  }
+}
+
+/* up to three weights sharing one input (Q/K/V, gate/up): y = [x w0^T | x w1^T | x w2^T]; weights
+   of >= PARALLEL_MIN_ELEMENTS in all are split over nthreads threads (pool.h) in chunks of rows */
 void NAME(mmafm_gemv3)(const float* x, const WEIGHT_T* w0, const WEIGHT_T* w1, const WEIGHT_T* w2, float* y,
                      long batch, long out0, long out1, long out2, long in, int nthreads) {
-  const long stride = out0 + out1 + out2;
-  #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && stride * in >= PARALLEL_MIN_ELEMENTS)
-  {
-    NAME(gemv)(x, w0, y, batch, out0, in, stride);
-    if (out1) NAME(gemv)(x, w1, y + out0, batch, out1, in, stride);
-    if (out2) NAME(gemv)(x, w2, y + out0 + out1, batch, out2, in, stride);
+  NAME(gemv3_job) job = {x, {w0, w1, w2}, y, {out0, out1, out2}, batch, in, out0 + out1 + out2};
+  if (nthreads <= 1 || job.stride * in < PARALLEL_MIN_ELEMENTS) {
+    NAME(gemv3_rows)(&job, 0, job.stride);
+    return;
   }
+  pool_run(NAME(gemv3_rows), &job, job.stride, gemv_grain(job.stride, in * (long)sizeof(WEIGHT_T), nthreads),
+           nthreads);
 }
 
 /* single-query attention of the `group` query heads (rows of q and o, head_dim wide) that share
@@ -87,6 +104,28 @@ static void NAME(attend_group)(const float* restrict q, const CACHE_T* restrict 
   }
 }
 
+/* the attention of mmafm_attention_decode for the pool: one item per (row, KV head) pair */
+typedef struct {
+  const float* qkv;
+  const CACHE_T *k_cache, *v_cache;
+  float *att, *scores;
+  const unsigned char* valid;
+  long valid_stride, kv_batch_stride, kv_head_stride, qkv_width, heads, kv_heads, group, keys, head_dim;
+  float scale;
+} NAME(attention_job);
+
+static void NAME(attend_pairs)(void* ctx, long begin, long end) {
+  const NAME(attention_job)* j = ctx;
+  for (long p = begin; p < end; ++p) {  /* one (row, KV head) and its group of query heads */
+    const long b = p / j->kv_heads, h = p % j->kv_heads;
+    const long kv_at = b * j->kv_batch_stride + h * j->kv_head_stride;
+    NAME(attend_group)(j->qkv + b * j->qkv_width + h * j->group * j->head_dim, j->k_cache + kv_at,
+                     j->v_cache + kv_at, j->att + (b * j->heads + h * j->group) * j->head_dim,
+                     j->scores + p * j->group * j->keys, j->group, j->keys, j->head_dim, j->scale,
+                     j->valid ? j->valid + b * j->valid_stride : NULL);
+  }
+}
+
 /* y = x + o_proj(attention(rope(qk_norm(q, k)), v)) of x_norm = rms_norm(x): the attention half of a
    pre-norm decoder layer for one new token per row. With wk == NULL the layer shares K/V: it reads
    keys [0, keys) of k_cache / v_cache and writes nothing; otherwise its new K/V go to cache slot
@@ -128,15 +167,13 @@ int NAME(mmafm_attention_decode)(
     }
   }
   const long group = heads / kv_heads, pairs = batch * kv_heads;
-  const float scale = 1.0f / sqrtf((float)head_dim);
-  #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && pairs > 1 && pairs * group * keys * head_dim >= 65536L)
-  for (long p = 0; p < pairs; ++p) {  /* one (row, KV head) and its group of query heads */
-    const long b = p / kv_heads, h = p % kv_heads;
-    const long kv_at = b * kv_batch_stride + h * kv_head_stride;
-    NAME(attend_group)(qkv + b * qkv_width + h * group * head_dim, k_cache + kv_at, v_cache + kv_at,
-                     att + (b * heads + h * group) * head_dim, scores + p * group * keys, group, keys, head_dim,
-                     scale, valid ? valid + b * valid_stride : NULL);
-  }
+  NAME(attention_job) job = {qkv, k_cache, v_cache, att, scores, valid, valid_stride, kv_batch_stride,
+                             kv_head_stride, qkv_width, heads, kv_heads, group, keys, head_dim,
+                             1.0f / sqrtf((float)head_dim)};
+  if (nthreads > 1 && pairs > 1 && pairs * group * keys * head_dim >= 65536L)
+    pool_run(NAME(attend_pairs), &job, pairs, 1, nthreads);
+  else
+    NAME(attend_pairs)(&job, 0, pairs);
   NAME(mmafm_gemv3)(att, wo, NULL, NULL, out, batch, dim, 0, 0, q_width, nthreads);
   for (long i = 0; i < batch * dim; ++i) y[i] = x[i] + out[i];
   free(xn);
@@ -218,3 +255,11 @@ int NAME(mmafm_decode_step)(
   free(block);
   return failed;
 }
+
+/* the storage macros are per inclusion: the next one defines its own */
+#undef WEIGHT_T
+#undef LOAD_W
+#undef CACHE_T
+#undef LOAD_C
+#undef STORE_C
+#undef STORAGE_SUFFIX
