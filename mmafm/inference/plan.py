@@ -13,9 +13,13 @@ type checks, and decides per layer and half-layer:
 - **the whole step** (embedding to logits) is one :class:`~mmafm.inference.kernels.DecodeStep`
   call only when every layer qualifies and so do the embedding, final norm and head.
 
-Anything the plan does not recognise (a hook, a LoRA or quantized linear, an ``nn.Linear``
-subclass, another norm, an MoE FFN, another trunk such as PT-MoE's tracks) makes that half, that
-layer or that model take the module path: its modules are called as they are. So a new kind of
+A :class:`~mmafm.layers.lora.LoRALinear` counts as a linear when one adapter (or none) runs on
+every row: the kernels then read its merged weight ``W + s B A`` (made once and cached by the
+module, :meth:`~mmafm.layers.lora.LoRALinear.decode_weight`), so a LoRA'd model decodes as fast
+as its base; with per-row adapters (a mixed batch) it takes the module path. Anything else the
+plan does not recognise (a hook, a quantized linear, an ``nn.Linear`` subclass, another norm, an
+MoE FFN, another trunk such as PT-MoE's tracks) makes that half, that layer or that model take
+the module path: its modules are called as they are. So a new kind of
 layer needs no edit here or in ``models/`` to be decoded correctly; teaching the plan to run it
 in a kernel is an addition here. Like a compiled graph, a plan assumes the modules and
 parameters stay the same objects while it is used (one ``generate`` call).
@@ -32,6 +36,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from mmafm.inference import kernels
 from mmafm.layers.kv_cache import KVCache
+from mmafm.layers.lora import LoRALinear
 from mmafm.layers.norm import RMSNorm
 from mmafm.layers.rope import rope_table
 from mmafm.layers.swiglu import SwiGLU
@@ -69,12 +74,20 @@ def _hooked(module: nn.Module) -> bool:
 
 def _linear_why(module: nn.Module | None, name: str) -> str:
     """"" when ``module`` is exactly a bias-free, hook-free ``nn.Linear`` (so ``x @ weight.T``
-    is all it does), else why not."""
-    if type(module) is not nn.Linear:
+    is all it does) or a :class:`LoRALinear` that one dense weight computes, else why not."""
+    if type(module) is LoRALinear:
+        if module.decode_why():
+            return f"{name}: {module.decode_why()}"
+    elif type(module) is not nn.Linear:
         return f"{name} is {type(module).__name__}, not nn.Linear"
     if module.bias is not None:
         return f"{name} has a bias"
     return f"{name} has hooks" if _hooked(module) else ""
+
+
+def _weight(linear: nn.Module) -> torch.Tensor:  # (out, in)
+    """The matrix a kernel multiplies by for a linear :func:`_linear_why` accepted."""
+    return linear.decode_weight() if type(linear) is LoRALinear else linear.weight
 
 
 def _norm_why(module: nn.Module | None, name: str) -> str:
@@ -173,12 +186,12 @@ def _attention_weights(block: Block) -> list[torch.Tensor]:
     attn = block.attn
     norms = [norm.weight for norm in (block.attn_norm, attn.q_norm, attn.k_norm) if norm is not None]
     projections = ("q_proj", "k_proj", "v_proj", "o_proj") if attn.owns_kv else ("q_proj", "o_proj")
-    return norms + [getattr(attn, name).weight for name in projections]
+    return norms + [_weight(getattr(attn, name)) for name in projections]
 
 
 def _ffn_weights(block: Block) -> list[torch.Tensor]:
     ffn = block.ffn
-    return [block.ffn_norm.weight, ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight]
+    return [block.ffn_norm.weight, _weight(ffn.w_gate), _weight(ffn.w_up), _weight(ffn.w_down)]
 
 
 def _float32_why(weights: list[torch.Tensor], cache: KVCache) -> str:
@@ -211,6 +224,10 @@ class _KernelLayer:
 
     def __init__(self, block: Block, attention: bool, ffn: bool, step: _LayeredStep):
         self.block, self.attention, self.ffn, self.step = block, attention, ffn, step
+        # the matrices the kernels read (a LoRA linear's merged weight), fetched once per plan
+        projections = ("q_proj", "k_proj", "v_proj", "o_proj") if block.attn.owns_kv else ("q_proj", "o_proj")
+        self.attn_weights = {name: _weight(getattr(block.attn, name)) for name in projections} if attention else {}
+        self.ffn_weights = [_weight(getattr(block.ffn, name)) for name in ("w_gate", "w_up", "w_down")] if ffn else []
 
     def __call__(self, h: torch.Tensor, ctx: AttentionContext, shared_kv: tuple | None):
         block = self.block
@@ -221,8 +238,7 @@ class _KernelLayer:
         else:
             y, kv = fused
         ffn = block.ffn
-        if self.ffn and kernels.swiglu_block(y, block.ffn_norm.weight, block.ffn_norm.eps, ffn.w_gate.weight,
-                                       ffn.w_up.weight, ffn.w_down.weight):
+        if self.ffn and kernels.swiglu_block(y, block.ffn_norm.weight, block.ffn_norm.eps, *self.ffn_weights):
             return y, kv, None
         if block.is_moe:
             ffn_out, aux = ffn(block.ffn_norm(y))
@@ -238,13 +254,13 @@ class _KernelLayer:
             store = cache.layers[attn.cache_index]
             keys, values = store.keys, store.values  # (B, Hkv, slots, D) storage
             slot, num_keys, key_time = self.step.target(attn.cache_index, keys.shape[2])
-            wk, wv = attn.k_proj.weight, attn.v_proj.weight
+            wk, wv = self.attn_weights["k_proj"], self.attn_weights["v_proj"]
         else:
             keys, values, key_time = shared_kv
             slot, num_keys, wk, wv = 0, keys.shape[2], None, None
         rope = (ctx.cos, ctx.sin) if attn.use_rope else (None, None)
         y = kernels.attention_block(
-            h, norm.weight, norm.eps, attn.q_proj.weight, wk, wv, attn.o_proj.weight,
+            h, norm.weight, norm.eps, self.attn_weights["q_proj"], wk, wv, self.attn_weights["o_proj"],
             None if attn.q_norm is None else attn.q_norm.weight, None if attn.k_norm is None else attn.k_norm.weight,
             *rope, keys, values, slot, num_keys, ctx.key_valid,
         )
@@ -267,7 +283,8 @@ class _LayeredStep:
             runner = _KernelLayer(block, *kernel_halves, self) if any(kernel_halves) else block
             self.runners.append((plan.index, runner))
         head_plain = model.config.tie_embeddings or not _linear_why(model.lm_head, "lm_head")
-        self.head = model.output_weight() if head_plain else None
+        self.head = (model.output_weight() if model.config.tie_embeddings else _weight(model.lm_head)) \
+            if head_plain else None
         self._key_time: dict = {}
 
     def target(self, cache_index: int, slots: int) -> tuple[int, int, torch.Tensor]:
@@ -333,11 +350,11 @@ def _whole_step(model: TextModel, cache: KVCache) -> kernels.DecodeStep | None:
         source = model.layers[kv_source_layer(config, index)]
         store = cache.layers[source.attn.cache_index]
         layer = kernels.decode_layer(
-            block.attn_norm.weight, attn.q_proj.weight,
-            attn.k_proj.weight if attn.owns_kv else None, attn.v_proj.weight if attn.owns_kv else None,
-            attn.o_proj.weight, None if attn.q_norm is None else attn.q_norm.weight,
+            block.attn_norm.weight, _weight(attn.q_proj),
+            _weight(attn.k_proj) if attn.owns_kv else None, _weight(attn.v_proj) if attn.owns_kv else None,
+            _weight(attn.o_proj), None if attn.q_norm is None else attn.q_norm.weight,
             None if attn.k_norm is None else attn.k_norm.weight, block.ffn_norm.weight,
-            ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight, store.keys, store.values,
+            _weight(ffn.w_gate), _weight(ffn.w_up), _weight(ffn.w_down), store.keys, store.values,
             ring=source.attn.window is not None, rope=attn.use_rope, heads=config.n_heads,
         )
         if layer is None:
@@ -345,7 +362,8 @@ def _whole_step(model: TextModel, cache: KVCache) -> kernels.DecodeStep | None:
         layers.append(layer)
     # the table the model's forward looks positions up in (bit-identical to rope_cos_sin)
     cos_table, sin_table = rope_table(config.max_seq_len, config.head_dim, config.rope_theta, cache.device)
-    return kernels.decode_step(layers, model.embed.weight, model.norm.weight, model.output_weight(), cos_table,
+    head = model.output_weight() if config.tie_embeddings else _weight(model.lm_head)
+    return kernels.decode_step(layers, model.embed.weight, model.norm.weight, head, cos_table,
                          sin_table, config.n_heads, config.n_kv_heads, config.head_dim, model.norm.eps)
 
 

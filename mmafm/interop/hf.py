@@ -42,6 +42,8 @@ __all__ = [
     "from_hf_state_dict",
     "new_hf_model",
     "load_hf_weights",
+    "hf_module_name",
+    "module_name_from_hf",
 ]
 
 LAYOUTS = ("qwen3", "llama")
@@ -193,6 +195,29 @@ def _rename(name: str, layer_table: dict[str, str], global_table: dict[str, str]
     return global_table.get(name)
 
 
+def hf_module_name(name: str) -> str:
+    """A TextModel module path in transformers' names (``layers.3.attn.q_proj`` ->
+    ``model.layers.3.self_attn.q_proj``), e.g. for LoRA adapters (:mod:`mmafm.lora.peft`).
+
+    Raises:
+        InteropError: a module with no transformers counterpart.
+    """
+    hf_name = _rename(f"{name}.weight", _LAYER_NAMES, _GLOBAL_NAMES, _OURS_LAYER, "model.layers.")
+    if hf_name is None:
+        raise InteropError(f"TextModel module {name!r} has no counterpart in the transformers layout")
+    return hf_name[: -len(".weight")]
+
+
+def module_name_from_hf(hf_name: str) -> str:
+    """The inverse of :func:`hf_module_name` (``model.layers.3.mlp.up_proj`` -> ``layers.3.ffn.w_up``)."""
+    inverse_layer = {hf: ours for ours, hf in _LAYER_NAMES.items()}
+    inverse_global = {hf: ours for ours, hf in _GLOBAL_NAMES.items()}
+    name = _rename(f"{hf_name}.weight", inverse_layer, inverse_global, _HF_LAYER, "layers.")
+    if name is None:
+        raise InteropError(f"transformers module {hf_name!r} has no counterpart in TextModel")
+    return name[: -len(".weight")]
+
+
 def state_dict_to_hf(state_dict: dict[str, torch.Tensor], config: Any, layout: str | None = None) -> dict[str, torch.Tensor]:
     """Rename a TextModel state dict to transformers' names (tied output: no ``lm_head``).
 
@@ -283,7 +308,8 @@ def to_hf(model: nn.Module, layout: str | None = None, dtype: torch.dtype | None
     cfg = hf_config(config, layout, **config_extra)
     cls = Qwen3ForCausalLM if layout == "qwen3" else LlamaForCausalLM
     param_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    ours = {k: v for k, v in model.state_dict().items() if k in param_names}
+    # the base only: LoRA factors (mmafm.lora) export separately, in peft's format
+    ours = {k: v for k, v in model.state_dict().items() if k in param_names and not k.endswith((".lora_A", ".lora_B"))}
     tensors = state_dict_to_hf(ours, config, layout)
     hf_model = new_hf_model(cls, cfg)
     load_hf_weights(hf_model, {k: v.detach().clone() for k, v in tensors.items()}, f"{type(model).__name__} export")
