@@ -59,6 +59,16 @@ class AdapterRouting:
         self.mode = "off"
         self.row_ids: torch.Tensor | None = None
         self.dropout = float(dropout)
+        self._row_mask: tuple | None = None
+
+    def row_mask(self, slots: int, dtype: torch.dtype) -> torch.Tensor:  # (B, 1, S, 1)
+        """One-hot of each row's slot (all zero for -1), made once per batch for every module."""
+        key = (id(self.row_ids), self.row_ids._version, slots, dtype)
+        if self._row_mask is None or self._row_mask[0] != key:
+            ids = self.row_ids
+            mask = F.one_hot(ids.clamp(min=0), slots).to(dtype) * (ids >= 0).to(dtype)[:, None]
+            self._row_mask = (key, mask[:, None, :, None])
+        return self._row_mask[1]
 
 
 class LoRALinear(nn.Module):
@@ -166,7 +176,7 @@ class LoRALinear(nn.Module):
             )
         tokens = x.numel() // (rows * self.in_features)
         if not torch.is_grad_enabled() and (self.slots - 1) * tokens <= SLOT_MAJOR_WORK:
-            return out + self._mixed_slot_major(x, row_ids)
+            return out.add_(self._mixed_slot_major(x, row_ids))  # no autograd: in place is safe
         return out + self._mixed(x, row_ids)
 
     def _mixed(self, x: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
@@ -187,17 +197,17 @@ class LoRALinear(nn.Module):
         rows, slots, rank = row_ids.shape[0], self.slots, self.rank
         flat = x.reshape(rows, -1, self.in_features)  # (B, T, in)
         low = F.linear(flat, self.lora_A.reshape(slots * rank, self.in_features))  # (B, T, S*r)
-        mask = F.one_hot(row_ids.clamp(min=0), slots).to(x.dtype) * (row_ids >= 0).to(x.dtype)[:, None]  # (B, S)
-        weight = (mask * self.scaling.to(x.dtype))[:, None, :, None]  # (B, 1, S, 1)
-        low = (low.view(rows, -1, slots, rank) * weight).view(rows, -1, slots * rank)
+        low = (low.view(rows, -1, slots, rank) * self.routing.row_mask(slots, low.dtype)).view(rows, -1, slots * rank)
         delta = F.linear(low, self._up_all())  # (B, T, out)
         return delta.reshape(*x.shape[:-1], self.out_features)
 
     def _up_all(self) -> torch.Tensor:  # (out, S*r)
-        """All slots' ``B`` side by side (column ``s*r + j`` = ``B_s[:, j]``), copied once per change."""
-        key = (id(self.lora_B), self.lora_B._version, self.lora_B.device, self.lora_B.dtype)
+        """All slots' scaled ``B`` side by side (column ``s*r + j`` = ``s_s B_s[:, j]``), copied once
+        per change of the factors or scales."""
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in (self.lora_B, self.scaling))
         if self._up_cache is None or self._up_cache[0] != key:
-            up = self.lora_B.detach().permute(1, 0, 2).reshape(self.out_features, self.slots * self.rank)
+            up = self.lora_B.detach() * self.scaling.to(self.lora_B.dtype)[:, None, None]  # (S, out, r)
+            up = up.permute(1, 0, 2).reshape(self.out_features, self.slots * self.rank)
             self._up_cache = (key, up.contiguous())
         return self._up_cache[1]
 
