@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import mmafm
+from _text_shape import add_shape_arguments, build_decoder
 from mmafm.inference import decode_tokens_per_second, generate
 from mmafm.interop.hf import to_hf
 from mmafm.lora import attach_lora
@@ -69,11 +69,7 @@ def build(args: argparse.Namespace, folder: Path):
     """Our LoRA'd base with 4 random adapters in 4 slots, and peft's model holding the same 4."""
     from peft import PeftModel
 
-    torch.manual_seed(0)
-    model = mmafm.create_model(
-        "afm_2024_device_tiny", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-        n_kv_heads=args.kv_heads, head_dim=args.head_dim, ffn_dim=args.ffn, max_seq_len=max(1024, args.seq),
-    ).eval()
+    model = build_decoder(args, max_seq_len=max(1024, args.seq))
     plain = copy.deepcopy(model)
     base = to_hf(model)  # the same weights, before any adapter
     adapters = attach_lora(model, args.rank, args.alpha, slots=len(ADAPTERS), name=None)
@@ -231,14 +227,7 @@ def decode(args, model, adapters) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--ffn", type=int, default=1408)
-    parser.add_argument("--vocab", type=int, default=2048, help="the tiny pipeline's tokenizer size")
+    add_shape_arguments(parser)
     parser.add_argument("--rank", type=int, default=16, help="[paper: 16 in 2024, 32 in the 2025 toolkit]")
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--batch", type=int, default=4, help="training rows")

@@ -47,6 +47,7 @@ from typing import Iterator
 import torch
 
 import mmafm
+from _text_shape import add_shape_arguments, build_decoder
 from mmafm.inference import generate, kernel_linears
 from mmafm.interop.hf import to_hf
 from mmafm.models.text import kv_cache_bytes
@@ -93,12 +94,7 @@ def kv_bytes_per_token(seq_len: int = 4096) -> list[dict]:
 
 
 def build_pair(args: argparse.Namespace):
-    torch.manual_seed(0)
-    ours = mmafm.create_model(
-        "afm_2024_device_tiny", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
-        n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim, ffn_dim=args.ffn,
-        max_seq_len=args.prompt + args.new_tokens + 1,
-    ).eval()
+    ours = build_decoder(args, max_seq_len=args.prompt + args.new_tokens + 1)
     theirs = to_hf(ours).eval()
     theirs.generation_config.pad_token_id = 0
     dtype = getattr(torch, args.dtype)
@@ -252,14 +248,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--ffn", type=int, default=1408)
-    parser.add_argument("--vocab", type=int, default=2048, help="the tiny pipeline's tokenizer size")
+    add_shape_arguments(parser)
     parser.add_argument("--prompt", type=int, default=256, help="prefill length")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     parser.add_argument("--repeats", type=int, default=5)

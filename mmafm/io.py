@@ -50,7 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def is_temp_file(path: str | Path) -> bool:
-    """Whether ``path`` is named like an :func:`atomic_path` temp file (``.<name>.XXXXXXXX.tmp``)."""
+    """Whether ``path`` is named like an :func:`atomic_path` temp file (``.<name>.<8 random characters>.tmp``)."""
     return bool(_TEMP_NAME.match(Path(path).name))
 
 

@@ -24,7 +24,7 @@ from mmafm.runner import resolve_stage_config
 ROOT = Path(__file__).resolve().parents[1]
 # "-p key=value" / "-p stage.key=value"; placeholders like KEY or key=value are prose, not examples
 PARAM = re.compile(r"(?<![\w-])-p\s+(\w[\w.]*)=")
-STAGE_NAME = re.compile(r"\b(\d\d_[a-z][a-z0-9_]*|STAGE)\b")  # STAGE: "any training stage"
+STAGE_NAME = re.compile(r"\b(\d\d_[a-z][a-z0-9_]*)\b")
 COMMAND = re.compile(r"(?:mmafm\s+run|mmafm(?:\.train)?\.launch|mmafm\s+pipeline\s+run)\b")
 CONFIG_FILE = re.compile(r"--config\s+(configs/stages/[\w.]+\.ya?ml)")
 PLACEHOLDER_KEYS = {"key", "KEY", "STAGE.key", "stage.key"}
@@ -89,12 +89,6 @@ def test_examples_were_found():
 @pytest.mark.parametrize("source,line,stage,keys,config", EXAMPLES, ids=[f"{e[0]}:{i}" for i, e in enumerate(EXAMPLES)])
 def test_example_names_real_parameters(source, line, stage, keys, config):
     known = set(list_stages())
-    if stage == "STAGE":  # a placeholder: the key must work for every training stage
-        training = [s for s in known if "max_steps" in {f.name for f in dataclasses.fields(get_stage(s).config_cls)}]
-        assert len(training) >= 3, f"expected >= 3 training stages with max_steps, found {training}"
-        for name in training:
-            test_example_names_real_parameters(source, line, name, keys, None)
-        return
     for key in keys:
         key_stage, _, field_name = key.rpartition(".") if "." in key else (stage, "", key)
         assert key_stage, f"{source}: cannot tell which stage `-p {key}` belongs to in: {line}"

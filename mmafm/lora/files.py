@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmafm.checkpoint import checkpoint_paths
 from mmafm.io import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
@@ -61,11 +62,9 @@ class BaseMismatchError(ValueError):
 
 
 def adapter_paths(path: str | Path) -> tuple[Path, Path]:
-    """``(tensors, record)`` paths of an adapter given with or without its suffix."""
-    path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
-        path = path.with_suffix("")
-    return path.with_suffix(".safetensors"), path.with_suffix(".json")
+    """``(tensors, record)`` paths of an adapter given with or without its suffix: the same
+    two-file layout as a model checkpoint."""
+    return checkpoint_paths(path)
 
 
 @torch.no_grad()

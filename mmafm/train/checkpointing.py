@@ -12,8 +12,8 @@ A stage directory's ``checkpoints/`` holds
   it, atomically, so a run killed mid-write resumes from the one before);
 - ``final.safetensors`` / ``final.json``: the final weights alone.
 
-A writer killed mid-checkpoint leaves at most a temp file (``.step_<step>.safetensors.XXXXXXXX.tmp``,
-:mod:`mmafm.io`) or a ``step_<step>.safetensors`` whose JSON was never written (or whose JSON
+A writer killed mid-checkpoint leaves at most a temp file
+(``.step_<step>.safetensors.<8 random characters>.tmp``, :mod:`mmafm.io`) or a ``step_<step>.safetensors`` whose JSON was never written (or whose JSON
 pruning had already deleted); ``latest.json`` never names either. :func:`remove_incomplete_checkpoints`
 deletes them when the stage starts or resumes (:class:`mmafm.stages.base.StageDir` calls it).
 
