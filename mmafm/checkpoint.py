@@ -328,6 +328,10 @@ def load_model(
             model = build_from_config(record["family"], config, source=f"{meta_path} model config")
     except (ConfigError, UnknownModelError, TypeError, ValueError) as err:
         raise CheckpointError(f"{weights_path}: cannot rebuild its model from {meta_path}: {err}") from err
+    if metadata.get("compression"):  # packed codes + tables (mmafm.compress.storage)
+        from mmafm.compress.storage import apply_layout
+
+        apply_layout(model, metadata["compression"], source=meta_path)
     mismatch = _shape_report(model, tensors)
     if mismatch:
         raise CheckpointError(

@@ -11,6 +11,7 @@
     mmafm report --seeds runs/reproduce-seed*       # runs/reproduce/RESULTS.md: mean ± std
     mmafm numbers                                   # the reports' numbers, computed from configs
     mmafm generate runs/tiny/02_text_pretrain --prompt "The" --max-new-tokens 40
+    mmafm eval runs/tiny/02_text_pretrain --tasks mmafm_cloze,mmafm_wordnet,mmafm_arith   # lm-eval
 """
 
 from __future__ import annotations
@@ -91,7 +92,53 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="weights and KV cache; bfloat16 decodes faster on CPU")
     gen.add_argument("--threads", type=int, help="torch.set_num_threads")
+
+    ev = sub.add_parser("eval", help="score a text model on lm-eval tasks (local tasks: nothing downloads)")
+    ev.add_argument("source", help="a text-pretraining stage directory or a text-model checkpoint (.safetensors)")
+    ev.add_argument("--tasks", default="mmafm_cloze,mmafm_wordnet,mmafm_arith",
+                    help="comma-separated: mmafm_cloze, mmafm_wordnet, mmafm_arith, mmafm_passkey, mmafm_needle, "
+                         "mmafm_multikey, mmafm_vartrack (or any lm-eval task whose data is available offline)")
+    ev.add_argument("--tokenizer", help="tokenizer.model; default: the one the model was trained with")
+    ev.add_argument("--size", type=int, default=200, help="test items per local task (per length for long context)")
+    ev.add_argument("--lengths", default="256,512,1024", help="long-context tasks: context lengths in tokens")
+    ev.add_argument("--limit", type=int, help="at most this many items per task")
+    ev.add_argument("--num-fewshot", type=int, help="override the tasks' few-shot count")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--cache-dir", help="generated task data; default ~/.cache/mmafm/eval_tasks")
+    ev.add_argument("--out", help="write lm-eval's results as JSON here")
+    ev.add_argument("--threads", type=int, help="torch.set_num_threads")
     return parser
+
+
+def _eval(args: argparse.Namespace) -> None:
+    """``mmafm eval``: run lm-eval tasks on a text model, print lm-eval's table (and save it)."""
+    from pathlib import Path
+
+    import torch
+
+    from mmafm.checkpoint import checkpoint_paths
+    from mmafm.config import ConfigError
+    from mmafm.eval.harness import evaluate_tasks, results_table, save_results
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.source).is_dir() and not checkpoint_paths(args.source)[0].is_file():
+        raise ConfigError(f"{args.source}: no such stage directory or text-model checkpoint")
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    try:
+        lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--lengths {args.lengths!r}: expected comma-separated integers") from err
+    try:
+        results = evaluate_tasks(args.source, tasks, tokenizer=args.tokenizer, size=args.size, seed=args.seed,
+                                 lengths=lengths, num_fewshot=args.num_fewshot, limit=args.limit,
+                                 batch_size=args.batch_size, cache_dir=args.cache_dir)
+    except (ValueError, FileNotFoundError) as err:  # unknown task, wrong model family, missing file
+        raise ConfigError(str(err)) from err
+    print(results_table(results))
+    if args.out:
+        print(f"[mmafm] results written to {save_results(results, args.out)}", file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -187,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(get_config(args.name)), sort_keys=False), end="")
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "eval":
+            _eval(args)
     except (ConfigError, ManifestError, CheckpointError, KeyError) as err:
         print(f"mmafm: error: {err}", file=sys.stderr)
         return 2

@@ -158,7 +158,8 @@ def test_stage_path_fields_are_declared():
     def kinds(stage):
         return {f.name: f.metadata["path"] for f in dataclasses.fields(get_stage(stage).config_cls) if "path" in f.metadata}
 
-    assert kinds("02_text_pretrain") == {"init_checkpoint": "checkpoint", "tokens_dir": "dir", "tokenizer": "file"}
+    assert kinds("02_text_pretrain") == {"init_checkpoint": "checkpoint", "tokens_dir": "dir", "tokenizer": "file",
+                                        "distill_from": "model"}
     assert kinds("03_vl_alignment") == {"pairs_dir": "dir", "tokenizer": "file", "image_tower": "model", "text_checkpoint": "model"}
     assert kinds("01_clip_pretrain") == {"pairs_dir": "dir", "tokenizer": "file", "fashion_mnist": "dir"}
     config = make_config("01_clip_pretrain", {"out_dir": "/tmp/x", "tokenizer": "openclip"})  # a keyword, not a path

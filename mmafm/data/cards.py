@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mmafm.io import atomic_write_text
 
-__all__ = ["counts_block", "update_cards", "main"]
+__all__ = ["counts_block", "update_cards", "write_counts", "main"]
 
 BEGIN, END = "<!-- counts:begin -->", "<!-- counts:end -->"
 _BLOCK = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
@@ -40,6 +40,25 @@ def counts_block(entry: dict, config: dict | None) -> str:
         lines += ["", f"Written by code from a data-stage run with {settings}."]
     lines += ["", END]
     return "\n".join(lines)
+
+
+def write_counts(card: str | Path, counts: dict[str, int], note: str) -> Path:
+    """Replace ``card``'s counts block with a ``| count | value |`` table and a line saying which
+    code wrote it (for generated data sets, whose counts come from code rather than a data-stage
+    run).
+
+    Raises:
+        ValueError: the card has no counts block.
+    """
+    card = Path(card)
+    text = card.read_text()
+    if not _BLOCK.search(text):
+        raise ValueError(f"{card} has no counts block ({BEGIN} ... {END})")
+    lines = [BEGIN, "", "| count | value |", "| --- | ---: |"]
+    lines += [f"| {name} | {value:,} |" for name, value in counts.items()]
+    lines += ["", note, "", END]
+    atomic_write_text(card, _BLOCK.sub(lambda _: "\n".join(lines), text))
+    return card
 
 
 def update_cards(stats: dict | str | Path, cards_dir: str | Path) -> list[Path]:

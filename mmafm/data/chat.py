@@ -15,7 +15,13 @@ a ``tool`` turn (the call's result) a ``"name"``. Every conversation has an assi
 a tool result is a ``<|user|>`` turn starting ``[tool <name>]``, a tool call a line ``[call]
 {json}`` at the end of the assistant content. The loss covers the assistant turns' content and
 their ``<|end|>`` only. :func:`prompt_ids` is everything before the last assistant turn plus its
-marker: what a model continues at inference, stopping at ``<|end|>``.
+marker: what a model continues at inference, stopping at ``<|end|>``. :func:`render_chat` is the same
+template as text (what the ids spell), :func:`assistant_spans` the token spans the loss covers.
+
+**Images**: a ``user`` or ``system`` turn may hold the placeholder ``<image>`` (one token,
+:data:`mmafm.tokenizer.IMAGE_TOKEN`); ``encode_chat(..., image_tokens=N)`` writes it as ``N``
+copies of its id, the slots a vision-language model fills with its adapter's tokens. Content may
+not spell a chat marker (``<|user|>`` ...): it would forge a turn, so it is refused.
 
 **Features** (:data:`FEATURES`), each a generator of conversations and a checker scoring an answer
 against the reference (1 = right, 0 = wrong):
@@ -51,6 +57,9 @@ __all__ = [
     "read_chat_jsonl",
     "write_chat_jsonl",
     "encode_chat",
+    "render_chat",
+    "assistant_spans",
+    "strip_markers",
     "prompt_ids",
     "reference_answer",
     "Feature",
@@ -64,6 +73,8 @@ __all__ = [
 
 ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100  # target id the loss skips
+_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # mmafm.tokenizer.CHAT_TOKENS
+_IMAGE = "<image>"  # mmafm.tokenizer.IMAGE_TOKEN
 
 
 class ChatFormatError(ValueError):
@@ -99,6 +110,11 @@ def validate_conversation(turns: Any, where: str = "conversation") -> list[dict]
                 raise ChatFormatError(f"{where}: turn {index} tool_calls must be a list of {{'name', 'arguments'}}")
         if role != "assistant" and not turn.get("content"):
             raise ChatFormatError(f"{where}: turn {index} ({role}) has no content")
+        forged = [marker for marker in _MARKERS if marker in turn.get("content", "")]
+        if forged:
+            raise ChatFormatError(f"{where}: turn {index} ({role}) spells the chat marker(s) {forged} in its content")
+        if role in ("assistant", "tool") and _IMAGE in turn.get("content", ""):
+            raise ChatFormatError(f"{where}: turn {index} ({role}) holds {_IMAGE}; images go in user or system turns")
     if not any(turn["role"] == "assistant" for turn in turns):
         raise ChatFormatError(f"{where}: no assistant turn (nothing to learn)")
     return turns
@@ -152,18 +168,70 @@ def _marker(tokenizer: Any, role: str) -> int:
                                "assistant": "<|assistant|>"}[role])
 
 
-def encode_chat(turns: Sequence[dict], tokenizer: Any) -> tuple[list[int], list[int]]:
+def _expand_images(ids: list[int], image_id: int, image_tokens: int) -> list[int]:
+    """``ids`` with every ``image_id`` written ``image_tokens`` times."""
+    if image_tokens == 1 or image_id not in ids:
+        return ids
+    out: list[int] = []
+    for token in ids:
+        out += [token] * image_tokens if token == image_id else [token]
+    return out
+
+
+def encode_chat(turns: Sequence[dict], tokenizer: Any, image_tokens: int = 1) -> tuple[list[int], list[int]]:
     """``(input_ids, targets)`` of one conversation: ``targets[t]`` is the token after ``t`` where
-    that token belongs to an assistant turn's content or its ``<|end|>``, else ``-100``."""
+    that token belongs to an assistant turn's content or its ``<|end|>``, else ``-100``. Each
+    ``<image>`` becomes ``image_tokens`` placeholder ids (never targets)."""
+    if image_tokens < 1:
+        raise ValueError(f"image_tokens must be >= 1, got {image_tokens}")
     end = tokenizer.token_id("<|end|>")
     ids, learn = [tokenizer.bos_id], [False]
     for turn in turns:
-        body = tokenizer.encode(_turn_text(turn)) + [end]
+        body = _expand_images(tokenizer.encode(_turn_text(turn)), tokenizer.image_id, image_tokens) + [end]
         is_answer = turn["role"] == "assistant"
         ids += [_marker(tokenizer, turn["role"])] + body
         learn += [False] + [is_answer] * len(body)
     targets = [ids[t + 1] if learn[t + 1] else IGNORE for t in range(len(ids) - 1)]
     return ids[:-1], targets
+
+
+_ROLE_MARKER = {"system": "<|system|>", "user": "<|user|>", "tool": "<|user|>", "assistant": "<|assistant|>"}
+
+
+def render_chat(turns: Sequence[dict], tokenizer: Any | None = None) -> str:
+    """The template as text: per turn its role marker, a space and its text (each turn's text is
+    tokenized on its own, and SentencePiece's word-start mark on its first piece reads as that
+    space), then ``<|end|>``; a tool result is a ``<|user|>`` turn starting ``[tool <name>]``.
+    ``tokenizer.decode`` of :func:`encode_chat`'s ids (one token per image, the last ``<|end|>``
+    included) is this text (``tokenizer`` unused: the ``apply_chat_template(tokenize=False)``
+    habit)."""
+    return "".join(f"{_ROLE_MARKER[turn['role']]}{' ' if _turn_text(turn) else ''}{_turn_text(turn)}<|end|>"
+                   for turn in turns)
+
+
+def strip_markers(text: str) -> str:
+    """``text`` without chat markers and ``<image>``: a model's sampled answer decoded to text may
+    spell them, and written back into a conversation they would forge turns."""
+    for marker in _MARKERS + (_IMAGE,):
+        text = text.replace(marker, "")
+    return text
+
+
+def assistant_spans(ids: Sequence[int], tokenizer: Any) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: the positions of ``ids`` inside assistant turns, found by reading
+    the markers (after ``<|assistant|>`` up to and including its ``<|end|>``). The loss of
+    :func:`encode_chat` predicts exactly these tokens; a reference for its mask."""
+    assistant, end = tokenizer.token_id("<|assistant|>"), tokenizer.token_id("<|end|>")
+    spans, start = [], None
+    for position, token in enumerate(ids):
+        if token == assistant and start is None:
+            start = position + 1
+        elif token == end and start is not None:
+            spans.append((start, position + 1))
+            start = None
+    if start is not None:  # an unterminated answer (a prompt being continued)
+        spans.append((start, len(ids)))
+    return spans
 
 
 def prompt_ids(turns: Sequence[dict], tokenizer: Any) -> list[int]:

@@ -6,7 +6,17 @@ independent reference (tests/test_eval.py).
 - :mod:`mmafm.eval.captions`: caption log-likelihoods and perplexity, "pick the right caption",
   greedy caption generation (vision-language models, stage ``03_vl_alignment``);
 - :mod:`mmafm.eval.perplexity`: held-out next-token perplexity (text models, stage
-  ``02_text_pretrain``).
+  ``02_text_pretrain``);
+- :mod:`mmafm.eval.harness`: mmafm as the lm-evaluation-harness model ``mmafm``
+  (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``), ``evaluate_tasks``, the
+  task scores every text stage puts in its summary;
+- :mod:`mmafm.eval.tasks`: lm-eval task YAMLs over bundled and generated data (Wikipedia cloze,
+  WordNet gloss -> word, GSM-lite arithmetic, long-context retrieval), nothing downloads;
+- :mod:`mmafm.eval.long_context`: RULER-like accuracy against context length, its table and
+  figure (``docs/evaluation.md``).
+
+The last three are imported by name, not re-exported here: the harness imports lm-eval, which a
+stage that only needs perplexity should not pay for.
 
     from mmafm.eval import held_out_perplexity, retrieval_metrics, zero_shot_classification
 """

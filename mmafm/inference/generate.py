@@ -11,6 +11,10 @@ a :class:`~mmafm.inference.plan.DecodePlan` built for the call. Around it:
   combinable, seeded through a ``torch.Generator``;
 - stop semantics: a row ends at its first stop token, which is not part of its output, or after
   ``max_new_tokens``; the loop ends when every row has;
+- a :class:`Constraint` hook (guided generation, :mod:`mmafm.inference.guided`): before each
+  choice it masks the logits of every row, after it is told each row's token and may end the row;
+- :func:`decode_steps`, the loop itself as an iterator (one :class:`Step` per decode step, for
+  streaming); :func:`decode` collects it;
 - :func:`generate_text` on strings, :func:`decode_tokens_per_second` to time decoding.
 """
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +33,11 @@ from mmafm.layers.kv_cache import KVCache
 
 __all__ = [
     "Decoded",
+    "Step",
+    "Constraint",
     "decode",
+    "decode_steps",
+    "sampling_probs",
     "prefill",
     "generate",
     "generate_text",
@@ -61,6 +69,33 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+def sampling_probs(
+    logits: torch.Tensor,  # (..., V)
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:  # (..., V) float32
+    """The distribution :func:`sample_next_token` samples from (``temperature > 0``): softmax of the
+    temperature-scaled logits restricted to the ``top_k`` most likely tokens and to the smallest set
+    whose probability reaches ``top_p`` (the most likely token is always kept). Speculative decoding
+    compares the draft's and the target's distributions through it."""
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0.0:
+        raise ValueError("sampling_probs needs temperature > 0 (greedy decoding takes the argmax)")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p  # the first token has mass_before 0: always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
 def sample_next_token(
     logits: torch.Tensor,  # (B, V)
     temperature: float = 0.0,
@@ -72,21 +107,9 @@ def sample_next_token(
     temperature-scaled distribution restricted to the ``top_k`` most likely tokens and to the
     smallest set whose probability reaches ``top_p`` (the most likely token is always kept)."""
     _check_sampling(temperature, top_k, top_p)
-    logits = logits.float()
     if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p  # the first token has mass_before 0: always kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+        return logits.float().argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -112,6 +135,45 @@ class Decoded(NamedTuple):
     logits: torch.Tensor | None  # (B, steps, V) float32: what each step's token was chosen from, if asked
 
 
+class Step(NamedTuple):
+    """One step of :func:`decode_steps`."""
+
+    tokens: list[int | None]  # per row, the token appended this step; None: the row has ended (or ends now)
+    logits: torch.Tensor  # (B, V) float32: what the tokens were chosen from (after the constraint's mask)
+
+
+class Constraint(Protocol):
+    """A restriction of each row's next token, consulted by the decode loop (guided generation).
+
+    The loop calls :meth:`mask_logits` on every step's logits before choosing, then :meth:`accept`
+    once per still-running row with the token it chose (stop tokens excluded). A constraint keeps
+    one state per row; rows are those of the prompt batch.
+    """
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B, V)
+        """The logits with every token the row's state forbids set to ``-inf``."""
+        ...
+
+    def accept(self, row: int, token: int) -> bool:
+        """Advance row ``row`` by ``token``; True when the row is complete and must end."""
+        ...
+
+
+def _check_decode_args(prompt: torch.Tensor, context: int, max_new_tokens: int, temperature: float,
+                       top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_k, top_p)  # also when greedy: a bad setting is a mistake
+    length = prompt.shape[1]
+    if length > context:
+        raise ValueError(f"prompt of {length} tokens is longer than the model's context (max_seq_len={context})")
+    if length + max_new_tokens > context:
+        raise ValueError(
+            f"prompt of {length} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+            f"(max_seq_len={context}); lower max_new_tokens to <= {context - length}"
+        )
+
+
 @torch.no_grad()
 def decode(
     model: nn.Module,
@@ -128,6 +190,7 @@ def decode(
     cache_dtype: torch.dtype | str | None = None,
     quantized_cache: bool = False,
     keep_logits: bool = False,
+    constraint: Constraint | None = None,
 ) -> Decoded:
     """The decode loop: prefill the prompt, then choose and feed one token per row and step.
 
@@ -144,61 +207,98 @@ def decode(
         cache_dtype: KV-cache dtype (default: the model's).
         quantized_cache: int8 KV cache.
         keep_logits: also return each step's logits.
+        constraint: masks each step's logits and may end a row (see :class:`Constraint`).
 
     Returns:
         The tokens of each row, and with ``keep_logits`` the logits (B, steps run, V).
     """
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    outputs: list[list[int]] = [[] for _ in range(0 if prompt is None else prompt.shape[0])]
+    kept: list[torch.Tensor] = []
+    for step in decode_steps(
+        model, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_tokens=stop_tokens, generator=generator, cache_dtype=cache_dtype,
+        quantized_cache=quantized_cache, constraint=constraint,
+    ):
+        if keep_logits:
+            kept.append(step.logits)
+        for row, token in enumerate(step.tokens):
+            if token is not None:
+                outputs[row].append(token)
+    return Decoded(outputs, torch.stack(kept, dim=1) if keep_logits and kept else None)
+
+
+def decode_steps(
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: int | Iterable[int] = (),
+    generator: torch.Generator | None = None,
+    cache_dtype: torch.dtype | str | None = None,
+    quantized_cache: bool = False,
+    constraint: Constraint | None = None,
+) -> Iterator[Step]:
+    """:func:`decode` as an iterator: one :class:`Step` per decode step, as soon as it is chosen
+    (the arguments are :func:`decode`'s). The arguments are checked when it is called; the model
+    runs as the iterator is consumed (and is left in its original train/eval mode when it ends or
+    is closed)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, dim)")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    _check_sampling(temperature, top_k, top_p)  # also when greedy: a bad setting is a mistake
     prompt = input_ids if input_ids is not None else inputs_embeds
-    batch, length = prompt.shape[:2]
-    context = model.config.max_seq_len
-    if length > context:
-        raise ValueError(f"prompt of {length} tokens is longer than the model's context (max_seq_len={context})")
-    if length + max_new_tokens > context:
-        raise ValueError(
-            f"prompt of {length} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
-            f"(max_seq_len={context}); lower max_new_tokens to <= {context - length}"
-        )
-    stop = {stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens)
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    if max_new_tokens == 0:
-        return Decoded(outputs, None)
+    _check_decode_args(prompt, model.config.max_seq_len, max_new_tokens, temperature, top_k, top_p)
     if attention_mask is not None and bool(attention_mask.bool().all()):
         attention_mask = None  # no padding: no mask arithmetic
+    stop = {stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens)
+    return _decode_loop(model, input_ids, inputs_embeds, attention_mask, max_new_tokens, temperature, top_k,
+                        top_p, stop, generator, cache_dtype, quantized_cache, constraint)
 
+
+def _decode_loop(model, input_ids, inputs_embeds, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                 stop, generator, cache_dtype, quantized_cache, constraint) -> Iterator[Step]:
+    """The loop of :func:`decode_steps` (arguments already checked)."""
+    if max_new_tokens == 0:
+        return
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    batch, length = prompt.shape[:2]
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(batch, length + max_new_tokens, dtype=cache_dtype, quantized=quantized_cache)
-        logits = prefill(model, cache, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        plan = build_plan(model, cache)  # once per call: from the modules as they are now
+        with torch.no_grad():
+            cache = model.new_cache(batch, length + max_new_tokens, dtype=cache_dtype, quantized=quantized_cache)
+            logits = prefill(model, cache, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+            plan = build_plan(model, cache)  # once per call: from the modules as they are now
         finished = [False] * batch
-        kept: list[torch.Tensor] = []
         greedy = temperature == 0.0
         for step in range(max_new_tokens):
-            if keep_logits:
-                kept.append(logits)
+            if constraint is not None:
+                logits = constraint.mask_logits(logits)  # (B, V)
             if greedy:  # argmax needs no float copy, scaling or filtering
                 next_tokens = logits.argmax(dim=-1)  # (B,)
             else:
                 next_tokens = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            chosen: list[int | None] = []
             for row, token in enumerate(next_tokens.tolist()):
-                if finished[row]:
-                    continue
-                if token in stop:
+                if finished[row] or token in stop:
                     finished[row] = True
-                else:
-                    outputs[row].append(token)
+                    chosen.append(None)
+                    continue
+                chosen.append(token)
+                if constraint is not None and constraint.accept(row, token):
+                    finished[row] = True
+            yield Step(chosen, logits)
             if all(finished) or step == max_new_tokens - 1:
                 break
-            logits = plan.step(next_tokens)  # (B, V)
+            with torch.no_grad():
+                logits = plan.step(next_tokens)  # (B, V)
     finally:
         model.train(was_training)
-    return Decoded(outputs, torch.stack(kept, dim=1) if keep_logits else None)
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:

@@ -12,6 +12,8 @@ streaming read gets, and each small torch op costs microseconds of dispatch. The
   of code there (what the prefill of :mod:`mmafm.inference.generate` runs under);
 - :func:`attention_block` (RMSNorm, Q/K/V, QK-norm, RoPE, cache write, attention, output
   projection and residual of one layer) and :func:`swiglu_block` (the FFN half): one call each;
+- :func:`lut_linear`: a GEMV over packed 2/4/8-bit codes and their lookup tables
+  (``csrc/lut.c``), for the compressed linears of :mod:`mmafm.compress`;
 - :func:`decode_step`: a whole step of a dense decoder (embedding to logits) in one call, for
   float32 or bfloat16 weights and cache. Python's per-op overhead is then gone, and a step costs
   about one read of the weights.
@@ -83,6 +85,7 @@ __all__ = [
     "DecodeStep",
     "decode_layer",
     "decode_step",
+    "lut_linear",
 ]
 
 MAX_ROWS = 8  # more rows than this (batched decode too): a GEMM (oneDNN) reuses the weights better
@@ -120,6 +123,7 @@ SYMBOLS: dict[str, tuple] = {
     "mmafm_decode_step_f32": _STEP,
     "mmafm_decode_step_bf16": _STEP,
     "mmafm_pool_helpers": (_I, []),
+    "mmafm_lut_gemv_f32": (_I, [_P] * 4 + [_L] * 4 + [_I, _L, _I]),  # csrc/lut.c (mmafm.compress)
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # storage type -> variant
 
@@ -356,6 +360,35 @@ def kernel_linears() -> Iterator[None]:
     run through the plan's kernels instead."""
     with _KernelLinears():
         yield
+
+
+def lut_linear(
+    x: torch.Tensor,  # (..., in) float32
+    codes: torch.Tensor,  # (out, code_stride) uint8: codes of `bits` packed per row, lowest bits first
+    table: torch.Tensor,  # (groups, 2^bits) float32: the table of each group of `group_rows` rows
+    bits: int,
+    group_rows: int,
+    threads: int | None = None,  # default torch.get_num_threads()
+) -> torch.Tensor | None:  # (..., out) float32, or None where the kernel does not apply
+    """``x @ W.T`` for a packed weight ``W[o, i] = table[o // group_rows, code(o, i)]`` straight
+    from the codes (``csrc/lut.c``), for at most :data:`MAX_ROWS` float32 CPU rows at inference;
+    None otherwise (the caller dequantizes). The packed modules of :mod:`mmafm.compress` call it."""
+    library = kernels()
+    if library is None or x.dim() == 0 or not 0 < x.numel() <= MAX_ROWS * x.shape[-1] or bits not in (2, 4, 8):
+        return None
+    out, stride = codes.shape if codes.dim() == 2 else (0, 0)
+    in_features = x.shape[-1]
+    if not (
+        codes.dtype == torch.uint8 and kernel_ready(torch.uint8, codes) and kernel_ready(_F32, table)
+        and kernel_ready(_F32, x, contiguous=False) and stride * 8 >= in_features * bits
+        and table.dim() == 2 and table.shape[1] == 1 << bits and table.shape[0] * group_rows >= out
+    ):
+        return None
+    rows = x.reshape(-1, in_features).contiguous()  # (N, in)
+    y = torch.empty(x.shape[:-1] + (out,), dtype=_F32)
+    failed = library.lut_gemv_f32(rows.data_ptr(), codes.data_ptr(), table.data_ptr(), y.data_ptr(), rows.shape[0],
+                                  out, in_features, stride, bits, group_rows, threads or torch.get_num_threads())
+    return None if failed else y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # (..., dim)

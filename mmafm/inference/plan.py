@@ -19,7 +19,10 @@ module, :meth:`~mmafm.layers.lora.LoRALinear.decode_weight`), so a LoRA'd model 
 as its base; with per-row adapters (a mixed batch) it takes the module path. Anything else the
 plan does not recognise (a hook, a quantized linear, an ``nn.Linear`` subclass, another norm, an
 MoE FFN, another trunk such as PT-MoE's tracks) makes that half, that layer or that model take
-the module path: its modules are called as they are. So a new kind of
+the module path: its modules are called as they are. A packed linear of :mod:`mmafm.compress`
+(a module with ``packed_linear``) is recognised as such: its half takes the module path, where
+the module multiplies from its packed codes in the LUT GEMV (``csrc/lut.c``), and a tied head
+over a packed embedding is computed by the same GEMV from the packed table. So a new kind of
 layer needs no edit here or in ``models/`` to be decoded correctly; teaching the plan to run it
 in a kernel is an addition here. Like a compiled graph, a plan assumes the modules and
 parameters stay the same objects while it is used (one ``generate`` call).
@@ -78,6 +81,8 @@ def _linear_why(module: nn.Module | None, name: str) -> str:
     if type(module) is LoRALinear:
         if module.decode_why():
             return f"{name}: {module.decode_why()}"
+    elif callable(getattr(module, "packed_linear", None)):  # mmafm.compress: packed codes + tables
+        return f"{name} is packed ({type(module).__name__}): the module path runs its LUT GEMV"
     elif type(module) is not nn.Linear:
         return f"{name} is {type(module).__name__}, not nn.Linear"
     if module.bias is not None:
@@ -88,6 +93,17 @@ def _linear_why(module: nn.Module | None, name: str) -> str:
 def _weight(linear: nn.Module) -> torch.Tensor:  # (out, in)
     """The matrix a kernel multiplies by for a linear :func:`_linear_why` accepted."""
     return linear.decode_weight() if type(linear) is LoRALinear else linear.weight
+
+
+def _packed_head(model: nn.Module) -> Callable | None:
+    """The packed GEMV of a tied head whose embedding is stored packed (a module with
+    ``packed_linear``, e.g. :class:`mmafm.compress.packed.PackedEmbedding`): the head then reads
+    the packed codes and tables (``csrc/lut.c``) instead of dequantizing the table each step."""
+    config, embed = getattr(model, "config", None), getattr(model, "embed", None)
+    if getattr(config, "tie_embeddings", False) and callable(getattr(embed, "packed_linear", None)) \
+            and not _hooked(embed):
+        return embed.packed_linear
+    return None
 
 
 def _norm_why(module: nn.Module | None, name: str) -> str:
@@ -211,7 +227,8 @@ def module_logits(model: nn.Module, ids: torch.Tensor | None, cache: KVCache, at
     if isinstance(model, DecoderLM):
         hidden = model(ids, inputs_embeds=inputs_embeds, cache=cache, attention_mask=attention_mask,
                        return_hidden=True)  # (B, T, dim)
-        return model.logits(hidden[:, -1])
+        packed_head = _packed_head(model)
+        return model.logits(hidden[:, -1]) if packed_head is None else packed_head(hidden[:, -1]).float()
     if inputs_embeds is not None:
         return model(inputs_embeds=inputs_embeds, cache=cache, attention_mask=attention_mask)[:, -1]
     return model(ids, cache=cache, attention_mask=attention_mask)[:, -1]
@@ -282,7 +299,8 @@ class _LayeredStep:
             kernel_halves = (plan.attention == KERNEL, plan.ffn == KERNEL)
             runner = _KernelLayer(block, *kernel_halves, self) if any(kernel_halves) else block
             self.runners.append((plan.index, runner))
-        head_plain = model.config.tie_embeddings or not _linear_why(model.lm_head, "lm_head")
+        self.packed_head = _packed_head(model)
+        head_plain = self.packed_head is None and (model.config.tie_embeddings or not _linear_why(model.lm_head, "lm_head"))
         self.head = (model.output_weight() if model.config.tie_embeddings else _weight(model.lm_head)) \
             if head_plain else None
         self._key_time: dict = {}
@@ -317,6 +335,8 @@ class _LayeredStep:
             raise
         cache.end()
         hidden = model.norm(h)[:, -1]  # (B, dim)
+        if self.packed_head is not None:
+            return self.packed_head(hidden).float()
         return model.logits(hidden) if self.head is None else kernels.linear(hidden, self.head).float()
 
 

@@ -9,9 +9,18 @@ permuting Q/K rows. The AFM reports use base 500k, raised to 6,315,089 for conte
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["rope_inverse_frequencies", "rope_cos_sin", "rope_table", "rotate_half", "apply_rope"]
+__all__ = [
+    "rope_inverse_frequencies",
+    "rope_cos_sin",
+    "rope_table",
+    "rotate_half",
+    "apply_rope",
+    "rope_base_for_context",
+]
 
 
 def rope_inverse_frequencies(head_dim: int, base: float, device=None) -> torch.Tensor:  # (D/2,)
@@ -59,3 +68,24 @@ def apply_rope(
     """Rotate queries or keys by their positions' angles."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     return x * cos + rotate_half(x) * sin
+
+
+def rope_base_for_context(base: float, trained_len: int, target_len: int) -> float:
+    """The RoPE base for a context of ``target_len`` after training at ``trained_len``.
+
+    ``base' = base ** (ln(T' / 2 pi) / ln(T / 2 pi))``, i.e. ``ln(base) / ln(T / 2 pi)`` is kept
+    constant: every wavelength ``2 pi base^(2i/D)`` is raised to the same power, so the share of
+    frequencies that turn less than once over the context is the same before and after. It
+    reproduces the 2024 AFM report's context lengthening exactly: base 500k, 8192 -> 32768
+    gives 6,315,088.8 (the report's 6,315,089); 8192 -> 65536 gives ~2.24e7 (WAVE2.md, "RoPE
+    base rule", derived).
+
+    Raises:
+        ValueError: a length not above 2 pi (the logarithms must be positive) or a base <= 1.
+    """
+    if base <= 1.0:
+        raise ValueError(f"rope_base_for_context: base must be > 1, got {base}")
+    for name, value in (("trained_len", trained_len), ("target_len", target_len)):
+        if value <= 2 * math.pi:
+            raise ValueError(f"rope_base_for_context: {name} must be > 2*pi (~6.28), got {value}")
+    return base ** (math.log(target_len / (2 * math.pi)) / math.log(trained_len / (2 * math.pi)))

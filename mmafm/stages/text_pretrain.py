@@ -12,14 +12,17 @@ them (:func:`mmafm.save_model`; :func:`mmafm.load_model` reads them back).
 
 How the rest of the recipe slots in (a later issue):
 
-- continued pretraining and context lengthening are this stage again, started from the previous
-  stage's ``checkpoint`` via ``init_checkpoint``, with a longer ``seq_len`` (``max_seq_len`` grows
-  with it), lower ``lr`` / ``warmup_steps`` / ``min_lr_ratio`` and, for context lengthening,
-  ``rope_theta=6315089``: all of these fields work today;
-- the AFM optimizer (RMSProp with momentum and per-block update clipping) plugs into
-  :func:`train_text_model` as its ``optimizer_factory`` (the trainer's default is AdamW);
-- distillation replaces the loss: subclass :class:`TextPretrainTask` and override
-  :meth:`~TextPretrainTask.compute_loss`; pruning trains masks on the same task.
+- continued pretraining and context lengthening are stages of their own,
+  ``04_continued_pretrain`` (:mod:`mmafm.stages.continued_pretrain`: a source mixture with more
+  math and code, twice the ``seq_len``) and ``05_long_context`` (:mod:`mmafm.stages.long_context`:
+  the RoPE base raised by :func:`mmafm.layers.rope.rope_base_for_context`, long-context tasks);
+  both reuse this stage's task on the same trainer;
+- the AFM optimizer (RMSProp-style with update momentum and per-block update clipping, mu-param,
+  the grad-norm skip guard) is this stage's default (``optimizer="afm"``,
+  :mod:`mmafm.train.optim`); ``optimizer="adamw"`` (with ``weight_decay=0.1``) is the baseline;
+- distillation (``distill_from``, ``distill_weight``, ...): the 2024 target, 0.9 x the teacher's
+  top-1 + 0.1 x the true label, from a teacher-label cache written once beside the token shards,
+  or forward KL (:mod:`mmafm.train.distill`); pruning trains masks on the same task (``12_prune``).
 """
 
 from __future__ import annotations
@@ -74,22 +77,33 @@ class TextPretrainConfig(TrainStageConfig):
     tokenizer: str = field(default="", metadata={"path": "file"})  # the data stage's `tokenizer` (tokenizer.model); decodes the samples
     seq_len: int = field(default=128, metadata={"min": 2})  # tokens per training row [paper: 4096 core, 8192 continued, 32768 long-context]
     batch_size: int = field(default=8, metadata={"min": 1})  # rows per step per rank [paper: 4096 x 4096 tokens]
-    # --- optimization (shared trainer: AdamW, warm-up + cosine); "fsdp" = FSDP2, one unit per layer
+    # --- optimization (shared trainer: the AFM optimizer, warm-up + cosine; docs/training.md, "The AFM
+    # pretraining recipe"); "fsdp" = FSDP2, one unit per layer
     # "track" (afm_2025_server* presets, under torchrun): each rank holds some of the PT-MoE tracks,
     # one all-reduce per track block, FSDP2 over the ranks left (mmafm.train.parallel, docs/distributed.md)
     parallel: str = setting("parallel", "none")
     max_steps: int = setting("max_steps", 150)  # optimizer steps
-    lr: float = setting("lr", 3e-3)  # peak LR [paper: 1e-2 with mu-param and its own optimizer; AdamW without mu-param needs less, open]
-    warmup_steps: int = setting("warmup_steps", 20)  # linear warm-up [paper: 5k of ~500k steps]
-    min_lr_ratio: float = setting("min_lr_ratio", 0.005)  # cosine floor / peak [paper: 0.005 core, 0.001 continued]
-    weight_decay: float = setting("weight_decay", 0.1)  # AdamW decay (scaled by LR) [paper: 3.16e-4 decoupled from LR in its own optimizer; open]
+    optimizer: str = setting("optimizer", "afm")  # "afm" = AdaStar + mu-param [code: axlearn adastar, paper]; "adamw" = the AdamW baseline
+    lr: float = setting("lr", 1e-2)  # peak LR [paper + code: 1e-2 at full size with mu-param; open: 1e-2 at tiny size, measured (docs/training.md); AdamW: 3e-3]
+    warmup_steps: int = setting("warmup_steps", 20)  # linear warm-up [paper + code: 5k of 750k steps; open: 20 at tiny size]
+    min_lr_ratio: float = setting("min_lr_ratio", 0.005)  # cosine floor / peak [paper + code: 0.005 core (alpha 1/200), 0.001 continued]
+    weight_decay: float = setting("weight_decay", 3.16e-4)  # afm: times the schedule, not the peak LR, every parameter [paper + code: 3.16e-4]; adamw: times the LR (0.1 is the usual value) [open]
+    grad_skip: float = setting("grad_skip", 100.0)  # skip a step with global grad norm >= this or non-finite [code: drop_norm=100]; then clip to grad_clip (1.0) [code + paper]
     # --- evaluation, checkpoints, samples
     eval_every: int = setting("eval_every", 50)  # steps between held-out evaluations (and always at the end); 0 = end only
     eval_batches: int = field(default=4, metadata={"min": 1})  # held-out batches per evaluation (the first N of val.bin)
+    eval_tasks: str = "mmafm_cloze,mmafm_wordnet,mmafm_arith"  # lm-eval tasks scored after training, into the summary (mmafm.eval.tasks, docs/evaluation.md); "" = none
+    eval_task_size: int = field(default=20, metadata={"min": 1})  # test items per task: small, so the tiny stage stays fast (~10 s); 200+ for comparisons
     ckpt_every: int = setting("ckpt_every", 50)  # resumable checkpoint cadence; 0 = end only
     sample_prompts: str = "The|A computer is|In the beginning"  # "|"-separated prompts continued after training
     sample_tokens: int = field(default=32, metadata={"min": 1})  # tokens generated per prompt
     sample_temperature: float = field(default=0.0, metadata={"min": 0.0})  # 0 = greedy; > 0 samples (seeded by `seed`)
+    # --- distillation (mmafm.train.distill, docs/distillation.md); "" = none, plain next-token loss
+    distill_from: str = field(default="", metadata={"path": "model"})  # teacher: a text checkpoint or stage folder (same tokenizer); "" = no distillation
+    distill_weight: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})  # teacher share of the target [paper: 0.9 x teacher top-1 + 0.1 x label]
+    distill_loss: str = field(default="top1", metadata={"choices": ("top1", "kl")})  # "top1" = the 2024 target [paper]; "kl" = forward KL on teacher distributions [open]
+    distill_temperature: float = field(default=1.0, metadata={"min": 1e-6})  # softmax temperature of the "kl" loss (scaled by its square) [open]
+    distill_top_k: int = field(default=0, metadata={"min": 0})  # "kl": 0 = full teacher distributions, teacher run online; k = its cached top-k logits (6 bytes per logit per token)
 
 
 # ---------------------------------------------------------------------------------- the task
@@ -197,18 +211,22 @@ def train_text_model(
     optimizer_factory: Callable | None = None,
     scheduler_factory: Callable | None = None,
     task_cls: type[TextPretrainTask] = TextPretrainTask,
+    train_data: Any = None,
 ):
-    """Train ``model`` on ``cfg.tokens_dir`` with the shared trainer; returns ``(trainer, records)``."""
+    """Train ``model`` on ``cfg.tokens_dir`` with the shared trainer; returns ``(trainer, records)``.
+
+    ``train_data`` replaces the token shards (e.g. :class:`mmafm.train.distill.TeacherLabelShards`,
+    the same batches with cached teacher labels)."""
     from mmafm.data.shards import TokenShards
     from mmafm.train import Trainer
 
-    if cfg.parallel == "track":  # the ranks of a track group share a batch: split by dp rank only
+    if train_data is None and cfg.parallel == "track":  # the ranks of a track group share a batch: split by dp rank only
         from mmafm.train.parallel import TrackDataShare
 
         shards = TokenShards(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, seed=cfg.seed, split="train",
                              shard_by_rank=False)
         train_data = TrackDataShare(shards, model.config.num_tracks)
-    else:
+    elif train_data is None:
         train_data = TokenShards(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, seed=cfg.seed, split="train")
     task = task_cls(model, held_out_batches(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
     train_config = cfg.train_config()
@@ -217,6 +235,18 @@ def train_text_model(
 
 
 # --------------------------------------------------------------------------- samples, figures
+def _check_eval_tasks(text: str) -> None:
+    """Unknown names in ``eval_tasks`` stop the run before training, listing the known ones."""
+    from mmafm.eval.tasks import check_task_names
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names:
+        try:
+            check_task_names(names)
+        except ValueError as err:
+            raise ConfigError(f"{STAGE}: eval_tasks: {err}") from err
+
+
 def _prompts(text: str) -> list[str]:
     prompts = [p for p in text.split("|") if p.strip()]
     if not prompts:
@@ -270,13 +300,17 @@ def run(cfg: TextPretrainConfig) -> dict[str, str]:
     from mmafm.data.shards import read_token_meta
     from mmafm.tokenizer import Tokenizer
     from mmafm.train import seed_everything
+    from mmafm.train.distill import distill_training_kwargs
 
     for name in ("tokens_dir", "tokenizer"):
         if not getattr(cfg, name):
             raise ConfigError(f"{STAGE}: {name} is empty; pass the 00_data stage's `{name}` output")
     _check_preset(cfg.preset)
     _check_parallel(cfg)
+    if cfg.distill_from and cfg.parallel == "track":
+        raise ConfigError(f"{STAGE}: distill_from is not supported with parallel='track'")
     _prompts(cfg.sample_prompts)
+    _check_eval_tasks(cfg.eval_tasks)
     start = time.time()
     stage_dir = StageDir(cfg.out_dir, STAGE)
     seed_everything(cfg.seed)
@@ -288,7 +322,7 @@ def run(cfg: TextPretrainConfig) -> dict[str, str]:
             f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size}; pass the matching pair"
         )
     model, overrides = build_text_model(cfg, tokenizer.vocab_size)
-    trainer, records = train_text_model(cfg, model, stage_dir)
+    trainer, records = train_text_model(cfg, model, stage_dir, **distill_training_kwargs(cfg))
     weights = trainer.full_state_dict()  # a collective under FSDP: every rank takes part
     if trainer.rank != 0:
         return {}
@@ -302,6 +336,10 @@ def run(cfg: TextPretrainConfig) -> dict[str, str]:
     atomic_write_json(samples_path, samples)
     uniform_ppl = float(tokenizer.vocab_size)
     _figures(stage_dir, records, uniform_ppl)
+    from mmafm.eval.harness import stage_task_scores
+
+    task_scores = stage_task_scores(model, tokenizer, stage_dir.root / "lm_eval", cfg.eval_tasks, cfg.eval_task_size,
+                                    seed=cfg.seed)
     summary = {
         "val_loss": round(final["eval/val_loss"], 4),
         "val_ppl": round(final["eval/val_ppl"], 3),
@@ -311,8 +349,11 @@ def run(cfg: TextPretrainConfig) -> dict[str, str]:
         "train_tokens": trainer.step * cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * trainer.world_size
         // getattr(trainer.model, "track_degree", 1),
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        # the grad-norm guard's counts (grad_skip > 0): steps skipped, steps clipped
+        **({"skipped_steps": trainer.skipped_steps, "clipped_steps": trainer.clipped_steps} if cfg.grad_skip > 0 else {}),
         "seconds": round(time.time() - start, 1),
     }
+    summary.update(task_scores)  # cloze_acc, wordnet_acc, arith_exact_match, ... (mmafm.eval.harness.summary_key)
     checkpoint = save_model(
         stage_dir.checkpoint_dir / "text_model",
         model,

@@ -53,6 +53,7 @@ __all__ = [
     "CaptionTask",
     "CaptionBatches",
     "build_model",
+    "check_tower_inputs",
     "run",
 ]
 
@@ -138,12 +139,36 @@ def _standalone_data(cfg: VLAlignmentConfig, root: Path) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------- model
-def build_model(cfg: VLAlignmentConfig, tokenizer: Any) -> MultimodalModel:
-    """The multimodal model of ``cfg``, towers initialised from the upstream checkpoints."""
+def check_tower_inputs(cfg: Any, stage: str = STAGE) -> None:
+    """Each upstream checkpoint comes with its preset (the CLIP and text stages output both).
+
+    Args:
+        cfg: a config with ``image_tower`` / ``image_preset`` / ``text_checkpoint`` /
+            ``text_preset`` (this stage's, or another that builds the same model).
+        stage: names the stage in the message.
+    """
+    if cfg.image_tower and not cfg.image_preset:
+        raise ConfigError(f"{stage}: image_tower is set but image_preset is empty; pass both CLIP outputs")
+    if cfg.text_checkpoint and not cfg.text_preset:
+        raise ConfigError(f"{stage}: text_checkpoint is set but text_preset is empty; pass both text outputs")
+
+
+def build_model(cfg: VLAlignmentConfig, tokenizer: Any, stage: str = STAGE) -> MultimodalModel:
+    """The multimodal model of ``cfg``, towers initialised from the upstream checkpoints, the
+    adapter fresh.
+
+    Args:
+        cfg: this stage's config, or any config with the same tower fields (``model_preset``,
+            ``image_preset``, ``text_preset``, ``image_tower``, ``text_checkpoint``,
+            ``tokenizer``, ``mode``, ``image_size``, ``image_tokens``, ``train_vision`` /
+            ``train_adapter`` / ``train_text``): ``06_multimodal_adaptation`` builds its model here.
+        tokenizer: its vocabulary size and ``<image>`` / ``<pad>`` ids go into the model.
+        stage: names the stage in error messages.
+    """
     from mmafm.registry import TEXT_FAMILIES, get_config
 
     if model_family(cfg.model_preset) != "multimodal":
-        raise ConfigError(f"{STAGE}: model_preset {cfg.model_preset!r} is not a multimodal preset (e.g. afm_vl_tiny)")
+        raise ConfigError(f"{stage}: model_preset {cfg.model_preset!r} is not a multimodal preset (e.g. afm_vl_tiny)")
     # the flat stage parameters become MultimodalConfig's nested tower overrides, on top of the
     # model preset's own
     preset_config = get_config(cfg.model_preset)
@@ -154,11 +179,11 @@ def build_model(cfg: VLAlignmentConfig, tokenizer: Any) -> MultimodalModel:
     }
     if cfg.image_preset:
         if model_family(cfg.image_preset) not in ("vit", "vitdet"):
-            raise ConfigError(f"{STAGE}: image_preset {cfg.image_preset!r} is not a vision (vit/vitdet) preset")
+            raise ConfigError(f"{stage}: image_preset {cfg.image_preset!r} is not a vision (vit/vitdet) preset")
         overrides["vision_preset"] = cfg.image_preset
     if cfg.text_preset:
         if model_family(cfg.text_preset) not in ("text", "ptmoe"):
-            raise ConfigError(f"{STAGE}: text_preset {cfg.text_preset!r} is not a text (text/ptmoe) preset")
+            raise ConfigError(f"{stage}: text_preset {cfg.text_preset!r} is not a text (text/ptmoe) preset")
         overrides["text_preset"] = cfg.text_preset
     size_field, tokens_field = {
         "rapid": ("rapid_size", "rapid_image_tokens"),
@@ -176,7 +201,7 @@ def build_model(cfg: VLAlignmentConfig, tokenizer: Any) -> MultimodalModel:
         vocab = text_model.config.vocab_size
         if vocab != tokenizer.vocab_size:
             raise ConfigError(
-                f"{STAGE}: text_checkpoint {cfg.text_checkpoint} has a vocabulary of {vocab} but the "
+                f"{stage}: text_checkpoint {cfg.text_checkpoint} has a vocabulary of {vocab} but the "
                 f"tokenizer {cfg.tokenizer or '(standalone)'} has {tokenizer.vocab_size}; pass the "
                 "tokenizer the text stage was trained with"
             )
@@ -188,7 +213,7 @@ def build_model(cfg: VLAlignmentConfig, tokenizer: Any) -> MultimodalModel:
         tower_preset = tower.model_spec.preset
         if tower_preset != cfg.image_preset:
             raise ConfigError(
-                f"{STAGE}: image_tower {cfg.image_tower} was trained from preset {tower_preset!r}, "
+                f"{stage}: image_tower {cfg.image_tower} was trained from preset {tower_preset!r}, "
                 f"but image_preset is {cfg.image_preset!r}; pass the CLIP stage's image_preset output"
             )
         if "img_size" in {f.name for f in dataclasses.fields(tower.config)}:
@@ -206,7 +231,7 @@ def build_model(cfg: VLAlignmentConfig, tokenizer: Any) -> MultimodalModel:
             ) from err
     model.set_trainable(vision=cfg.train_vision, adapter=cfg.train_adapter, text=cfg.train_text)
     if not any(model.trainable_parts().values()):
-        raise ConfigError(f"{STAGE}: train_vision, train_adapter and train_text are all false: nothing to train")
+        raise ConfigError(f"{stage}: train_vision, train_adapter and train_text are all false: nothing to train")
     return model
 
 
@@ -296,10 +321,7 @@ def run(cfg: VLAlignmentConfig) -> dict[str, str]:
             f"{STAGE}: pass both pairs_dir and tokenizer (the 00_data outputs) or neither (standalone); "
             f"got pairs_dir={cfg.pairs_dir!r}, tokenizer={cfg.tokenizer!r}"
         )
-    if cfg.image_tower and not cfg.image_preset:
-        raise ConfigError(f"{STAGE}: image_tower is set but image_preset is empty; pass both CLIP outputs")
-    if cfg.text_checkpoint and not cfg.text_preset:
-        raise ConfigError(f"{STAGE}: text_checkpoint is set but text_preset is empty; pass both text outputs")
+    check_tower_inputs(cfg)
     pairs_dir, tokenizer_path = cfg.pairs_dir, cfg.tokenizer
     if not pairs_dir:
         pairs_dir, tokenizer_path = _standalone_data(cfg, stage_dir.root)

@@ -3,7 +3,9 @@
 The 2024 AFM report (section 3, "Pre-training") warms up linearly for 5k steps and decays with a
 cosine to 0.005 of the peak LR; supervised fine-tuning uses a constant LR. Both are multipliers of
 the optimizer's peak LR wrapped in :class:`torch.optim.lr_scheduler.LambdaLR`, so any PyTorch
-optimizer works with them.
+optimizer works with them. The AFM optimizer (:class:`mmafm.train.optim.AdaStar`) reads the
+multiplier back as ``group["lr"] / group["peak_lr"]`` and scales its weight decay by it, as
+axlearn's ``update_schedule`` does (``cosine_with_linear_warmup`` from 0, ``alpha`` = 1/200).
 
 A scheduler factory is any callable ``(optimizer, config) -> LRScheduler``; the trainer calls it
 once and steps it after every optimizer step. :func:`build_scheduler` is the default.

@@ -15,8 +15,12 @@ A stage brings a *task* (the contract is :class:`mmafm.train.task.TrainingTask`)
 
 Recipe (2024 AFM report, section 3 "Pre-training", see REFERENCE.md): decoupled weight decay,
 linear warm-up then cosine decay to ``min_lr_ratio`` of the peak, global grad-norm clipping at
-1.0 before the update. Everything else (gradient accumulation, bf16 autocast, checkpoints with
-exact resume, DDP/FSDP2 under torchrun) is standard practice as in nanoGPT and torchtitan.
+1.0 before the update; with ``grad_skip`` > 0 a step whose grad norm reaches it (or is not
+finite) is skipped and counted (``skipped_steps`` / ``clipped_steps`` in the metrics), as the
+AFM config's ``skip_and_clip_by_global_norm(drop_norm=100, max_norm=1)`` [code: axlearn].
+``optimizer`` picks AdamW or the AFM optimizer (:mod:`mmafm.train.optim`). Everything else
+(gradient accumulation, bf16 autocast, checkpoints with exact resume, DDP/FSDP2 under torchrun)
+is standard practice as in nanoGPT and torchtitan.
 
 Checkpoints live in ``stage_dir.checkpoint_dir`` (layout: :mod:`mmafm.train.checkpointing`):
 ``step_<8-digit step>`` files holding everything needed to continue, ``latest.json`` naming the
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -76,7 +81,7 @@ from mmafm.train.task import TrainingTask
 __all__ = ["TrainSettings", "TrainConfig", "setting", "Trainer", "seed_everything", "move_to", "count_items"]
 
 # names the trainer writes into every metrics record itself
-RESERVED_NAMES = ("step", "lr", "grad_norm", "tokens_or_samples_per_s")
+RESERVED_NAMES = ("step", "lr", "grad_norm", "tokens_or_samples_per_s", "skipped_steps", "clipped_steps")
 
 
 @dataclass
@@ -92,10 +97,14 @@ class TrainSettings:
 
     # optimizer steps in total (a step = grad_accum_steps micro-batches on every rank)
     max_steps: int = field(default=100, metadata={"min": 1})
+    # "adamw": torch.optim.AdamW; "afm": the AFM optimizer (mmafm.train.optim.AdaStar: RMS-clipped
+    # RMSProp-style update with update momentum, mu-param) [code: axlearn adastar, 2024 AFM]
+    optimizer: str = field(default="adamw", metadata={"choices": ("adamw", "afm")})
     # peak learning rate [open per stage; 2024 AFM pre-training used 1e-2 with mu-param]
     lr: float = field(default=3e-4, metadata={"min": 0.0})
-    # decoupled (AdamW) weight decay, not applied to norms, biases, embeddings, no_weight_decay()
-    # [open: 2024 AFM used 3.16e-4 with its own optimizer; 0.1 is the usual AdamW value]
+    # decoupled weight decay. adamw: p -= lr * wd * p, not on norms, biases, embeddings,
+    # no_weight_decay(); afm: p -= (lr / peak lr) * wd * p (NOT multiplied by the peak LR), on every
+    # parameter [open: 0.1 is the usual AdamW value; AFM 3.16e-4, code + paper]
     weight_decay: float = field(default=0.1, metadata={"min": 0.0})
     # "cosine": warm-up then cosine to min_lr_ratio [paper, pre-training]; "constant": warm-up
     # then flat [paper, SFT]
@@ -108,6 +117,10 @@ class TrainSettings:
     grad_accum_steps: int = field(default=1, metadata={"min": 1})
     # global grad-norm clip before the update, 0 disables [paper: 1.0]
     grad_clip: float = field(default=1.0, metadata={"min": 0.0})
+    # skip a step whose global grad norm is >= this or non-finite (parameters and optimizer state
+    # unchanged, counted in metrics.jsonl); 0 disables [code: axlearn skip_and_clip_by_global_norm,
+    # drop_norm=100 in the AFM config]
+    grad_skip: float = field(default=0.0, metadata={"min": 0.0})
     # "fp32", or "bf16" = torch.autocast(bfloat16) around the forward (weights stay fp32)
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
     # "none" (one process), "ddp", "fsdp" (FSDP2 fully_shard) or "track" (PT-MoE tracks split over
@@ -144,6 +157,9 @@ class TrainConfig(TrainSettings):
     betas: tuple[float, float] = (0.9, 0.95)
     # AdamW epsilon (> 0)
     eps: float = field(default=1e-8, metadata={"min": 0.0})
+    # optimizer="afm": mu-param base width, update scale min(mup_base_width / d_model, 1) on the
+    # attention and FFN matrices [code: axlearn honeycrisp.py, 768]
+    mup_base_width: int = field(default=768, metadata={"min": 1})
     # how many step checkpoints to keep (older ones are deleted; final weights always kept)
     keep_checkpoints: int = field(default=2, metadata={"min": 1})
     # seeds Python, NumPy and torch (rank r uses seed + r) and the per-epoch data order
@@ -299,6 +315,9 @@ class Trainer:
         self.stage_dir = stage_dir
         self.records: list[dict] = []
         self.step = 0
+        # the grad-norm guard's counters (grad_skip > 0): steps skipped, steps clipped, so far
+        self.skipped_steps = 0
+        self.clipped_steps = 0
 
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("TrainConfig: key 'device': 'cuda' requested but no GPU is visible")
@@ -460,10 +479,31 @@ class Trainer:
 
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self._model, max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        if self._guarded_step(float(grad_norm) if self.config.grad_skip > 0 else 0.0, max_norm):
+            self.optimizer.step()
+        with warnings.catch_warnings():  # a skipped first step: "scheduler.step() before optimizer.step()"
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sums, items, grad_norm
+
+    def _guarded_step(self, grad_norm: float, max_norm: float) -> bool:
+        """The grad-norm guard (``grad_skip`` > 0): whether to apply this step, and its counters.
+
+        A step whose global grad norm (the same number on every rank) is >= ``grad_skip`` or not
+        finite is skipped: no ``optimizer.step()``, so parameters and optimizer state (its step
+        count and bias correction included) stay as they were. The LR scheduler still advances:
+        the schedule follows the trainer's step, so the cosine still ends at ``max_steps`` (axlearn,
+        whose schedule count lives in the skipped optimizer state, would not advance it).
+        """
+        if self.config.grad_skip <= 0:
+            return True
+        if not math.isfinite(grad_norm) or grad_norm >= self.config.grad_skip:
+            self.skipped_steps += 1
+            return False
+        if grad_norm > max_norm:
+            self.clipped_steps += 1
+        return True
 
     def _metrics_record(
         self, values: dict[str, torch.Tensor], grad_norm: torch.Tensor, lr: float, items: int, seconds: float
@@ -476,7 +516,7 @@ class Trainer:
         numbers = stacked.tolist()
         record: dict[str, Any] = {"step": self.step}
         record.update({name: numbers[i] for i, name in enumerate(names)})
-        if not np.isfinite(record["loss"]):
+        if not np.isfinite(record["loss"]) and self.config.grad_skip <= 0:  # the guard skips such steps
             raise FloatingPointError(
                 f"loss is {record['loss']} at step {self.step}; lower lr or use precision='fp32'"
             )
@@ -484,6 +524,9 @@ class Trainer:
         record["grad_norm"] = float(grad_norm)
         replicas = getattr(self._model, "track_degree", 1)  # the ranks of a track group share one batch
         record["tokens_or_samples_per_s"] = numbers[-1] / replicas / max(seconds, 1e-9)
+        if self.config.grad_skip > 0:
+            record["skipped_steps"] = self.skipped_steps
+            record["clipped_steps"] = self.clipped_steps
         return record
 
     def _evaluate(self) -> None:
@@ -526,6 +569,7 @@ class Trainer:
                 "world_size": self.world_size,
                 "parallel": self.parallel,
                 "scheduler": scheduler_state,
+                "guard": {"skipped_steps": self.skipped_steps, "clipped_steps": self.clipped_steps},
                 "train_config": to_dict(self.config),
             }
             path = write_train_checkpoint(
@@ -566,6 +610,9 @@ class Trainer:
         load_train_state(self._model, self.optimizer, tensors, meta)
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step = step
+        guard = meta.get("guard", {})
+        self.skipped_steps = int(guard.get("skipped_steps", 0))
+        self.clipped_steps = int(guard.get("clipped_steps", 0))
         self._cursor.fast_forward(meta["data"])
         # RNG last: fast-forwarding the data may draw random numbers
         set_rng_state(rank_rng_state(tensors, meta, self.rank))

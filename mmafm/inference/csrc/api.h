@@ -77,4 +77,10 @@ int mmafm_decode_step_bf16(
    nthreads > 1 run on their caller plus up to nthreads - 1 of them */
 int mmafm_pool_helpers(void);
 
+/* packed low-bit GEMV (lut.c): y[b, o] = sum_i table[o / group_rows][code(o, i)] x[b, i] for
+   batch <= 8 rows, codes of bits = 2, 4 or 8 packed lowest bits first, code_stride bytes per
+   weight row, 2^bits float32 table entries per group of group_rows rows; 2 for bad arguments */
+int mmafm_lut_gemv_f32(const float* x, const unsigned char* codes, const float* table, float* y, long batch,
+                       long out, long in, long code_stride, int bits, long group_rows, int nthreads);
+
 #endif /* MMAFM_API_H */

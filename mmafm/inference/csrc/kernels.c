@@ -22,3 +22,6 @@
 #define STORE_C(f) bf16_store(f)
 #define STORAGE_SUFFIX bf16
 #include "kernels.h" /* undefines the storage macros at its end */
+
+/* the packed low-bit GEMV of mmafm.compress (shares this unit's thread pool) */
+#include "lut.c"

@@ -1,0 +1,205 @@
+"""Packed low-bit weights: codes of 2, 4 or 8 bits plus fp16 tables, as linear and embedding modules.
+
+One storage format serves every scheme of :mod:`mmafm.compress` (WAVE2.md "Compression"):
+
+- ``codes`` (rows, ceil(cols * bits / 8)) uint8: each row's codes packed little-end first (4-bit:
+  the low nibble holds the even column; 2-bit: bits 0-1 hold column 4j);
+- a table per group of ``group_size`` rows (``axis=0``) or columns (``axis=1``):
+  ``scheme="lut"`` stores it, ``lut`` (groups, 2^bits) fp16, fitted by k-means (palettization);
+  ``scheme="uniform"`` stores one fp16 ``scale`` per row and derives the table as
+  ``scale * (c - (2^bits - 1) / 2)`` for codes c, the balanced grid of the 2025 report's 2-bit QAT
+  ({-1.5, -0.5, 0.5, 1.5} at 2 bits) and of the per-channel 8-/4-bit embeddings.
+
+A weight is ``table[group(r, c), code[r, c]]``. :class:`PackedLinear` and
+:class:`PackedEmbedding` hold such a weight in place of ``nn.Linear`` / ``nn.Embedding`` without
+any model file knowing: their ``weight`` property dequantizes (so a tied head reading
+``embed.weight`` reads the same table), and :meth:`PackedLinear.forward` multiplies few rows at
+inference straight from the packed codes in the native LUT GEMV
+(:func:`mmafm.inference.kernels.lut_linear`), anything else by the dequantized matrix, so the
+two give equal logits up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BITS", "SCHEMES", "pack_codes", "unpack_codes", "balanced_grid", "Packed", "PackedLinear",
+           "PackedEmbedding"]
+
+BITS = (2, 4, 8)
+SCHEMES = ("lut", "uniform")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:  # (R, C) ints < 2^bits -> (R, ceil(C bits / 8)) uint8
+    """Pack each row's codes into bytes, lowest bits first (a row padded with zero codes)."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    rows, cols = codes.shape
+    per_byte = 8 // bits
+    padded = torch.zeros(rows, math.ceil(cols / per_byte) * per_byte, dtype=torch.int32, device=codes.device)
+    padded[:, :cols] = codes.to(torch.int32)
+    if codes.numel() and (int(codes.max()) >= 1 << bits or int(codes.min()) < 0):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits} bits")
+    parts = padded.view(rows, -1, per_byte)  # (R, bytes, per_byte)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (parts << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:  # -> (R, cols) long
+    """Inverse of :func:`pack_codes`."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)  # (..., bytes, per_byte)
+    return codes.flatten(-2)[..., :cols].long()
+
+
+def balanced_grid(bits: int, device=None) -> torch.Tensor:  # (2^bits,) float32
+    """The balanced integer levels ``c - (2^b - 1) / 2``: {-1.5, -0.5, 0.5, 1.5} at 2 bits."""
+    return torch.arange(1 << bits, dtype=torch.float32, device=device) - ((1 << bits) - 1) / 2
+
+
+class Packed(nn.Module):
+    """A (rows, cols) weight stored as packed codes and fp16 tables (see the module docstring).
+
+    Args:
+        rows, cols: the weight's shape (out, in for a linear; vocab, dim for an embedding).
+        bits: 2, 4 or 8.
+        scheme: ``"lut"`` (a fitted table per group) or ``"uniform"`` (a scale per row).
+        group_size: rows (``axis=0``) or columns (``axis=1``) sharing one table; the last group
+            may be smaller when it does not divide. ``"uniform"`` is per row (group_size 1, axis 0).
+        axis: 0 or 1.
+    """
+
+    def __init__(self, rows: int, cols: int, bits: int, scheme: str = "lut", group_size: int = 16, axis: int = 0,
+                 device=None):
+        super().__init__()
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if axis not in (0, 1):
+            raise ValueError(f"axis must be 0 (groups of rows) or 1 (groups of columns), got {axis}")
+        if scheme == "uniform" and (group_size, axis) != (1, 0):
+            raise ValueError("the uniform scheme has one scale per row (group_size=1, axis=0)")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.rows, self.cols, self.bits, self.scheme = rows, cols, bits, scheme
+        self.group_size, self.axis = group_size, axis
+        self.groups = math.ceil((rows if axis == 0 else cols) / group_size)
+        self.register_buffer("codes", torch.zeros(rows, math.ceil(cols * bits / 8), dtype=torch.uint8, device=device))
+        if scheme == "lut":
+            self.register_buffer("lut", torch.zeros(self.groups, 1 << bits, dtype=torch.float16, device=device))
+        else:
+            self.register_buffer("scale", torch.zeros(rows, dtype=torch.float16, device=device))
+        self._table_cache: tuple | None = None
+
+    def _apply(self, fn, recurse=True):
+        """Moves keep the storage types: ``.to(bfloat16)`` of a model leaves codes uint8 and tables fp16."""
+        super()._apply(fn, recurse)
+        for name, dtype in (("codes", torch.uint8), ("lut", torch.float16), ("scale", torch.float16)):
+            tensor = self._buffers.get(name)
+            if tensor is not None and tensor.dtype != dtype:
+                self._buffers[name] = tensor.to(dtype)
+        self._table_cache = None
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"rows={self.rows}, cols={self.cols}, bits={self.bits}, scheme={self.scheme}, "
+                f"group_size={self.group_size}, axis={self.axis}")
+
+    # -- filling
+    def set_packed(self, codes: torch.Tensor, table: torch.Tensor) -> "Packed":
+        """Store (rows, cols) integer ``codes`` and the table: ``lut`` (groups, 2^bits) for the
+        lut scheme, ``scale`` (rows,) for the uniform one (both rounded to fp16)."""
+        if codes.shape != (self.rows, self.cols):
+            raise ValueError(f"codes of shape {tuple(codes.shape)} for a ({self.rows}, {self.cols}) weight")
+        self.codes.copy_(pack_codes(codes, self.bits))
+        expected = (self.groups, 1 << self.bits) if self.scheme == "lut" else (self.rows,)
+        if tuple(table.shape) != expected:
+            raise ValueError(f"{self.scheme} table of shape {tuple(table.shape)}, expected {expected}")
+        (self.lut if self.scheme == "lut" else self.scale).copy_(table.to(torch.float16))
+        self._table_cache = None
+        return self
+
+    # -- reading
+    def table(self) -> torch.Tensor:  # (groups, 2^bits) float32; per row for uniform
+        """The float32 lookup table of every group (made once and cached until the buffers change)."""
+        source = self.lut if self.scheme == "lut" else self.scale
+        key = (source.data_ptr(), source._version, source.device)
+        if self._table_cache is None or self._table_cache[0] != key:
+            if self.scheme == "lut":
+                table = self.lut.float()
+            else:
+                table = self.scale.float()[:, None] * balanced_grid(self.bits, self.scale.device)
+            self._table_cache = (key, table.contiguous())
+        return self._table_cache[1]
+
+    def _group_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows // self.group_size if self.scheme == "lut" else rows
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:  # (...,) long -> (..., cols) float32
+        """The dequantized weight rows ``rows`` (an embedding lookup reads only these)."""
+        codes = unpack_codes(self.codes[rows], self.bits, self.cols)  # (..., cols)
+        table = self.table()
+        if self.axis == 0:
+            return table[self._group_of_rows(rows)].gather(-1, codes)
+        column_group = torch.arange(self.cols, device=codes.device) // self.group_size  # (cols,)
+        return table[column_group, codes]
+
+    def dequantize(self) -> torch.Tensor:  # (rows, cols) float32
+        """The whole weight as float32."""
+        return self.dequantize_rows(torch.arange(self.rows, device=self.codes.device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (float32), e.g. for a tied head ``F.linear(h, embed.weight)``."""
+        return self.dequantize()
+
+    def storage_bits(self) -> int:
+        """Bits this weight occupies: packed codes + fp16 tables (the bits-per-weight numerator)."""
+        table = self.lut if self.scheme == "lut" else self.scale
+        return self.codes.numel() * 8 + table.numel() * 16
+
+    def packed_linear(self, x: torch.Tensor) -> torch.Tensor:  # (..., cols) -> (..., rows) float32
+        """``x @ weight.T`` from the packed codes: the native LUT GEMV for a few float32 rows at
+        inference (groups along rows), the dequantized matmul otherwise."""
+        from mmafm.inference import kernels  # the kernels import nothing from here
+
+        if self.axis == 0 and not torch.is_grad_enabled():
+            y = kernels.lut_linear(x, self.codes, self.table(), self.bits, 1 if self.scheme == "uniform" else self.group_size)
+            if y is not None:
+                return y
+        return F.linear(x.float() if x.dtype != torch.float32 else x, self.dequantize())
+
+
+class PackedLinear(Packed):
+    """A bias-free linear whose (out, in) weight is packed (see :class:`Packed`). Inputs of
+    another dtype are computed in float32 and returned in their dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, scheme: str = "lut", group_size: int = 16,
+                 axis: int = 0, device=None):
+        super().__init__(out_features, in_features, bits, scheme, group_size, axis, device)
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return self.packed_linear(x).to(x.dtype)
+
+
+class PackedEmbedding(Packed):
+    """An embedding whose (vocab, dim) table is packed, one table per row (``uniform``) or per
+    group of rows (``lut``): a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, scheme: str = "uniform",
+                 group_size: int = 1, axis: int = 0, device=None):
+        super().__init__(num_embeddings, embedding_dim, bits, scheme, group_size, axis, device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.max_norm = None  # what callers of nn.Embedding look at
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...,) -> (..., dim) float32
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(f"token id outside [0, {self.num_embeddings})")
+        return self.dequantize_rows(ids)

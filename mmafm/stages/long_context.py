@@ -1,0 +1,398 @@
+"""Stage 05: context lengthening: a raised RoPE base, long sequences, long-context tasks.
+
+The 2024 AFM report (section 3.3; ``../shared/WAVE2.md`` "Pretraining recipe") ends pretraining
+with 100B tokens at sequence length 32768, four times the continued stage's 8192, with the RoPE
+base raised from 500k to 6,315,089, on long sequences plus "synthetic long-context Q&A data"; it
+reports RULER falling from 91.7 at 4k to 43.3 at 32k (Table 9). The base follows
+:func:`mmafm.layers.rope.rope_base_for_context` (``base ** (ln(T'/2pi) / ln(T/2pi))``, which gives
+exactly 6,315,089). The 2025 report's final stage goes to 65K: ``configs/stages/05_long_context_65k.yaml``.
+
+At tiny scale, on the shared trainer:
+
+1. the weights of ``04_continued_pretrain`` (``init_checkpoint``), ``rope_theta`` raised from
+   the checkpoint's base for ``trained_len`` -> ``target_len`` (defaults: 04's ``seq_len`` and
+   twice it);
+2. rows of ``target_len`` tokens: windows of the concatenated documents of the data stage's
+   sources and the generated ones (``mixture``, as in 04) and, for a ``task_share`` of the rows,
+   generated long-context tasks (:mod:`mmafm.data.long_context`: passkey, needles, multi-key
+   needles, variable tracking) in haystacks of the *train* split's documents;
+3. before and after, the RULER-like ladder (:mod:`mmafm.eval.long_context`): greedy exact match
+   of every task at every length of ``ladder`` on haystacks of the *held-out* documents, plus the
+   answer's log-likelihood per token (teacher-forced; it moves long before greedy answers turn
+   right at this scale);
+4. the figure of the report's Table 9 shape, accuracy against context length before / after
+   with the trained lengths marked, the answer log-likelihood beside it, loss curves, and the
+   checkpoint (its config carries the new ``rope_theta`` and ``max_seq_len``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmafm.checkpoint import save_model
+from mmafm.config import ConfigError, to_dict
+from mmafm.io import atomic_write_json
+from mmafm.stages import register_stage
+from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.stages.continued_pretrain import data_stage_record, load_text_model, trained_seq_len
+from mmafm.stages.text_pretrain import TextPretrainTask
+from mmafm.train.trainer import setting
+
+__all__ = ["LongContextConfig", "LongContextRows", "answer_nll", "parse_ladder", "run"]
+
+STAGE = "05_long_context"
+EVAL_SEED_OFFSET = 1_000_003  # evaluation examples never share a seed with training examples
+
+
+@dataclass
+class LongContextConfig(TrainStageConfig):
+    """Context lengthening. Defaults: the tiny pipeline (trained 256 -> 512 tokens)."""
+
+    # --- inputs (a pipeline wires them)
+    init_checkpoint: str = field(default="", metadata={"path": "model"})  # 04_continued_pretrain's `checkpoint` (or its stage folder)
+    tokenizer: str = field(default="", metadata={"path": "file"})  # 00_data's `tokenizer`
+    data_dir: str = field(default="", metadata={"path": "dir"})  # 00_data's `data_dir` (sources, split, caps)
+    # --- context lengthening
+    trained_len: int = field(default=0, metadata={"min": 0})  # T: length init_checkpoint was trained at; 0 = its recorded seq_len [paper: 8192]
+    target_len: int = field(default=0, metadata={"min": 0})  # T': new training length (seq_len); 0 = 2 x trained_len [paper: 32768 = 4 x 8192]
+    rope_theta: float = field(default=0.0, metadata={"min": 0.0})  # new RoPE base; 0 = rope_base_for_context(checkpoint's base, T, T') [paper: 500k -> 6,315,089]
+    # --- data
+    mixture: str = "wikipedia=0.4,jargon=0.2,arithmetic=0.2,code=0.2"  # document rows: source=weight as in 04 [open]
+    generated_documents: int = field(default=1000, metadata={"min": 10})  # documents per generated source
+    task_share: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # share of rows that are long-context tasks [paper: "synthetic long-context Q&A", share unpublished; open]
+    tasks: str = "passkey,needle,multikey,variable_tracking"  # mmafm.data.long_context.TASKS, comma-separated
+    haystack_sources: str = "wikipedia,jargon"  # the tasks' haystacks: data-stage text sources (train split for training, val for evaluation)
+    task_examples: int = field(default=96, metadata={"min": 1})  # generated training examples (cycled through)
+    digits: int = field(default=5, metadata={"min": 2, "max": 12})  # digits of every needle value [RULER: 7; tiny: 5, open]
+    batch_size: int = field(default=4, metadata={"min": 1})  # rows of target_len per step per rank
+    # --- optimization (shared trainer) [paper: 100B tokens; the 2024 recipe's continued-stage
+    # settings carried over, open]
+    optimizer: str = setting("optimizer", "afm")  # [code+paper: the AFM optimizer]
+    max_steps: int = setting("max_steps", 60)
+    lr: float = setting("lr", 1e-3)  # peak [open: as 04 at tiny size; 3e-4 recalled at full size]
+    weight_decay: float = setting("weight_decay", 1e-5)  # [recalled: 1e-5, as continued pretraining]
+    warmup_steps: int = setting("warmup_steps", 5)
+    min_lr_ratio: float = setting("min_lr_ratio", 0.001)  # [paper: continued stage's 0.001]
+    eval_every: int = setting("eval_every", 0)  # held-out document loss at the end (the ladder runs before and after)
+    ckpt_every: int = setting("ckpt_every", 30)
+    # --- evaluation: the RULER-like ladder
+    ladder: str = "192,256,512,1024"  # context lengths in tokens, comma-separated (each fits every task: multikey needs ~150 at digits=5); the longest sets max_seq_len
+    eval_examples: int = field(default=6, metadata={"min": 1})  # examples per task and length
+    eval_batches: int = field(default=2, metadata={"min": 1})  # held-out document batches (general loss)
+
+
+def parse_ladder(text: str) -> list[int]:
+    """``"128,256,512"`` -> ``[128, 256, 512]`` (sorted, each > 0).
+
+    Raises:
+        ConfigError: an entry that is not a positive integer, or no entry.
+    """
+    try:
+        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError as err:
+        raise ConfigError(f"{STAGE}: ladder {text!r}: expected comma-separated token counts, e.g. '256,512,1024'") from err
+    if not lengths or lengths[0] < 1:
+        raise ConfigError(f"{STAGE}: ladder {text!r}: expected comma-separated positive token counts")
+    return lengths
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise ConfigError(f"{STAGE}: {what} {text!r}: expected a comma-separated subset of {', '.join(allowed)}")
+    return names
+
+
+# -------------------------------------------------------------------------------- the data
+class LongContextRows:
+    """``(input_ids, targets)`` batches (B, T) mixing document windows and long-context tasks.
+
+    Each row is, with probability ``task_share``, one of ``task_rows`` (a task example's tokens,
+    EOS, then document tokens up to ``T + 1``), else a window of the documents (``documents``, a
+    :class:`~mmafm.data.mixture.MixtureShards` of the same ``T``). Draws are fixed by ``(seed,
+    epoch, batch)``, so the trainer's exact resume holds; an epoch has ``len(documents)`` batches.
+    """
+
+    def __init__(self, documents: Any, task_rows: np.ndarray, task_share: float, seed: int = 0):
+        self.documents, self.task_rows, self.task_share, self.seed = documents, task_rows, task_share, seed
+        if task_share > 0 and len(task_rows) == 0:
+            raise ValueError("task_share > 0 needs at least one task row")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.documents.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index, (inputs, targets) in enumerate(self.documents):
+            rng = np.random.default_rng([self.seed, self.epoch, index, 5])
+            use_task = rng.random(inputs.shape[0]) < self.task_share  # (B,)
+            if use_task.any():
+                rows = torch.cat([inputs, targets[:, -1:]], dim=1)  # (B, T+1)
+                picks = rng.integers(0, len(self.task_rows), size=int(use_task.sum()))
+                rows[torch.from_numpy(use_task)] = torch.from_numpy(self.task_rows[picks].astype(np.int64))
+                inputs, targets = rows[:, :-1], rows[:, 1:]
+            yield inputs, targets
+
+
+def task_rows(examples: Sequence[Any], tokenizer: Any, filler: np.ndarray, seq_len: int, seed: int = 0) -> np.ndarray:
+    """``(N, seq_len + 1)`` token rows: each example's text, EOS, then a seeded window of ``filler``."""
+    rng = random.Random(f"task-rows-{seed}")
+    rows = np.zeros((len(examples), seq_len + 1), dtype=np.int64)
+    for row, example in enumerate(examples):
+        ids = tokenizer.encode(example.text, eos=True)[: seq_len + 1]
+        start = rng.randrange(max(1, len(filler) - seq_len - 1))
+        rest = np.asarray(filler[start : start + seq_len + 1 - len(ids)], dtype=np.int64)
+        rows[row, : len(ids)] = ids
+        rows[row, len(ids) : len(ids) + len(rest)] = rest
+    return rows
+
+
+# -------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def answer_nll(model: nn.Module, tokenizer: Any, examples: Sequence[Any], batch_size: int = 4) -> list[float]:
+    """Mean negative log-likelihood per answer token of each example, teacher-forced: the answer
+    tokens are those of ``encode(example.text)`` after ``encode(example.prompt)``."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows, spans = [], []
+    for example in examples:
+        prompt = tokenizer.encode(example.prompt)
+        full = tokenizer.encode(example.text)
+        if full[: len(prompt)] != prompt:  # a merge across the boundary: encode the answer apart
+            full = prompt + tokenizer.encode(" " + example.answer)
+        rows.append(full)
+        spans.append((len(prompt), len(full)))
+    out = []
+    for begin in range(0, len(rows), batch_size):
+        chunk = rows[begin : begin + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)] = torch.tensor(r)  # right padding: a causal model never looks right
+        logprobs = torch.log_softmax(model(ids.to(device)).float(), dim=-1)  # (B, W, V)
+        for i, r in enumerate(chunk):
+            first, end = spans[begin + i]
+            positions = torch.arange(first - 1, end - 1, device=device)
+            picked = logprobs[i, positions, torch.tensor(r[first:end], device=device)]
+            out.append(float(-picked.mean()))
+    return out
+
+
+def ladder_scores(model: nn.Module, tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], count: int,
+                  documents: Sequence[str], seed: int, digits: int) -> dict:
+    """:func:`mmafm.eval.long_context.evaluate_long_context` (greedy exact match) plus the mean
+    answer NLL per task and length: ``{"mean", "accuracy", "nll", "nll_mean", "examples"}``."""
+    from mmafm.data.long_context import long_context_examples
+    from mmafm.eval.long_context import evaluate_long_context
+
+    result = evaluate_long_context(model, tokenizer, tasks=tasks, lengths=lengths, count=count, seed=seed,
+                                   documents=documents, digits=digits)
+    nll = {task: {} for task in tasks}
+    for task in tasks:
+        for length in lengths:
+            examples = long_context_examples(task, length, count, documents, tokenizer, seed=seed, digits=digits)
+            nll[task][length] = float(np.mean(answer_nll(model, tokenizer, examples)))
+    result["nll"] = nll
+    result["nll_mean"] = {length: float(np.mean([nll[t][length] for t in tasks])) for length in lengths}
+    return result
+
+
+def _figures(stage_dir: StageDir, before: dict, after: dict, marks: Mapping[str, int], records: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmafm.eval.long_context import plot_accuracy_vs_length
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    plot_accuracy_vs_length({"before (04)": before["mean"], "after (05)": after["mean"]}, ax=left,
+                            title="RULER-like accuracy (mean over tasks)")
+    for label, curve in (("before (04)", before["nll_mean"]), ("after (05)", after["nll_mean"])):
+        lengths = sorted(curve)
+        right.plot(lengths, [curve[n] for n in lengths], "o-", label=label)
+    for axis in (left, right):
+        for (label, length), style in zip(marks.items(), ("--", ":")):
+            axis.axvline(length, ls=style, c="grey", label=f"{label}: {length}")
+    right.set_xscale("log", base=2)
+    lengths = sorted(before["nll_mean"])
+    right.set_xticks(lengths, [str(n) for n in lengths])
+    right.minorticks_off()
+    right.set(xlabel="context length (tokens)", ylabel="nats / answer token", title="answer NLL (teacher-forced)")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    stage_dir.save_figure(fig, "accuracy_vs_length")
+    plt.close(fig)
+
+    tasks = list(before["accuracy"])
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.2 * len(tasks), 5.4), squeeze=False, sharex=True)
+    for column, task in enumerate(tasks):
+        for row, (key, ylabel) in enumerate((("accuracy", "exact match"), ("nll", "answer NLL (nats/token)"))):
+            axis = axes[row, column]
+            for label, result in (("before", before), ("after", after)):
+                lengths = sorted(result[key][task])
+                axis.plot(lengths, [result[key][task][n] for n in lengths], "o-", label=label)
+            for (_, length), style in zip(marks.items(), ("--", ":")):
+                axis.axvline(length, ls=style, c="grey")
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(lengths, [str(n) for n in lengths])
+            axis.minorticks_off()
+            if row == 0:
+                axis.set(title=task, ylim=(-0.02, 1.02))
+            else:
+                axis.set(xlabel="tokens")
+            if column == 0:
+                axis.set_ylabel(ylabel)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    stage_dir.save_figure(fig, "accuracy_per_task")
+    plt.close(fig)
+
+    train = [r for r in records if "ce" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy (documents + tasks)")
+    ax.set(xlabel="step", ylabel="nats / token", title=f"context lengthening at {marks['05 trained']} tokens")
+    ax.legend(fontsize=8)
+    stage_dir.save_figure(fig, "loss")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- run
+def run(cfg: LongContextConfig) -> dict[str, str]:
+    """Lengthen the context of ``init_checkpoint``; returns the stage outputs."""
+    from mmafm.checkpoint import load_model
+    from mmafm.data.long_context import TASKS, haystack_documents, make_example
+    from mmafm.data.mixture import MixtureShards, data_stage_sources, format_mixture, parse_mixture, source_streams
+    from mmafm.layers.rope import rope_base_for_context
+    from mmafm.stages.text_pretrain import TEXT_FAMILIES, held_out_batches
+    from mmafm.tokenizer import Tokenizer
+    from mmafm.train import Trainer, seed_everything
+
+    for name in ("init_checkpoint", "tokenizer", "data_dir"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"{STAGE}: {name} is empty; pass "
+                              + {"init_checkpoint": "04_continued_pretrain's `checkpoint`",
+                                 "tokenizer": "00_data's `tokenizer`", "data_dir": "00_data's `data_dir`"}[name])
+    data_config, data_outputs = data_stage_record(cfg.data_dir)
+    try:
+        weights = parse_mixture(cfg.mixture, data_stage_sources(data_config))
+    except ValueError as err:
+        raise ConfigError(f"{STAGE}: {err}") from err
+    tasks = _names(cfg.tasks, TASKS, "tasks")
+    natural = [n for n in data_stage_sources(data_config) if n in str(data_config["text_sources"]).split(",")]
+    haystack_sources = _names(cfg.haystack_sources, [n for n in natural if n != "captions"], "haystack_sources")
+    ladder = parse_ladder(cfg.ladder)
+    trained = cfg.trained_len or trained_seq_len(cfg.init_checkpoint)
+    target = cfg.target_len or 2 * trained
+    if target <= trained:
+        raise ConfigError(f"{STAGE}: target_len {target} must exceed trained_len {trained}")
+    start = time.time()
+    stage_dir = StageDir(cfg.out_dir, STAGE)
+    seed_everything(cfg.seed)
+    tokenizer = Tokenizer.load(cfg.tokenizer)
+    context = max(target, ladder[-1])
+
+    base = float(load_model(cfg.init_checkpoint, family=TEXT_FAMILIES).config.rope_theta)
+    theta = cfg.rope_theta or rope_base_for_context(base, trained, target)
+    before_model = load_text_model(cfg.init_checkpoint, tokenizer.vocab_size, context, STAGE)
+
+    docs = dict(sources=tuple(haystack_sources), limit=int(data_config.get("text_cap", 0)),
+                seed=int(data_config.get("seed", 0)), val_fraction=float(data_config.get("val_fraction", 0.05)))
+    eval_haystack = haystack_documents(split="val", **docs)
+    train_haystack = haystack_documents(split="train", **docs)
+    eval_seed = cfg.seed + EVAL_SEED_OFFSET
+    for task in tasks:  # every rung must hold every task's needles and question: fail before any work
+        try:
+            make_example(task, ladder[0], eval_haystack, tokenizer, seed=eval_seed, digits=cfg.digits)
+        except ValueError as err:
+            raise ConfigError(f"{STAGE}: ladder {cfg.ladder!r}: {err}") from err
+    before = ladder_scores(before_model, tokenizer, tasks, ladder, cfg.eval_examples, eval_haystack, eval_seed, cfg.digits)
+    del before_model
+
+    model = load_text_model(cfg.init_checkpoint, tokenizer.vocab_size, context, STAGE, rope_theta=theta)
+    streams, _ = source_streams(cfg.data_dir, data_config, tokenizer, list(weights), cfg.generated_documents)
+    documents = MixtureShards({n: streams[n]["train"] for n in weights}, weights, target, cfg.batch_size, seed=cfg.seed)
+    examples = [
+        _train_example(tasks[index % len(tasks)], target, train_haystack, tokenizer, cfg.seed, index, cfg.digits)
+        for index in range(cfg.task_examples)
+    ]
+    filler = streams[next(iter(weights))]["train"]
+    rows = task_rows(examples, tokenizer, filler, target, cfg.seed)
+    train_data = LongContextRows(documents, rows, cfg.task_share, seed=cfg.seed)
+    val = held_out_batches(data_outputs["tokens_dir"], target, cfg.batch_size, cfg.eval_batches)
+    trainer = Trainer(TextPretrainTask(model, val), train_data, cfg.train_config(), stage_dir)
+    records = trainer.fit()
+    state = trainer.full_state_dict()
+    if trainer.rank != 0:
+        return {}
+    model = load_text_model(cfg.init_checkpoint, tokenizer.vocab_size, context, STAGE, rope_theta=theta)
+    model.load_state_dict(state)
+    after = ladder_scores(model, tokenizer, tasks, ladder, cfg.eval_examples, eval_haystack, eval_seed, cfg.digits)
+
+    marks = {"04 trained": trained, "05 trained": target}
+    _figures(stage_dir, before, after, marks, records)
+    final = [r for r in records if "eval/val_loss" in r][-1]
+    atomic_write_json(stage_dir.root / "ladder.json", {
+        "lengths": ladder, "trained_len": trained, "target_len": target,
+        "before": {k: before[k] for k in ("accuracy", "mean", "nll", "nll_mean")},
+        "after": {k: after[k] for k in ("accuracy", "mean", "nll", "nll_mean")},
+        "examples_after": after["examples"][: 4 * len(tasks)],
+    })
+    summary: dict[str, Any] = {
+        "rope_theta_before": base,
+        "rope_theta": round(theta, 1),
+        "trained_len": trained,
+        "target_len": target,
+        "ruler_before": {str(n): round(v, 3) for n, v in before["mean"].items()},
+        "ruler_after": {str(n): round(v, 3) for n, v in after["mean"].items()},
+        "answer_nll_before": {str(n): round(v, 3) for n, v in before["nll_mean"].items()},
+        "answer_nll_after": {str(n): round(v, 3) for n, v in after["nll_mean"].items()},
+        "val_loss": round(final["eval/val_loss"], 4),
+        "val_ppl": round(final["eval/val_ppl"], 3),
+        "mixture": format_mixture(weights),
+        "task_share": cfg.task_share,
+        "steps": trainer.step,
+        "train_tokens": trainer.step * cfg.batch_size * target * cfg.grad_accum_steps * trainer.world_size,
+        "seconds": round(time.time() - start, 1),
+    }
+    checkpoint = save_model(stage_dir.checkpoint_dir / "text_model", model, {
+        "stage": STAGE, "tokenizer": cfg.tokenizer, "step": trainer.step, "summary": summary,
+        "stage_config": to_dict(cfg) | {"seq_len": target},
+    })
+    outputs = {
+        "checkpoint": str(checkpoint),
+        "preset": getattr(getattr(model, "model_spec", None), "preset", None) or "",
+        "tokenizer": cfg.tokenizer,
+        "ladder": str(stage_dir.root / "ladder.json"),
+        "metrics": str(stage_dir.metrics_path),
+    }
+    stage_dir.write_manifest(outputs, cfg, summary)
+    return outputs
+
+
+def _train_example(task: str, length: int, haystack: Sequence[str], tokenizer: Any, seed: int, index: int, digits: int):
+    """Training example ``index``: its length drawn in [length / 4, length] (seeded), so the model
+    retrieves at every distance up to the new context, not only at the longest."""
+    from mmafm.data.long_context import make_example
+
+    drawn = random.Random(f"train-length-{seed}-{index}").randint(max(length // 4, 1), length)
+    try:
+        return make_example(task, drawn, haystack, tokenizer, seed=seed, index=index, digits=digits)
+    except ValueError:  # too short for this task's needles: the full length
+        return make_example(task, length, haystack, tokenizer, seed=seed, index=index, digits=digits)
+
+
+register_stage(STAGE, LongContextConfig, run)

@@ -1,0 +1,261 @@
+"""mmafm.compress against independent references: coremltools' palettizer, torchao PARQ's
+balanced quantizer, closed-form bits per weight, the dequantized model's logits."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mmafm
+from mmafm.compress import (
+    PackedLinear,
+    bits_per_weight,
+    closed_form_bpw,
+    compress_model,
+    convert_qat,
+    dequantized_copy,
+    fake_quantize,
+    fit_lut,
+    kmeans_1d,
+    pack_codes,
+    prepare_qat,
+    unpack_codes,
+)
+from mmafm.compress.bits import closed_form_matrix_bits, matrix_bits, text_matrices
+from mmafm.compress.kmeans import kmeans_1d_exact
+from mmafm.inference import kernels
+
+
+def _sse(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    return (values[:, :, None] - centroids[:, None, :]).pow(2).min(-1).values.sum(1)
+
+
+def test_exact_kmeans_matches_brute_force_on_small_groups():
+    torch.manual_seed(0)
+    values = torch.randn(3, 9, dtype=torch.float64)
+    centroids = kmeans_1d_exact(values, 3)
+    # every way to cut 9 sorted values into 3 contiguous runs
+    for row, found in zip(values.sort(1).values, centroids):
+        best = min(
+            sum(((part - part.mean()) ** 2).sum().item() for part in (row[:i], row[i:j], row[j:]))
+            for i in range(1, 8) for j in range(i + 1, 9)
+        )
+        assert _sse(row[None], found[None]).item() == pytest.approx(best, rel=1e-9)
+
+
+def test_pack_unpack_round_trip():
+    for bits in (2, 4, 8):
+        codes = torch.randint(0, 1 << bits, (5, 13))
+        packed = pack_codes(codes, bits)
+        assert packed.shape == (5, math.ceil(13 * bits / 8)) and packed.dtype == torch.uint8
+        assert torch.equal(unpack_codes(packed, bits, 13), codes)
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack_codes(torch.full((1, 4), 4), 2)
+
+
+def _coreml_palettized(weight: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+    palettization = pytest.importorskip("coremltools.optimize.torch.palettization")
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    linear = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    linear[0].weight.data.copy_(weight)
+    config = palettization.PostTrainingPalettizerConfig.from_dict({"global_config": {
+        "n_bits": bits, "granularity": "per_grouped_channel", "group_size": 16, "channel_axis": axis}})
+    return palettization.PostTrainingPalettizer(linear, config).compress()[0].weight.detach()
+
+
+@pytest.mark.parametrize("bits,shape,axis", [(4, (64, 32), 0), (2, (64, 32), 0), (4, (96, 128), 0),
+                                             (4, (48, 96), 1), (2, (96, 160), 0)])
+def test_lut_error_within_one_percent_of_coremltools(bits, shape, axis):
+    torch.manual_seed(bits + shape[1])
+    weight = torch.randn(shape) * 0.02
+    weight[torch.rand(shape) < 0.01] *= 6  # heavy tails, as trained weights have
+    codes, lut = fit_lut(weight, bits, 16, axis)
+    assert lut.dtype == torch.float16 and lut.shape == (shape[axis] // 16, 1 << bits)
+    group = (torch.arange(shape[0])[:, None] // 16) if axis == 0 else (torch.arange(shape[1])[None, :] // 16)
+    ours = lut.float()[group.expand(shape), codes]
+    theirs = _coreml_palettized(weight, bits, axis)
+    assert theirs.unique().numel() <= (shape[axis] // 16) * (1 << bits)
+    ours_error, theirs_error = ((ours - weight) ** 2).sum(), ((theirs - weight) ** 2).sum()
+    assert ours_error <= 1.01 * theirs_error, (ours_error, theirs_error)
+
+
+def test_kmeans_large_groups_near_optimal():
+    """Groups above EXACT_MAX take the binned DP start + Lloyd; compare with the exact DP."""
+    torch.manual_seed(3)
+    values = torch.randn(2, 1100, dtype=torch.float64) * torch.tensor([[1.0], [0.1]])
+    exact, fast = kmeans_1d(values, 16, exact_max=4096), kmeans_1d(values, 16)
+    assert (_sse(values, fast) <= 1.005 * _sse(values, exact)).all()
+
+
+def test_ragged_groups_and_clear_errors():
+    weight = torch.randn(40, 24)  # 16 + 16 + 8 rows
+    codes, lut = fit_lut(weight, 4, 16, 0)
+    assert lut.shape == (3, 16) and codes.shape == (40, 24)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        fit_lut(weight, 3)
+    with pytest.raises(ValueError, match="values per group"):
+        fit_lut(torch.randn(2, 3), 4, 1, 0)
+
+
+def _tiny(preset="afm_2024_device_tiny", **overrides):
+    torch.manual_seed(0)
+    return mmafm.create_model(preset, vocab_size=256, **overrides).eval()
+
+
+def test_bits_per_weight_equals_the_closed_form():
+    model = _tiny()
+    compress_model(model, bits=4, embedding_bits=8)
+    config = model.config
+    assert bits_per_weight(model) == pytest.approx(closed_form_bpw(config, "lut", 4, 16, 8), rel=1e-12)
+    assert bits_per_weight(model, include_embedding=False) == pytest.approx(
+        closed_form_bpw(config, "lut", 4, 16, 8, include_embedding=False), rel=1e-12)
+    # the LUT overhead term: b + 2^b / K for a matrix whose rows 16 divides
+    assert closed_form_matrix_bits(96, 64, "lut", 4) / (96 * 64) == pytest.approx(4 + 16 / 64)
+    assert closed_form_matrix_bits(96, 64, "uniform", 2) / (96 * 64) == pytest.approx(2 + 16 / 64)
+    assert closed_form_matrix_bits(60, 120, "astc") == 200 * 128 + 64  # 3.5556 bpw + the range
+    # the full-size 2024 device model at 4 bits: about 4 bpw on projections, ~3.5-3.7 mixed
+    full = mmafm.get_config("afm_2024_device")
+    assert 4.0 < closed_form_bpw(full, "lut", 4, 16, None, include_embedding=False) < 4.01
+    assert sum(o * i for _, o, i in text_matrices(full)) == mmafm.create_model("afm_2024_device", device="meta").num_params() - sum(
+        p.numel() for n, p in mmafm.create_model("afm_2024_device", device="meta").named_parameters() if p.dim() == 1)
+
+
+def test_packed_logits_equal_dequantized_logits():
+    model = _tiny()
+    compress_model(model, bits={"layers.0.ffn.w_up": 2, "layers.1.attn.q_proj": 8}, default_bits=4, embedding_bits=4)
+    assert isinstance(model.layers[0].ffn.w_up, PackedLinear) and model.layers[0].ffn.w_up.bits == 2
+    reference = dequantized_copy(model)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), reference(ids), atol=1e-5, rtol=1e-5)
+        # the native LUT GEMV path (a decode-sized input) against the dequantized matmul
+        linear = model.layers[0].ffn.w_gate
+        x = torch.randn(3, linear.in_features)
+        y = linear(x)
+        assert torch.allclose(y, x @ linear.dequantize().T, atol=1e-5, rtol=1e-5)
+    if kernels.kernels_available():
+        assert kernels.lut_linear(x, linear.codes, linear.table(), 4, 16) is not None
+
+
+def test_generate_runs_on_a_packed_model():
+    model = _tiny()
+    compress_model(model, bits=4, embedding_bits=8)
+    reference = dequantized_copy(model)
+    from mmafm.inference.generate import generate
+
+    from mmafm.inference.plan import build_plan
+
+    with torch.no_grad():
+        plan = build_plan(model, model.new_cache(1, 16))
+    if kernels.kernels_available():  # the plan names packed linears; they run their LUT GEMV
+        assert "is packed (PackedLinear)" in plan.describe() and not plan.whole_step
+    prompt = torch.randint(0, 256, (1, 5))
+    ours = generate(model, prompt, max_new_tokens=6, temperature=0.0)
+    theirs = generate(reference, prompt, max_new_tokens=6, temperature=0.0)
+    assert ours == theirs
+
+
+def test_qat_levels_equal_torchao_parq_at_f_one():
+    quantizer = pytest.importorskip("torchao.prototype.parq.quant").UnifQuantizer(
+        scale_method="max", int_shift=0.5, zero_point=0.5)
+    torch.manual_seed(1)
+    weight = torch.randn(8, 40)
+    for bits in (2, 4):
+        ours = fake_quantize(weight, torch.ones(8), bits)
+        theirs, levels = quantizer.quantize(weight, bits, dim=-1)
+        assert torch.allclose(ours, theirs, atol=1e-6)
+        grid = levels / levels.abs().amax(-1, keepdim=True) * (2 ** (bits - 1) - 0.5)
+        assert torch.allclose(grid[0], torch.arange(1 << bits) - (2 ** bits - 1) / 2)
+    assert sorted(set((fake_quantize(weight, torch.ones(8), 2) / weight.abs().amax(1, keepdim=True) * 1.5)
+                      .round(decimals=4).flatten().tolist())) == [-1.5, -0.5, 0.5, 1.5]
+
+
+def test_qat_gradients_reach_weights_and_clip_and_convert_packs():
+    model = _tiny()
+    names = prepare_qat(model, bits=2, embedding_bits=4)
+    assert "embed" in names and len(names) == 1 + 7 * model.config.n_layers
+    q_proj = model.layers[0].attn.q_proj
+    init = q_proj.clip.detach().clone()
+    assert ((init > 0.2) & (init <= 1.0)).all() and init.min() < 1.0  # the error search clips
+    # the error search's f beats f = 1 (max-scaled)
+    w = q_proj.latent.detach()
+    assert ((fake_quantize(w, init, 2) - w) ** 2).sum() < ((fake_quantize(w, torch.ones_like(init), 2) - w) ** 2).sum()
+    model.train()
+    ids = torch.randint(0, 256, (2, 16))
+    loss, _ = model.loss(model(ids[:, :-1]), ids[:, 1:])
+    loss.backward()
+    assert q_proj.latent.grad is not None and q_proj.latent.grad.abs().sum() > 0
+    assert q_proj.clip.grad is not None and q_proj.clip.grad.abs().sum() > 0
+    assert model.embed.clip.grad is not None
+    model.eval()
+    with torch.no_grad():
+        before = model(ids)
+    convert_qat(model)
+    with torch.no_grad():
+        after = model(ids)
+    assert isinstance(model.layers[0].attn.q_proj, PackedLinear) and model.layers[0].attn.q_proj.bits == 2
+    assert torch.allclose(before, after, atol=5e-2)  # equal up to the fp16 rounding of the scales
+    expected = closed_form_bpw(model.config, "uniform", 2, 1, 4)
+    assert bits_per_weight(model) == pytest.approx(expected, rel=1e-12)
+
+
+def test_compressed_checkpoint_round_trips_and_is_smaller_by_the_bpw_ratio(tmp_path):
+    from mmafm.checkpoint import CheckpointError
+    from mmafm.compress import load_compressed, save_compressed
+
+    model = _tiny()
+    mmafm.save_model(tmp_path / "float", model)
+    compress_model(model, bits={"layers.0.ffn.w_up": 2}, default_bits=4, embedding_bits=8)
+    path = save_compressed(tmp_path / "packed", model, {"step": 3})
+    loaded = mmafm.load_model(tmp_path / "packed")
+    assert isinstance(loaded.layers[0].ffn.w_up, PackedLinear) and loaded.layers[0].ffn.w_up.bits == 2
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))
+    assert load_compressed(path).layers[1].attn.q_proj.bits == 4
+    # on disk: the weight matrices at bits_per_weight, the 1-D gains at float32, plus a header
+    vectors = sum(p.numel() * 4 for p in model.parameters() if p.dim() == 1)
+    weights = sum(count for _, count, _ in matrix_bits(model))
+    expected = bits_per_weight(model) * weights / 8 + vectors
+    assert expected <= path.stat().st_size <= expected + 16384
+    float_size = (tmp_path / "float.safetensors").stat().st_size
+    assert path.stat().st_size / float_size == pytest.approx(bits_per_weight(model) / 32, rel=0.05)
+    # corruption and misuse: clear errors naming the file
+    with pytest.raises(CheckpointError, match="not a compressed checkpoint"):
+        load_compressed(tmp_path / "float")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        mmafm.load_model(path)
+    path.write_bytes(data)
+    meta = path.with_suffix(".json")
+    import json
+
+    record = json.loads(meta.read_text())
+    record["compression"]["layers.0.ffn.w_up"]["rows"] = 7
+    meta.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="packed 'layers.0.ffn.w_up' is \\(7, 96\\)"):
+        mmafm.load_model(path)
+    with pytest.raises(ValueError, match="no packed modules"):
+        save_compressed(tmp_path / "x", _tiny())
+
+
+@pytest.mark.skipif(not kernels.kernels_available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lut_gemv_equals_the_dequantized_matmul(bits):
+    generator = torch.Generator().manual_seed(bits)
+    for out, cols, group_rows in [(96, 64, 16), (50, 37, 16), (40, 256, 1), (600, 320, 16)]:  # ragged, per row, threaded
+        codes = torch.randint(0, 1 << bits, (out, cols), generator=generator)
+        table = torch.randn(-(-out // group_rows), 1 << bits, generator=generator)
+        weight = table[torch.arange(out)[:, None] // group_rows, codes]  # (out, cols)
+        for batch in (1, 3, 8):
+            x = torch.randn(batch, cols, generator=generator)
+            with torch.no_grad():
+                y = kernels.lut_linear(x, pack_codes(codes, bits), table, bits, group_rows)
+            assert y is not None and torch.allclose(y, x @ weight.T, atol=1e-4, rtol=1e-5), (bits, out, cols, batch)
+    with torch.no_grad():  # more rows than a GEMV takes, or autograd: the caller's fallback
+        assert kernels.lut_linear(torch.randn(9, 64), pack_codes(codes[:, :64], bits), table, bits, group_rows) is None

@@ -1,0 +1,250 @@
+"""Stages 04_continued_pretrain and 05_long_context and what they stand on: the RoPE base rule
+(against the report's integer), the generated math and code text (every equation and every
+printed output checked), the source mixture (draw shares against the weights), the long-context
+rows and the teacher-forced answer likelihood (against a token-by-token loop), and both
+notebooks executed by papermill on a tiny data stage and core checkpoint made here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmafm.config import ConfigError, from_dict, load_yaml
+from mmafm.layers.rope import rope_base_for_context
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------- RoPE base
+def test_rope_base_rule_gives_the_reports_number():
+    assert round(rope_base_for_context(500_000, 8192, 32768)) == 6_315_089  # 2024 report, section 3
+    at_65k = rope_base_for_context(500_000, 8192, 65536)
+    assert 2.24e7 <= at_65k < 2.25e7
+    # the rule keeps ln(base) / ln(T / 2 pi) constant, so lengthening in two steps = in one
+    assert rope_base_for_context(rope_base_for_context(500_000, 8192, 32768), 32768, 65536) == pytest.approx(at_65k)
+    assert rope_base_for_context(10_000, 4096, 4096) == pytest.approx(10_000)
+    with pytest.raises(ValueError, match="trained_len must be > 2\\*pi"):
+        rope_base_for_context(500_000, 4, 8192)
+    with pytest.raises(ValueError, match="base must be > 1"):
+        rope_base_for_context(1.0, 8192, 32768)
+
+
+# ------------------------------------------------------------------------------ generated text
+def test_arithmetic_text_is_right():
+    from mmafm.data.synthetic_text import arithmetic_documents
+
+    equations = 0
+    docs = list(arithmetic_documents(200, seed=3))
+    assert docs == list(arithmetic_documents(200, seed=3)) and docs != list(arithmetic_documents(200, seed=4))
+    for _, text in docs:
+        for left, op, right, result in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", text):
+            value = {"+": int(left) + int(right), "-": int(left) - int(right), "*": int(left) * int(right),
+                     "/": int(left) / int(right)}[op]
+            assert value == int(result), (left, op, right, result)
+            equations += 1
+    assert equations > 600
+
+
+def test_code_text_prints_what_it_says(capsys):
+    from mmafm.data.synthetic_text import code_documents
+
+    for _, text in code_documents(60, seed=1):
+        program = "\n".join(line for line in text.splitlines() if not line.startswith("# output: "))
+        claimed = [line[len("# output: "):] for line in text.splitlines() if line.startswith("# output: ")]
+        exec(compile(program, "<test>", "exec"), {})  # the document's own code, run by the test
+        assert capsys.readouterr().out.splitlines() == claimed
+
+
+# ---------------------------------------------------------------------------------- mixture
+def test_parse_mixture():
+    from mmafm.data.mixture import parse_mixture
+
+    assert parse_mixture("a=3, b=1,c=0", ["a", "b", "c"]) == {"a": 0.75, "b": 0.25}
+    for bad, message in (("a=x", "SOURCE=WEIGHT"), ("z=1", "unknown source 'z'"), ("a=1,a=2", "twice"),
+                         ("a=0", "no source a positive"), ("a=-1", "SOURCE=WEIGHT")):
+        with pytest.raises(ValueError, match=message):
+            parse_mixture(bad, ["a", "b", "c"])
+
+
+def test_mixture_draws_rows_by_weight_and_resumes():
+    from mmafm.data.mixture import MixtureShards, stream_batches
+
+    streams = {"low": np.arange(0, 1000, dtype=np.uint32), "high": np.arange(5000, 9000, dtype=np.uint32)}
+    data = MixtureShards(streams, {"low": 0.2, "high": 0.8}, seq_len=16, batch_size=10, seed=1, batches_per_epoch=200)
+    batches = list(data)
+    assert len(batches) == len(data) == 200
+    rows = torch.cat([inputs for inputs, _ in batches])  # (2000, 16)
+    assert (rows[:, 0] >= 5000).float().mean().item() == pytest.approx(0.8, abs=0.03)
+    inputs, targets = batches[0]
+    assert torch.equal(inputs[:, 1:], targets[:, :-1]) and torch.all(torch.diff(inputs, dim=1) == 1)  # windows of one stream
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, MixtureShards(streams, {"low": 0.2, "high": 0.8}, 16, 10, seed=1,
+                                                                           batches_per_epoch=200)))
+    assert data.row_sources(0) == ["high" if v >= 5000 else "low" for v in batches[0][0][:, 0].tolist()]
+    data.set_epoch(1)
+    assert not torch.equal(next(iter(data))[0], batches[0][0])
+    held = stream_batches(np.arange(100, dtype=np.uint32), seq_len=10, batch_size=4, count=2)
+    assert [b[0].shape[0] for b in held] == [4, 4]
+    assert held[1][0][0].tolist() == list(range(40, 50)) and held[1][1][0].tolist() == list(range(41, 51))
+    with pytest.raises(ValueError, match="shorter than one row"):
+        MixtureShards({"low": np.arange(5, dtype=np.uint32)}, {"low": 1.0}, seq_len=16, batch_size=2)
+
+
+# ---------------------------------------------------------------------- long-context pieces
+def test_answer_nll_equals_a_token_by_token_loop(text_checkpoint):
+    from mmafm.data.long_context import make_example
+    from mmafm.stages.long_context import answer_nll
+
+    model, tokenizer = text_checkpoint["model"], text_checkpoint["tokenizer"]
+    docs = ["a red circle on the left. a blue square on the right."] * 4
+    examples = [make_example("passkey", 120, docs, tokenizer, seed=s, digits=4) for s in range(3)]
+    got = answer_nll(model, tokenizer, examples, batch_size=2)
+    for example, value in zip(examples, got):
+        prompt, full = tokenizer.encode(example.prompt), tokenizer.encode(example.text)
+        assert full[: len(prompt)] == prompt
+        losses = []
+        with torch.no_grad():
+            for position in range(len(prompt), len(full)):
+                logits = model(torch.tensor([full[:position]]))[0, -1]
+                losses.append(-torch.log_softmax(logits, -1)[full[position]].item())
+        assert value == pytest.approx(float(np.mean(losses)), abs=1e-4)
+
+
+def test_long_context_rows_mix_tasks_into_document_windows():
+    from mmafm.data.mixture import MixtureShards
+    from mmafm.stages.long_context import LongContextRows
+
+    documents = MixtureShards({"d": np.arange(0, 3000, dtype=np.uint32)}, {"d": 1.0}, 32, 8, seed=0, batches_per_epoch=50)
+    task_rows = np.full((3, 33), -7, dtype=np.int64) + np.arange(3)[:, None] * -10  # rows -7, -17, -27
+    data = LongContextRows(documents, task_rows, task_share=0.25, seed=0)
+    inputs = torch.cat([batch[0] for batch in data])
+    tasks = inputs[:, 0] < 0
+    assert tasks.float().mean().item() == pytest.approx(0.25, abs=0.06)
+    assert set(inputs[tasks, 0].tolist()) <= {-7, -17, -27}
+    assert torch.all(inputs[~tasks] >= 0)
+    assert torch.equal(torch.cat([b[0] for b in data]), inputs)  # the same draws again (exact resume)
+
+
+# ---------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("stage", ["04_continued_pretrain", "05_long_context"])
+def test_yaml_holds_the_config_defaults(stage):
+    from mmafm.stages import get_stage
+
+    config_cls = get_stage(stage).config_cls
+    values = load_yaml(ROOT / "configs" / "stages" / f"{stage}.yaml")
+    assert from_dict(config_cls, values) == config_cls()
+    from mmafm.train.trainer import TrainSettings
+
+    fields = {f.name for f in dataclasses.fields(config_cls)} - {"out_dir"}
+    assert set(values) <= fields and fields - {f.name for f in dataclasses.fields(TrainSettings)} <= set(values)
+    full = from_dict(config_cls, load_yaml(ROOT / "configs" / "stages" / "05_long_context_65k.yaml")) \
+        if stage == "05_long_context" else None
+    if full is not None:
+        assert rope_base_for_context(6_315_089, full.trained_len, full.target_len) == pytest.approx(
+            rope_base_for_context(500_000, 8192, 65536))
+
+
+# ------------------------------------------------------------------------ the stages, end to end
+@pytest.fixture(scope="module")
+def core_run(tmp_path_factory):
+    """A tiny data stage (jargon + fortunes + wikipedia, 80 documents each) and a core checkpoint
+    trained at seq_len 32, laid out as 00_data and 02_text_pretrain leave them."""
+    import mmafm
+    from mmafm.data.shards import write_token_shards
+    from mmafm.data.text_sources import TEXT_SOURCES
+    from mmafm.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("core_run")
+    config = {"text_sources": "jargon,fortunes,wikipedia", "text_cap": 80, "seed": 0, "val_fraction": 0.2}
+    documents = [(f"{name}/{doc_id}", text) for name in config["text_sources"].split(",")
+                 for doc_id, text in TEXT_SOURCES[name].documents(config["text_cap"], 0)]
+    tokenizer = train_tokenizer([text for _, text in documents], root / "data" / "tokenizer" / "tokenizer", vocab_size=600)
+    write_token_shards(documents, tokenizer, root / "data" / "tokens", config["val_fraction"])
+    (root / "data" / "manifest.json").write_text(json.dumps({
+        "stage": "00_data", "status": "complete", "config": config,
+        "outputs": {"tokens_dir": str(root / "data" / "tokens"), "tokenizer": str(tokenizer.path),
+                    "data_dir": str(root / "data")}}))
+    torch.manual_seed(0)
+    model = mmafm.create_model("afm_2024_device_tiny", vocab_size=tokenizer.vocab_size)
+    checkpoint = mmafm.save_model(root / "core" / "checkpoints" / "text_model", model,
+                                  {"tokenizer": str(tokenizer.path), "stage_config": {"seq_len": 32}})
+    (root / "core" / "manifest.json").write_text(json.dumps({
+        "stage": "02_text_pretrain", "status": "complete",
+        "outputs": {"checkpoint": str(checkpoint), "tokenizer": str(tokenizer.path)}}))
+    return {"root": root, "data_dir": root / "data", "core": root / "core", "tokenizer": tokenizer}
+
+
+def test_stage_errors_name_the_problem(core_run, tmp_path):
+    from mmafm.stages.continued_pretrain import ContinuedPretrainConfig, run as run_continued
+    from mmafm.stages.long_context import LongContextConfig, run as run_long
+
+    inputs = dict(init_checkpoint=str(core_run["core"]), tokenizer=str(core_run["tokenizer"].path),
+                  data_dir=str(core_run["data_dir"]))
+    with pytest.raises(ConfigError, match="unknown source 'wikipedai'.*jargon, fortunes, wikipedia, arithmetic, code"):
+        run_continued(ContinuedPretrainConfig(out_dir=str(tmp_path / "a"), mixture="wikipedai=1", **inputs))
+    with pytest.raises(ConfigError, match="data_dir is empty"):
+        run_continued(ContinuedPretrainConfig(out_dir=str(tmp_path / "b"), **{**inputs, "data_dir": ""}))
+    with pytest.raises(ConfigError, match="not a finished 00_data"):
+        run_continued(ContinuedPretrainConfig(out_dir=str(tmp_path / "c"), **{**inputs, "data_dir": str(core_run["core"])}))
+    with pytest.raises(ConfigError, match="target_len 32 must exceed trained_len 32"):
+        run_long(LongContextConfig(out_dir=str(tmp_path / "d"), target_len=32, **inputs))
+    with pytest.raises(ConfigError, match="tasks 'haystack'"):
+        run_long(LongContextConfig(out_dir=str(tmp_path / "e"), tasks="haystack", **inputs))
+    with pytest.raises(ConfigError, match="ladder '40,80': multikey: length 40 tokens is too short"):
+        run_long(LongContextConfig(out_dir=str(tmp_path / "f"), ladder="40,80", tasks="multikey", **inputs))
+    with pytest.raises(ConfigError, match="ladder 'long'"):
+        run_long(LongContextConfig(out_dir=str(tmp_path / "g"), ladder="long", **inputs))
+
+
+@pytest.mark.slow
+def test_both_notebooks_run_continued_then_long_context(core_run, tmp_path):
+    papermill = pytest.importorskip("papermill")
+    from mmafm.checkpoint import load_model, read_metadata
+    from mmafm.stages.base import read_manifest
+    from mmafm.stages.continued_pretrain import ContinuedPretrainConfig
+    from mmafm.stages.long_context import LongContextConfig
+
+    inputs = dict(tokenizer=str(core_run["tokenizer"].path), data_dir=str(core_run["data_dir"]))
+    continued = dict(out_dir=str(tmp_path / "04"), init_checkpoint=str(core_run["core"]), generated_documents=40,
+                     batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, eval_batches=1, ckpt_every=0, log_every=1,
+                     sample_tokens=4, mixture="jargon=1,arithmetic=1,code=1", **inputs)
+    assert set(continued) <= {f.name for f in dataclasses.fields(ContinuedPretrainConfig)}
+    papermill.execute_notebook(str(ROOT / "notebooks" / "04_continued_pretrain.ipynb"), str(tmp_path / "04.ipynb"),
+                               parameters=continued, kernel_name="mmafm", cwd=str(ROOT), progress_bar=False)
+    manifest = read_manifest(tmp_path / "04")
+    summary = manifest["summary"]
+    assert summary["seq_len"] == 64 and summary["trained_seq_len"] == 32  # doubled
+    assert summary["steps"] == 4 and summary["mixture"] == "jargon=0.3333,arithmetic=0.3333,code=0.3333"
+    for name in ("general", "arithmetic", "code"):
+        assert summary[f"{name}_ppl_after"] < summary[f"{name}_ppl_before"]  # 4 steps from random weights: all fall
+    assert {Path(f).stem for f in manifest["figures"]} == {"perplexity_before_after", "loss"}
+    assert read_metadata(manifest["outputs"]["checkpoint"])["stage_config"]["seq_len"] == 64
+    stats = json.loads((tmp_path / "04" / "data_card_stats.json").read_text())
+    assert set(stats["text_sources"]) == {"arithmetic", "code"} and stats["text_sources"]["code"]["kept"] == 40
+
+    long = dict(out_dir=str(tmp_path / "05"), init_checkpoint=str(tmp_path / "04"), tasks="passkey,needle",
+                haystack_sources="jargon,fortunes", task_examples=6, digits=3, batch_size=2, max_steps=3,
+                warmup_steps=1, ckpt_every=0, log_every=1, ladder="128,192,256", eval_examples=2, eval_batches=1,
+                generated_documents=40, mixture="jargon=1,code=1", **inputs)
+    assert set(long) <= {f.name for f in dataclasses.fields(LongContextConfig)}
+    papermill.execute_notebook(str(ROOT / "notebooks" / "05_long_context.ipynb"), str(tmp_path / "05.ipynb"),
+                               parameters=long, kernel_name="mmafm", cwd=str(ROOT), progress_bar=False)
+    manifest = read_manifest(tmp_path / "05")
+    summary = manifest["summary"]
+    assert (summary["trained_len"], summary["target_len"]) == (64, 128)
+    assert summary["rope_theta"] == pytest.approx(rope_base_for_context(500_000, 64, 128), rel=1e-6)
+    assert set(summary["ruler_before"]) == set(summary["ruler_after"]) == {"128", "192", "256"}
+    assert all(0.0 <= v <= 1.0 for v in summary["ruler_after"].values())
+    assert {Path(f).stem for f in manifest["figures"]} == {"accuracy_vs_length", "accuracy_per_task", "loss"}
+    lengthened = load_model(manifest["outputs"]["checkpoint"])
+    assert lengthened.config.rope_theta == pytest.approx(summary["rope_theta"], rel=1e-6)
+    assert lengthened.config.max_seq_len >= 256
+    ladder = json.loads((tmp_path / "05" / "ladder.json").read_text())
+    assert math.isfinite(ladder["after"]["nll_mean"]["128"])

@@ -1,0 +1,174 @@
+"""Speculative decoding: greedy equals plain greedy (many prompts, three drafts), sampling follows the
+target's distribution (the acceptance rule alone, and end to end on a tiny vocabulary), guided
+speculative equals guided plain, and transformers' assisted generation agrees on the exported pair."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import pytest
+import torch
+
+import mmafm
+from mmafm.inference import generate
+from mmafm.inference.guided import Guide
+from mmafm.inference.speculative import accept_proposals, rollback_cache, speculative_generate
+
+
+def _model(seed: int, **overrides):
+    torch.manual_seed(seed)
+    return mmafm.create_model("afm_2024_device_tiny", init_std=0.3, **overrides).eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A target, a smaller random draft, a near copy of the target (high acceptance), the target itself."""
+    target = _model(0, vocab_size=512)
+    small = _model(1, vocab_size=512, dim=64, n_layers=2)
+    near = _model(0, vocab_size=512)
+    with torch.no_grad():
+        for param in near.parameters():
+            param.add_(0.003 * torch.randn_like(param))
+    return target, {"small": small, "near": near, "self": target}
+
+
+@pytest.mark.parametrize("draft_name", ["small", "near", "self"])
+def test_greedy_speculative_equals_plain_greedy(pair, draft_name):
+    target, drafts = pair
+    draft = drafts[draft_name]
+    generator = torch.Generator().manual_seed(0)
+    accepted = proposed = 0
+    for index in range(8):
+        prompt = torch.randint(0, 512, (int(torch.randint(1, 12, (1,), generator=generator)),),
+                               generator=generator).tolist()
+        steps = 20
+        plain = generate(target, [prompt], steps)[0]
+        result = speculative_generate(target, draft, prompt, steps, k=1 + index % 5)
+        assert result.tokens == plain, (draft_name, index)
+        accepted, proposed = accepted + result.accepted, proposed + result.proposed
+    rate = accepted / proposed
+    assert {"small": rate < 0.3, "near": 0.3 < rate < 1.0, "self": rate == 1.0}[draft_name], rate
+
+
+def test_stop_tokens_and_limits(pair):
+    target, drafts = pair
+    prompt = [5, 6, 7]
+    plain = generate(target, [prompt], 16)[0]
+    stop = plain[6]
+    got = speculative_generate(target, drafts["near"], prompt, 16, k=4, stop_tokens=[stop]).tokens
+    assert got == plain[: plain.index(stop)]
+    assert speculative_generate(target, drafts["near"], prompt, 3, k=4).tokens == plain[:3]
+    assert speculative_generate(target, drafts["near"], prompt, 0).tokens == []
+
+
+def test_acceptance_rule_gives_the_target_distribution():
+    """First output token of a round, over many rounds with fixed p and q: distributed as p[0]."""
+    generator = torch.Generator().manual_seed(0)
+    target_logits = torch.randn(3, 5, generator=generator) * 2  # (m + 1, V)
+    draft_probs = [torch.randn(5, generator=generator).mul(2).softmax(-1) for _ in range(2)]
+    counts = torch.zeros(5)
+    trials = 6000
+    for _ in range(trials):
+        proposals = [int(torch.multinomial(q, 1, generator=generator)) for q in draft_probs]
+        accepted, correction = accept_proposals(target_logits, proposals, draft_probs, 1.0, None, None, generator)
+        first = proposals[0] if accepted >= 1 else correction
+        counts[first] += 1
+    want = target_logits[0].softmax(-1)
+    assert (counts / trials - want).abs().max() < 0.02
+    assert (draft_probs[0] - want).abs().max() > 0.1  # the draft alone would be visibly wrong
+
+
+@pytest.mark.slow  # ~15 s on an idle machine
+def test_speculative_sampling_follows_the_target_end_to_end():
+    """Joint distribution of two sampled tokens on a 4-token vocabulary against the target's exact
+    one, p(a) p(b | a), computed by enumeration (400 runs: expected total variation ~0.06)."""
+    target = _model(0, vocab_size=4, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64)
+    draft = _model(5, vocab_size=4, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64)
+    prompt = [1, 2]
+    with torch.no_grad():
+        first = target(torch.tensor([prompt]))[0, -1].softmax(-1)
+        exact = torch.zeros(4, 4)
+        draft_exact = torch.zeros(4, 4)
+        for a in range(4):
+            exact[a] = first[a] * target(torch.tensor([prompt + [a]]))[0, -1].softmax(-1)
+            draft_first = draft(torch.tensor([prompt]))[0, -1].softmax(-1)
+            draft_exact[a] = draft_first[a] * draft(torch.tensor([prompt + [a]]))[0, -1].softmax(-1)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4, 4)
+    runs = 400
+    for _ in range(runs):
+        a, b = speculative_generate(target, draft, prompt, 2, k=2, temperature=1.0, generator=generator).tokens
+        counts[a, b] += 1
+    total_variation = 0.5 * (counts / runs - exact).abs().sum()
+    assert total_variation < 0.13, total_variation
+    assert 0.5 * (draft_exact - exact).abs().sum() > 0.3  # the draft's own distribution is far off
+
+
+def test_guided_speculative_equals_guided_plain(tmp_path):
+    from mmafm.inference.guided import generable, json_schema, make_engine, stream_object
+    from mmafm.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([f"the {c} {s} has {n} sides" for c in ("red", "blue") for s in ("box", "disc")
+                                 for n in range(3, 9)] * 5, tmp_path / "tok", vocab_size=350)
+
+    @generable
+    @dataclass
+    class Box:
+        colour: Literal["red", "blue", "green"]
+        sides: Annotated[int, Guide(minimum=3, maximum=40)]
+        label: Annotated[str, Guide(pattern=r"[a-z]{2,8}")]
+        tags: Annotated[list[Literal["x", "y"]], Guide(min_items=1, max_items=3)]
+
+    target = _model(0, vocab_size=tokenizer.vocab_size)
+    near = _model(0, vocab_size=tokenizer.vocab_size)
+    with torch.no_grad():
+        for param in near.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    engine = make_engine(tokenizer)
+    for seed, k in itertools.product(range(4), (2, 5)):
+        prompt = [tokenizer.bos_id, 10 + seed]
+        plain = list(stream_object(target, tokenizer, Box, prompt, max_new_tokens=120))[-1]
+        matcher = engine.matcher(json_schema(Box))
+        result = speculative_generate(target, near, prompt, 120, k=k, matcher=matcher,
+                                      table_size=engine.table.vocab_size, stop_tokens=engine.table.eos_ids)
+        assert result.tokens == list(plain.token_ids)
+        assert matcher.is_accepting()  # the real matcher saw exactly the accepted tokens
+        assert result.proposed > result.accepted > 0
+
+
+def test_rollback_refuses_ring_caches_and_restores_positions():
+    model = mmafm.create_model("afm_2024_device_tiny")
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4, 5]]), cache=cache)
+    rollback_cache(cache, 3)
+    assert cache.length == 3 and cache.next_position.tolist() == [3] and cache.valid[0, :5].tolist() == [True] * 3 + [False] * 2
+    with pytest.raises(ValueError, match="cannot roll back a cache of 3 columns to 4"):
+        rollback_cache(cache, 4)
+    server = mmafm.create_model("afm_2024_device_tiny", local_global_pattern=(1, 1), sliding_window=4)
+    with pytest.raises(ValueError, match="sliding-window"):
+        speculative_generate(server, server, [1, 2], 4)
+
+
+@pytest.mark.slow  # ~15 s on an idle machine
+def test_transformers_assisted_generation_agrees(pair):
+    """Our speculative greedy on the pair = transformers' assisted generation on the same pair
+    exported to transformers (mmafm.interop.hf)."""
+    from mmafm.interop.hf import to_hf
+
+    target, drafts = pair
+    hf_target, hf_draft = to_hf(target), to_hf(drafts["near"])
+    for model in (hf_target, hf_draft):
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+    hf_draft.generation_config.num_assistant_tokens = 4
+    hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
+    for prompt in ([3, 9, 27], [100, 200, 300, 400, 5], [7]):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            assisted = hf_target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=hf_draft,
+                                          do_sample=False, max_new_tokens=16, min_new_tokens=16)[0, len(prompt):]
+        ours = speculative_generate(target, drafts["near"], prompt, 16, k=4).tokens
+        assert ours == assisted.tolist()
