@@ -64,9 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="report stale cells, change nothing")
     args = parser.parse_args(argv)
-    stale = [name for name in list_stages() if sync(ROOT / "notebooks" / f"{name}.ipynb", args.check)]
+    notebooks = {name: ROOT / "notebooks" / f"{name}.ipynb" for name in list_stages()}
+    missing = [name for name, path in notebooks.items() if not path.is_file()]
+    stale = [name for name, path in notebooks.items() if name not in missing and sync(path, args.check)]
     for name in stale:
         print(f"{'stale' if args.check else 'updated'}: notebooks/{name}.ipynb")
+    for name in missing:  # the others are still synced: one stage in progress must not block the rest
+        print(f"error: stage {name!r} is registered but has no notebook notebooks/{name}.ipynb", file=sys.stderr)
+    if missing:
+        return 2
     return 1 if args.check and stale else 0
 
 
