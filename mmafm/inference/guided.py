@@ -37,6 +37,7 @@ type. Here, the Python way:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import json
@@ -427,7 +428,7 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:  # (
     return torch.from_numpy(bits[:, :vocab_size].astype(bool))
 
 
-class Engine:
+class Engine(abc.ABC):
     """A grammar engine over one :class:`TokenTable`: compiles schemas (cached) into matchers.
 
     A matcher (what :meth:`matcher` returns) has ``fill(bitmask, row)`` (write the allowed
@@ -450,11 +451,13 @@ class Engine:
             self._compiled[key] = self._compile(schema, what)
         return self._new_matcher(self._compiled[key], what)
 
+    @abc.abstractmethod
     def _compile(self, schema: dict, what: str) -> Any:
-        raise NotImplementedError
+        """The engine's compiled grammar of ``schema`` (a clear error naming ``what`` if it cannot)."""
 
+    @abc.abstractmethod
     def _new_matcher(self, compiled: Any, what: str):
-        raise NotImplementedError
+        """A fresh matcher at the start of ``compiled``."""
 
 
 class _TableTokenizer:
