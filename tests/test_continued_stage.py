@@ -68,6 +68,7 @@ def test_parse_mixture():
     from mmafm.data.mixture import parse_mixture
 
     assert parse_mixture("a=3, b=1,c=0", ["a", "b", "c"]) == {"a": 0.75, "b": 0.25}
+    assert parse_mixture("a:3, b:1,c=0", ["a", "b", "c"]) == {"a": 0.75, "b": 0.25}  # ':' as the defaults write it
     for bad, message in (("a=x", "SOURCE=WEIGHT"), ("z=1", "unknown source 'z'"), ("a=1,a=2", "twice"),
                          ("a=0", "no source a positive"), ("a=-1", "SOURCE=WEIGHT")):
         with pytest.raises(ValueError, match=message):
@@ -130,6 +131,72 @@ def test_long_context_rows_mix_tasks_into_document_windows():
     assert set(inputs[tasks, 0].tolist()) <= {-7, -17, -27}
     assert torch.all(inputs[~tasks] >= 0)
     assert torch.equal(torch.cat([b[0] for b in data]), inputs)  # the same draws again (exact resume)
+
+
+def test_answer_only_rows_score_exactly_the_answer_span():
+    """Each task row's targets keep exactly the positions predicting its answer tokens (found by
+    hand: the tokens after the encoded prompt), and the task's loss is the documents' mean
+    cross-entropy plus the answers' mean, each checked against F.cross_entropy on its own."""
+    import torch.nn.functional as F
+
+    from mmafm.data.long_context import haystack_documents, make_example
+    from mmafm.data.mixture import MixtureShards
+    from mmafm.stages.long_context import IGNORE, LongContextRows, LongContextTask, task_rows
+
+    class Chars:  # a character tokenizer: the answer span is visible by eye
+        eos_id, pad_id = 1, 0
+
+        def encode(self, text):
+            return [2 + ord(c) % 250 for c in text]
+
+    tokenizer = Chars()
+    documents = haystack_documents(("fortunes",), limit=40)
+    examples = [make_example("passkey", 300, documents, unit="chars", seed=0, index=i, digits=4) for i in range(3)]
+    filler = np.arange(5000, 9000, dtype=np.uint32)
+    rows, spans = task_rows(examples, tokenizer, filler, 320, seed=0)
+    for row, (first, end), example in zip(rows, spans, examples):
+        assert first == len(example.prompt) + 1 and end == len(example.text)  # the space, then the digits
+        assert rows.shape[1] == 321 and row[end] == tokenizer.eos_id
+        assert [chr(t - 2) for t in row[first:end]] == list(example.answer)
+    data = LongContextRows(MixtureShards({"d": filler}, {"d": 1.0}, 320, 6, seed=0, batches_per_epoch=8), rows, 0.5,
+                           seed=0, answer_spans=spans)
+    seen = 0
+    for inputs, targets, is_task in data:
+        for row in np.flatnonzero(is_task.numpy()):
+            pick = next(i for i in range(3) if torch.equal(inputs[row], torch.from_numpy(rows[i, :-1])))
+            first, end = spans[pick]
+            kept = torch.nonzero(targets[row] != IGNORE)[:, 0].tolist()
+            assert kept == list(range(first - 1, end - 1))  # target p predicts row token p + 1
+            assert targets[row, first - 1 : end - 1].tolist() == rows[pick, first:end].tolist()
+            seen += 1
+        assert torch.all(targets[~is_task] != IGNORE)  # document rows: every token
+    assert seen > 5
+
+    class Logits(torch.nn.Module):  # a fixed random "model" with the text model's loss
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(9000, 11))
+
+        def forward(self, ids):
+            return self.table[ids]
+
+        def loss(self, logits, targets, ignore_index=-100):
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1) % 11, reduction="sum",
+                                 ignore_index=ignore_index % 11 if False else -100)
+            count = (targets != ignore_index).sum()
+            return ce / count, {"ce": float(ce / count)}
+
+    model = Logits()
+    task = LongContextTask(model, [])
+    inputs, targets, is_task = next(iter(data))
+    targets = torch.where(targets == IGNORE, targets, targets % 11)
+    losses, metrics = task.training_forward((inputs, targets, is_task))
+    logits = model(inputs)
+    docs = F.cross_entropy(logits[~is_task].reshape(-1, 11), targets[~is_task].reshape(-1))
+    answers = F.cross_entropy(logits[is_task].reshape(-1, 11), targets[is_task].reshape(-1), ignore_index=IGNORE)
+    assert losses["lm"].item() == pytest.approx(docs.item(), rel=1e-5)
+    assert losses["answer"].item() == pytest.approx(answers.item(), rel=1e-5)
+    assert metrics["task_rows"] == float(is_task.sum()) and metrics["ce_answer"] == pytest.approx(answers.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------- configs

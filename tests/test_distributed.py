@@ -120,3 +120,25 @@ def test_launch_runs_a_stage_function_without_its_notebook(tmp_path, monkeypatch
     assert (stage_dir / "config.yaml").is_file()
     with pytest.raises(ResumeMismatch, match=r"max_steps: 3 -> 4"):
         launch.main(["zz_tiny_train", "--runs-dir", str(tmp_path), "--run-id", "r1", "-p", "max_steps=4"])
+
+
+def _count_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from mmafm.train.distributed import sum_counts_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        counts = {"empty caption": rank + 1} if rank == 0 else {"empty caption": 5, "undecodable image": 2}
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(sum_counts_over_ranks(counts)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skip_counts_are_summed_over_ranks(tmp_path):
+    from mmafm.train.distributed import sum_counts_over_ranks
+
+    assert sum_counts_over_ranks({"a": 3}) == {"a": 3}  # one process: unchanged
+    torch.multiprocessing.spawn(_count_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):  # every rank gets the same total, as rank 0 writes it to the manifest
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"empty caption": 6, "undecodable image": 2}

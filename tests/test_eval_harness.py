@@ -7,6 +7,7 @@ greedy loop (a full forward per token, no cache) for generation; closed-form che
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,16 @@ def test_stage_task_scores_and_stage_check(text_checkpoint, tasks_dir, tmp_path)
         run(make_config("02_text_pretrain", dict(out_dir=str(tmp_path / "stage"), tokens_dir=str(tmp_path),
                                                  tokenizer=str(text_checkpoint["tokenizer"].path),
                                                  eval_tasks="mmafm_cloze,mmafm_typo")))
+
+
+def test_task_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from mmafm.eval.tasks import default_cache_dir
+
+    monkeypatch.delenv("MMAFM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "mmafm" / "eval_tasks"
+    monkeypatch.setenv("MMAFM_CACHE_DIR", str(tmp_path / "scratch"))
+    assert default_cache_dir() == tmp_path / "scratch" / "eval_tasks"
+    monkeypatch.delenv("MMAFM_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "mmafm" / "eval_tasks"

@@ -86,7 +86,8 @@ def test_yaml_holds_the_config_defaults():
 def test_mixture_is_parsed_and_normalised():
     assert parse_mixture("text=1,pairs=1,interleaved=2") == {"text": 0.25, "pairs": 0.25, "interleaved": 0.5}
     assert parse_mixture(" pairs = 3 ") == {"text": 0.0, "pairs": 1.0, "interleaved": 0.0}
-    for bad, message in (("images=1", "unknown source 'images'"), ("text:1", "SOURCE=WEIGHT"), ("text=x", "SOURCE=WEIGHT"),
+    assert parse_mixture("text:1,pairs:1,interleaved:2") == parse_mixture("text=1,pairs=1,interleaved=2")
+    for bad, message in (("images=1", "unknown source 'images'"), ("text", "SOURCE=WEIGHT"), ("text=x", "SOURCE=WEIGHT"),
                          ("text=-1", ">= 0"), ("text=0,pairs=0", "no source a positive weight"), ("text=nan", "SOURCE=WEIGHT"),
                          ("text=1,text=2", "listed twice")):
         with pytest.raises(ConfigError, match=message):

@@ -63,6 +63,16 @@ def test_stage_parameters_match_config(path):
         assert params[name] == expected, f"{path.name}: {name} = {params[name]!r}, config default {default!r}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter(path):
+    """papermill's own reader of the parameters cell (its ``inspect_notebook``, what JupyterLab
+    users and ``papermill --help-notebook`` see) finds every parameter: it skips a line holding
+    two ``=`` (a mixture written ``a=1``), with only a warning."""
+    import papermill
+
+    assert set(papermill.inspect_notebook(str(path))) == set(_assigned(_parameters_cell(path)))
+
+
 def test_every_stage_has_a_notebook():
     names = {p.stem for p in STAGE_NOTEBOOKS}
     library = {s for s in list_stages() if get_stage(s).module.startswith("mmafm.stages.")}  # not tests' toys

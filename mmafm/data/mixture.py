@@ -43,8 +43,9 @@ __all__ = [
 
 
 def parse_mixture(text: str, allowed: Sequence[str]) -> dict[str, float]:
-    """``"wikipedia=3,code=1"`` -> ``{"wikipedia": 0.75, "code": 0.25}`` (weights normalised;
-    sources of weight 0 dropped).
+    """``"wikipedia:3,code:1"`` (or ``"wikipedia=3,code=1"``) -> ``{"wikipedia": 0.75, "code":
+    0.25}`` (weights normalised; sources of weight 0 dropped). The defaults are written with ``:``:
+    papermill's reader of a notebook's parameters cell skips any line holding two ``=``.
 
     Raises:
         ValueError: a malformed entry, an unknown or repeated source, a negative weight, or no
@@ -54,14 +55,14 @@ def parse_mixture(text: str, allowed: Sequence[str]) -> dict[str, float]:
     for entry in (part.strip() for part in text.split(",")):
         if not entry:
             continue
-        name, sep, value = entry.partition("=")
+        name, sep, value = entry.partition(":") if ":" in entry else entry.partition("=")
         name = name.strip()
         try:
             weight = float(value) if sep else float("nan")
         except ValueError:
             weight = float("nan")
         if not np.isfinite(weight) or weight < 0:
-            raise ValueError(f"mixture entry {entry!r}: expected SOURCE=WEIGHT with a weight >= 0")
+            raise ValueError(f"mixture entry {entry!r}: expected SOURCE:WEIGHT (or SOURCE=WEIGHT) with a weight >= 0")
         if name not in allowed:
             raise ValueError(f"mixture: unknown source {name!r}; sources: {', '.join(allowed)}")
         if name in weights:

@@ -324,6 +324,7 @@ def run(cfg: ClipPretrainConfig) -> dict[str, str]:
 def _run(cfg: ClipPretrainConfig, stage_dir: StageDir) -> dict[str, str]:
     from mmafm.data.shards import ImageTextShards, expand_shards
     from mmafm.train import Trainer
+    from mmafm.train.distributed import sum_counts_over_ranks
 
     tokenizer = load_caption_tokenizer(cfg.tokenizer, cfg.context_length)
     shards = expand_shards(cfg.pairs_dir, "train")
@@ -347,6 +348,7 @@ def _run(cfg: ClipPretrainConfig, stage_dir: StageDir) -> dict[str, str]:
     records = trainer.fit()
 
     metrics, details = evaluate_clip(task.clip, held_out)
+    skipped = sum_counts_over_ranks(dataset.skipped)  # each rank reads its own shards
     outputs: dict[str, str] = {}
     if trainer.rank == 0:
         clip_path = save_model(stage_dir.root / "clip", task.clip, {"step": trainer.step, "metrics": metrics})
@@ -368,7 +370,7 @@ def _run(cfg: ClipPretrainConfig, stage_dir: StageDir) -> dict[str, str]:
             "steps": trainer.step,
             "epochs": round(trainer.step * cfg.batch_size / num_train, 2),
             "params_M": round(sum(p.numel() for p in task.clip.parameters()) / 1e6, 3),
-            "skipped_samples": dict(dataset.skipped),
+            "skipped_samples": skipped,
         }
         stage_dir.write_manifest(outputs, cfg, summary)
     return outputs

@@ -72,7 +72,7 @@ class ContinuedPretrainConfig(TrainStageConfig):
     # source=weight over the data stage's text sources (captions, wikipedia, wordnet, fortunes,
     # jargon) and the generated arithmetic and code (mmafm.data.synthetic_text); normalised.
     # [paper: "upweights math and code", weights unpublished; these are open]
-    mixture: str = "wikipedia=0.3,jargon=0.1,wordnet=0.05,fortunes=0.05,captions=0.05,arithmetic=0.25,code=0.2"
+    mixture: str = "wikipedia:0.3,jargon:0.1,wordnet:0.05,fortunes:0.05,captions:0.05,arithmetic:0.25,code:0.2"
     generated_documents: int = field(default=2000, metadata={"min": 10})  # documents per generated source (train + val split)
     seq_len: int = field(default=0, metadata={"min": 0})  # tokens per row; 0 = 2 x init_checkpoint's [paper: 4096 -> 8192]
     batch_size: int = field(default=8, metadata={"min": 1})  # rows per step per rank [open at tiny size]

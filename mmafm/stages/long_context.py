@@ -45,10 +45,12 @@ from mmafm.stages.continued_pretrain import data_stage_record, load_text_model, 
 from mmafm.stages.text_pretrain import TextPretrainTask
 from mmafm.train.trainer import setting
 
-__all__ = ["LongContextConfig", "LongContextRows", "answer_nll", "parse_ladder", "run"]
+__all__ = ["LongContextConfig", "LongContextRows", "LongContextTask", "answer_nll", "answer_only_targets", "answer_tokens",
+           "parse_ladder", "run", "task_rows"]
 
 STAGE = "05_long_context"
 EVAL_SEED_OFFSET = 1_000_003  # evaluation examples never share a seed with training examples
+IGNORE = -100  # a target the loss skips (the text model's ignore_index)
 
 
 @dataclass
@@ -64,12 +66,13 @@ class LongContextConfig(TrainStageConfig):
     target_len: int = field(default=0, metadata={"min": 0})  # T': new training length (seq_len); 0 = 2 x trained_len [paper: 32768 = 4 x 8192]
     rope_theta: float = field(default=0.0, metadata={"min": 0.0})  # new RoPE base; 0 = rope_base_for_context(checkpoint's base, T, T') [paper: 500k -> 6,315,089]
     # --- data
-    mixture: str = "wikipedia=0.4,jargon=0.2,arithmetic=0.2,code=0.2"  # document rows: source=weight as in 04 [open]
+    mixture: str = "wikipedia:0.4,jargon:0.2,arithmetic:0.2,code:0.2"  # document rows: source:weight as in 04 [open]
     generated_documents: int = field(default=1000, metadata={"min": 10})  # documents per generated source
     task_share: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # share of rows that are long-context tasks [paper: "synthetic long-context Q&A", share unpublished; open]
     tasks: str = "passkey,needle,multikey,variable_tracking"  # mmafm.data.long_context.TASKS, comma-separated
     haystack_sources: str = "wikipedia,jargon"  # the tasks' haystacks: data-stage text sources (train split for training, val for evaluation)
     task_examples: int = field(default=96, metadata={"min": 1})  # generated training examples (cycled through)
+    answer_only: bool = True  # a task row is scored on its answer tokens only (its own mean, added to the documents' loss) [open: as RULER-style Q&A tuning; false = on all its tokens]
     digits: int = field(default=5, metadata={"min": 2, "max": 12})  # digits of every needle value [RULER: 7; tiny: 5, open]
     batch_size: int = field(default=4, metadata={"min": 1})  # rows of target_len per step per rank
     # --- optimization (shared trainer) [paper: 100B tokens; the 2024 recipe's continued-stage
@@ -113,18 +116,26 @@ def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
 
 # -------------------------------------------------------------------------------- the data
 class LongContextRows:
-    """``(input_ids, targets)`` batches (B, T) mixing document windows and long-context tasks.
+    """``(input_ids, targets, is_task)`` batches ``(B, T)``, ``(B, T)``, ``(B,)`` mixing document
+    windows and long-context tasks.
 
     Each row is, with probability ``task_share``, one of ``task_rows`` (a task example's tokens,
     EOS, then document tokens up to ``T + 1``), else a window of the documents (``documents``, a
-    :class:`~mmafm.data.mixture.MixtureShards` of the same ``T``). Draws are fixed by ``(seed,
-    epoch, batch)``, so the trainer's exact resume holds; an epoch has ``len(documents)`` batches.
+    :class:`~mmafm.data.mixture.MixtureShards` of the same ``T``). With ``answer_spans`` (``(N, 2)``:
+    the row positions ``[first, end)`` of each task row's answer tokens) a task row's targets are
+    ``IGNORE`` everywhere but its answer: the model is scored on answering, not on the haystack.
+    Draws are fixed by ``(seed, epoch, batch)``, so the trainer's exact resume holds; an epoch has
+    ``len(documents)`` batches.
     """
 
-    def __init__(self, documents: Any, task_rows: np.ndarray, task_share: float, seed: int = 0):
+    def __init__(self, documents: Any, task_rows: np.ndarray, task_share: float, seed: int = 0,
+                 answer_spans: np.ndarray | None = None):
         self.documents, self.task_rows, self.task_share, self.seed = documents, task_rows, task_share, seed
         if task_share > 0 and len(task_rows) == 0:
             raise ValueError("task_share > 0 needs at least one task row")
+        if answer_spans is not None and np.shape(answer_spans) != (len(task_rows), 2):
+            raise ValueError(f"answer_spans must be ({len(task_rows)}, 2), got {np.shape(answer_spans)}")
+        self.answer_spans = answer_spans
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -134,7 +145,7 @@ class LongContextRows:
     def __len__(self) -> int:
         return len(self.documents)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for index, (inputs, targets) in enumerate(self.documents):
             rng = np.random.default_rng([self.seed, self.epoch, index, 5])
             use_task = rng.random(inputs.shape[0]) < self.task_share  # (B,)
@@ -142,21 +153,72 @@ class LongContextRows:
                 rows = torch.cat([inputs, targets[:, -1:]], dim=1)  # (B, T+1)
                 picks = rng.integers(0, len(self.task_rows), size=int(use_task.sum()))
                 rows[torch.from_numpy(use_task)] = torch.from_numpy(self.task_rows[picks].astype(np.int64))
-                inputs, targets = rows[:, :-1], rows[:, 1:]
-            yield inputs, targets
+                inputs, targets = rows[:, :-1], rows[:, 1:].clone()
+                if self.answer_spans is not None:
+                    for row, pick in zip(np.flatnonzero(use_task), picks):
+                        targets[row] = answer_only_targets(targets[row], *self.answer_spans[pick])
+            yield inputs, targets, torch.from_numpy(use_task)
 
 
-def task_rows(examples: Sequence[Any], tokenizer: Any, filler: np.ndarray, seq_len: int, seed: int = 0) -> np.ndarray:
-    """``(N, seq_len + 1)`` token rows: each example's text, EOS, then a seeded window of ``filler``."""
+def answer_only_targets(targets: torch.Tensor, first: int, end: int) -> torch.Tensor:  # (T,)
+    """``targets`` (``row[1:]`` of a row of ``T + 1`` tokens) with every position ``IGNORE`` but
+    those predicting the row's tokens ``[first, end)`` (target ``p`` is row token ``p + 1``)."""
+    if not 1 <= first <= end <= targets.numel() + 1:
+        raise ValueError(f"answer span [{first}, {end}) does not fit a row of {targets.numel() + 1} tokens")
+    out = torch.full_like(targets, IGNORE)
+    out[first - 1 : end - 1] = targets[first - 1 : end - 1]
+    return out
+
+
+def answer_tokens(example: Any, tokenizer: Any) -> tuple[list[int], int, int]:
+    """``(ids, first, end)``: ``example.text`` as token ids (no BOS / EOS) with its answer at
+    ``ids[first:end]``, the tokens after ``encode(example.prompt)`` (when the tokenizer merges
+    across the boundary, the answer is encoded apart after the prompt)."""
+    prompt = tokenizer.encode(example.prompt)
+    full = tokenizer.encode(example.text)
+    if full[: len(prompt)] != prompt:  # a merge across the boundary: encode the answer apart
+        full = prompt + tokenizer.encode(" " + example.answer)
+    return full, len(prompt), len(full)
+
+
+def task_rows(examples: Sequence[Any], tokenizer: Any, filler: np.ndarray, seq_len: int, seed: int = 0
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows (N, seq_len + 1), answer_spans (N, 2))``: each example's text (prompt and answer
+    tokens as :func:`answer_tokens`), EOS, then a seeded window of ``filler``; ``answer_spans[i]``
+    the row positions ``[first, end)`` of example ``i``'s answer."""
     rng = random.Random(f"task-rows-{seed}")
     rows = np.zeros((len(examples), seq_len + 1), dtype=np.int64)
+    spans = np.zeros((len(examples), 2), dtype=np.int64)
     for row, example in enumerate(examples):
-        ids = tokenizer.encode(example.text, eos=True)[: seq_len + 1]
+        ids, first, end = answer_tokens(example, tokenizer)
+        if end > seq_len + 1:
+            raise ValueError(f"task example {row} ({example.task}) measures {end} tokens, more than a row of {seq_len + 1}")
+        ids = (ids + [tokenizer.eos_id])[: seq_len + 1]
         start = rng.randrange(max(1, len(filler) - seq_len - 1))
         rest = np.asarray(filler[start : start + seq_len + 1 - len(ids)], dtype=np.int64)
         rows[row, : len(ids)] = ids
         rows[row, len(ids) : len(ids) + len(rest)] = rest
-    return rows
+        spans[row] = (first, end)
+    return rows, spans
+
+
+class LongContextTask(TextPretrainTask):
+    """:class:`TextPretrainTask` on :class:`LongContextRows` batches: the loss is the documents'
+    mean cross-entropy plus, when the batch holds task rows, their answers' mean cross-entropy
+    (each a mean over its own tokens, so a few answer tokens are not drowned by the documents').
+    Metrics: ``ce`` (documents), ``ce_answer``, ``task_rows``."""
+
+    def training_forward(self, batch: tuple) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        inputs, targets = batch[0], batch[1]  # (B, T), (B, T)
+        is_task = batch[2] if len(batch) > 2 else torch.zeros(inputs.shape[0], dtype=torch.bool)  # (B,)
+        logits = self.model(inputs)  # (B, T, V)
+        losses, metrics = {}, {"task_rows": float(is_task.sum())}
+        for name, rows in (("lm", ~is_task), ("answer", is_task)):
+            if rows.any():
+                loss, parts = self.compute_loss(logits[rows], targets[rows])
+                losses[name] = loss
+                metrics["ce" if name == "lm" else "ce_answer"] = parts["ce"]
+        return losses, metrics
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -168,12 +230,9 @@ def answer_nll(model: nn.Module, tokenizer: Any, examples: Sequence[Any], batch_
     device = next(model.parameters()).device
     rows, spans = [], []
     for example in examples:
-        prompt = tokenizer.encode(example.prompt)
-        full = tokenizer.encode(example.text)
-        if full[: len(prompt)] != prompt:  # a merge across the boundary: encode the answer apart
-            full = prompt + tokenizer.encode(" " + example.answer)
+        full, first, end = answer_tokens(example, tokenizer)
         rows.append(full)
-        spans.append((len(prompt), len(full)))
+        spans.append((first, end))
     out = []
     for begin in range(0, len(rows), batch_size):
         chunk = rows[begin : begin + batch_size]
@@ -330,10 +389,11 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
         for index in range(cfg.task_examples)
     ]
     filler = streams[next(iter(weights))]["train"]
-    rows = task_rows(examples, tokenizer, filler, target, cfg.seed)
-    train_data = LongContextRows(documents, rows, cfg.task_share, seed=cfg.seed)
+    rows, spans = task_rows(examples, tokenizer, filler, target, cfg.seed)
+    train_data = LongContextRows(documents, rows, cfg.task_share, seed=cfg.seed,
+                                 answer_spans=spans if cfg.answer_only else None)
     val = held_out_batches(data_outputs["tokens_dir"], target, cfg.batch_size, cfg.eval_batches)
-    trainer = Trainer(TextPretrainTask(model, val), train_data, cfg.train_config(), stage_dir)
+    trainer = Trainer(LongContextTask(model, val), train_data, cfg.train_config(), stage_dir)
     records = trainer.fit()
     state = trainer.full_state_dict()
     if trainer.rank != 0:

@@ -85,7 +85,7 @@ class MultimodalAdaptationConfig(TrainStageConfig):
     train_adapter: bool = True  # the adapter is fresh, so it trains
     train_text: bool = True  # continued pretraining of the text model [issue 13: "continued pretraining with images"]
     # --- the mixture (the knob) ---
-    mixture: str = "text=0.3,pairs=0.35,interleaved=0.35"  # row shares per batch [open; MM1 (McKinzie et al. 2024) pretrained on 10% text / 45% pairs / 45% interleaved]
+    mixture: str = "text:0.3,pairs:0.35,interleaved:0.35"  # row shares per batch [open; MM1 (McKinzie et al. 2024) pretrained on 10% text / 45% pairs / 45% interleaved]
     seq_len: int = field(default=64, metadata={"min": 8})  # tokens per text-only row (and per held-out text row)
     min_images: int = field(default=2, metadata={"min": 1})  # fewest images in an interleaved document [open]
     max_images: int = field(default=3, metadata={"min": 1})  # most images in an interleaved document [open]

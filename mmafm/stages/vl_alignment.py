@@ -313,6 +313,7 @@ def run(cfg: VLAlignmentConfig) -> dict[str, str]:
     from mmafm.data.shards import ImageTextShards, expand_shards, image_to_tensor, load_pairs
     from mmafm.tokenizer import Tokenizer
     from mmafm.train import Trainer, seed_everything
+    from mmafm.train.distributed import sum_counts_over_ranks
 
     stage_dir = StageDir(cfg.out_dir, STAGE)
     seed_everything(cfg.seed)
@@ -349,6 +350,7 @@ def run(cfg: VLAlignmentConfig) -> dict[str, str]:
     trainer = Trainer(task, batches, train_config, stage_dir)
     records = trainer.fit()
     model = trainer.model
+    skipped = sum_counts_over_ranks(dataset.skipped)  # each rank reads its own shards
 
     metrics = evaluate_captions(
         model, tokenizer, held_images, held_captions, cfg.mode, cfg.num_candidates,
@@ -375,7 +377,7 @@ def run(cfg: VLAlignmentConfig) -> dict[str, str]:
         **{k: round(v, 4) for k, v in metrics.items()},
         "image_tokens": model.num_image_tokens(cfg.mode),
         "trainable": model.trainable_parts(),
-        "skipped_samples": dataset.skipped,  # training samples dropped, by reason, over all workers
+        "skipped_samples": skipped,  # training samples dropped, by reason, over all workers and ranks
         "examples": [{"true": t, "generated": g} for _, t, g in shown],
     }
     stage_dir.write_manifest(outputs, cfg, summary)

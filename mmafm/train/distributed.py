@@ -38,6 +38,7 @@ __all__ = [
     "fsdp_units",
     "parallelize",
     "clip_grad_norm",
+    "sum_counts_over_ranks",
     "full_model_state_dict",
 ]
 
@@ -78,6 +79,21 @@ def barrier() -> None:
     """Wait for every rank (a no-op in one process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def sum_counts_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """``{key: count}`` summed over every rank (each rank reads its own shards, so a count
+    such as skipped samples is per rank); the input itself in one process. A collective: every
+    rank must call it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(counts)
+    gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for key, value in (part or {}).items():
+            total[key] = total.get(key, 0) + int(value)
+    return dict(sorted(total.items()))
 
 
 def default_device() -> torch.device:

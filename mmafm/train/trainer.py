@@ -408,6 +408,8 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             started = time.perf_counter()
             values, items, grad_norm = self._train_step()
+            if self.device.type == "cuda":  # kernels run asynchronously: time the work, not its launch
+                torch.cuda.synchronize(self.device)
             window_seconds += time.perf_counter() - started
             self.step += 1
             window_items += items

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -228,8 +229,13 @@ def task_template(name: str) -> dict:
 
 
 def default_cache_dir() -> Path:
-    """``~/.cache/mmafm/eval_tasks``: where :func:`prepare_tasks` writes unless told."""
-    return Path.home() / ".cache" / "mmafm" / "eval_tasks"
+    """Where :func:`prepare_tasks` writes unless told: ``$MMAFM_CACHE_DIR/eval_tasks`` when that is
+    set (a shared or scratch disk), else ``$XDG_CACHE_HOME/mmafm/eval_tasks``, else
+    ``~/.cache/mmafm/eval_tasks``. The files are derived data, safe to delete."""
+    if os.environ.get("MMAFM_CACHE_DIR"):
+        return Path(os.environ["MMAFM_CACHE_DIR"]) / "eval_tasks"
+    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "mmafm" / "eval_tasks"
 
 
 def _write_jsonl(path: Path, items: Sequence[dict]) -> None:
