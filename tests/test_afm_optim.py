@@ -162,6 +162,78 @@ def test_zero_gradient_gives_a_finite_zero_update():
     assert torch.equal(param.detach(), torch.ones(3, 3))
 
 
+# ------------------------------------------------- multi-tensor path against the reference path
+_MIXED_SHAPES = [(6, 4), (4, 9), (4,), (5, 4), (1,), (3, 3, 2), (7, 1)]
+
+
+def _mixed_params() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    dtypes = [torch.float64, torch.float32] * 4
+    return [torch.randn(s, generator=generator, dtype=d) for s, d in zip(_MIXED_SHAPES, dtypes)]
+
+
+def _train_paths(foreach: bool | None, steps: int = 40, **settings):
+    """Mixed shapes and dtypes (two foreach buckets in one group), two groups (mu-param 0.25 and
+    1), gradients that jump (the clip acts), one block without a gradient on some steps (its step
+    count falls behind the others'), and a step the trainer skips (no ``step()`` call)."""
+    generator = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(p.detach().clone()) for p in _mixed_params()]
+    groups = [{"params": params[:3], "update_scale": 0.25}, {"params": params[3:], "weight_decay": 1e-2}]
+    optimizer = AdaStar(groups, lr=1e-2, foreach=foreach, **settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps=4, total_steps=steps, min_lr_ratio=0.1))
+    for step in range(steps):
+        for index, param in enumerate(params):
+            jump = 30.0 if step % 7 == 3 else 1.0
+            param.grad = torch.randn(param.shape, generator=generator, dtype=param.dtype) * jump
+            if index == 3 and step % 5 == 2:
+                param.grad = None  # no gradient for this block on this step
+            if index == 4 and step % 9 == 0:
+                param.grad.zero_()  # a zero gradient (eps_square keeps it finite)
+        if step != 11:  # step 11: the guard skipped it (no optimizer.step(), the schedule goes on)
+            optimizer.step()
+        scheduler.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # the AFM settings
+    {"gradient_ema_decay": 0.9, "eps": 1e-8, "eps_square": 0.0, "update_clip_threshold": None,
+     "update_ema_decay": None},  # the Adam form
+    {"gradient_ema_decay": 0.8, "gradient_ema_debias": False, "gradient_square_ema_debias": False,
+     "eps": 1e-6, "update_clip_threshold": 0.5, "update_ema_debias": True},  # every switch flipped
+], ids=["afm", "adam", "flipped"])
+def test_foreach_path_equals_the_reference_path(settings):
+    fast, fast_optimizer = _train_paths(None, **settings)
+    slow, slow_optimizer = _train_paths(False, **settings)
+    for index, (got, want, first) in enumerate(zip(fast, slow, _mixed_params())):
+        tolerance = dict(rtol=1e-12, atol=1e-14) if got.dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, **tolerance, msg=f"block {index}")
+        assert (got - first).abs().max() > 5e-4  # every block moved, far beyond the tolerance
+        for key, value in slow_optimizer.state[want].items():
+            torch.testing.assert_close(fast_optimizer.state[got][key], value, **tolerance, msg=f"block {index} {key}")
+    # the block that missed gradients took fewer steps than the others
+    assert fast_optimizer.state[fast[3]]["step"].item() == slow_optimizer.state[slow[3]]["step"].item() == 31
+    assert fast_optimizer.state[fast[0]]["step"].item() == 39
+
+
+def test_foreach_path_equals_the_reference_path_on_the_tiny_model():
+    import mmafm
+
+    models = [mmafm.create_model("afm_2024_device_tiny") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [AdaStar(afm_param_groups(model, 3.16e-4, width=3072), lr=1e-2, foreach=foreach)
+                  for model, foreach in zip(models, (True, False))]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers):
+            for param, grad in zip(model.parameters(), grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for (name, got), want in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ---------------------------------------------------------------------------------- mu-param
 def test_mup_scales_on_the_full_size_presets():
     import mmafm
@@ -207,6 +279,9 @@ def test_afm_groups_decay_everything_and_carry_the_scales():
 
     optimizer = build_optimizer(model, TrainConfig(optimizer="afm", lr=1e-2, weight_decay=3.16e-4))
     assert isinstance(optimizer, AdaStar) and optimizer.defaults["peak_lr"] == 1e-2
+    assert optimizer.defaults["update_ema_decay"] == 0.95  # the AFM config's, by default
+    off = build_optimizer(model, TrainConfig(optimizer="afm", lr=1e-2, afm_update_ema=0.0))
+    assert off.defaults["update_ema_decay"] is None  # 0 = off (the tiny 02's open choice)
     assert isinstance(build_optimizer(model, TrainConfig()), torch.optim.AdamW)  # the default
 
 

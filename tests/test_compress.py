@@ -151,12 +151,16 @@ def test_generate_runs_on_a_packed_model():
 
     with torch.no_grad():
         plan = build_plan(model, model.new_cache(1, 16))
-    if kernels.kernels_available():  # the plan names packed linears; they run their LUT GEMV
-        assert "is packed (PackedLinear)" in plan.describe() and not plan.whole_step
+        layered = build_plan(model, model.new_cache(1, 16), whole_step=False)
+    if kernels.kernels_available():  # a packed whole step (csrc/lut.c); without it, the module path's LUT GEMVs
+        assert plan.whole_step and "over packed weights" in plan.describe()
+        assert "is packed (PackedLinear)" in layered.describe() and not layered.whole_step
     prompt = torch.randint(0, 256, (1, 5))
     ours = generate(model, prompt, max_new_tokens=6, temperature=0.0)
     theirs = generate(reference, prompt, max_new_tokens=6, temperature=0.0)
     assert ours == theirs
+    with kernels.kernels_disabled():
+        assert generate(model, prompt, max_new_tokens=6, temperature=0.0) == theirs
 
 
 def test_qat_levels_equal_torchao_parq_at_f_one():
@@ -259,3 +263,103 @@ def test_lut_gemv_equals_the_dequantized_matmul(bits):
             assert y is not None and torch.allclose(y, x @ weight.T, atol=1e-4, rtol=1e-5), (bits, out, cols, batch)
     with torch.no_grad():  # more rows than a GEMV takes, or autograd: the caller's fallback
         assert kernels.lut_linear(torch.randn(9, 64), pack_codes(codes[:, :64], bits), table, bits, group_rows) is None
+
+
+# ----------------------------------------------------------------------------- int8 KV cache (2025 device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kv_round_trip_error_within_half_a_step(dtype):
+    """Symmetric absmax int8 with one scale per vector: rounding moves each element by at most half
+    a quantization step, ``scale / 2`` with ``scale = max|x| / 127`` (closed form); a bfloat16
+    cache also rounds the stored scale, which moves an element by at most ``|q| |scale error|``."""
+    from mmafm.layers.kv_cache import dequantize_int8, quantize_int8
+
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 17, 64, generator=generator) * torch.logspace(-3, 2, 17)[:, None]).to(dtype)  # (B, H, T, D)
+    q, scale = quantize_int8(x)
+    assert q.dtype == torch.int8 and scale.shape == (2, 3, 17, 1) and int(q.abs().max()) <= 127
+    exact_scale = x.float().abs().amax(-1, keepdim=True) / 127.0  # the closed form, float32
+    error = (dequantize_int8(q, scale, torch.float32) - x.float()).abs()  # (B, H, T, D)
+    bound = exact_scale / 2 + q.float().abs() * (scale.float() - exact_scale).abs()
+    assert (error <= bound * (1 + 1e-5) + 1e-12).all(), (error - bound).max()
+    assert (q.abs().amax(-1) == 127).all()  # the largest element of every vector hits the top level
+    if dtype == torch.float32:
+        assert torch.allclose(scale, exact_scale, rtol=1e-6, atol=0)
+        assert error.amax(-1).gt(exact_scale[..., 0] / 4).float().mean() > 0.9  # the bound is nearly reached
+
+
+def test_int8_kv_decode_logits_close_to_a_float_kv_decode():
+    """Teacher-forced decode steps (the decode plan) into an int8 and a float32 cache: layer 0's
+    stored K/V (identical inputs) within half a step of the float ones, and logits close."""
+    from mmafm.inference.plan import build_plan
+
+    model = _tiny()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, 24), generator=generator)
+    prompt = 8
+    logits = {}
+    caches = {}
+    with torch.no_grad():
+        for quantized in (False, True):
+            cache = model.new_cache(2, ids.shape[1], quantized=quantized)
+            model(ids[:, :prompt], cache=cache)
+            plan = build_plan(model, cache)
+            logits[quantized] = torch.stack([plan.step(ids[:, t]) for t in range(prompt, ids.shape[1])], 1)  # (B, T, V)
+            caches[quantized] = cache
+    store = caches[True].layers[0]
+    for name, scales in (("keys", "key_scales"), ("values", "value_scales")):
+        floats = getattr(caches[False].layers[0], name)  # (B, Hkv, S, D)
+        error = (store.read()[0 if name == "keys" else 1] - floats).abs()
+        assert (error <= getattr(store, scales).float() / 2 * (1 + 1e-4) + 1e-5).all(), name
+    difference = (logits[True] - logits[False]).abs()
+    assert difference.max() / logits[False].abs().max() < 0.03, difference.max()
+    assert difference.max() > 0  # it really went through int8
+    agree = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean()
+    assert agree >= 0.9, agree
+
+
+# ----------------------------------------------------------------------------- the packed whole decode step
+
+
+@pytest.mark.skipif(not kernels.kernels_available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("preset,overrides", [
+    ("afm_2024_device_tiny", {}),
+    ("afm_2024_device_tiny", {"dim": 72, "head_dim": 24, "ffn_dim": 100}),  # widths not multiples of 16
+    ("afm_2025_device_tiny", {}),  # K/V shared by the last layers
+    ("afm_2024_device_tiny", {"sliding_window": 8, "local_global_pattern": (1, 1)}),  # ring buffers, wrapped
+], ids=["2024", "ragged", "2025_device", "sliding_window"])
+def test_packed_whole_step_equals_the_dequantized_model(preset, overrides):
+    """The one-call decode step over packed weights (csrc/lut.c) against the dequantized model's
+    module path, step by step: LUTs of 2, 4 and 8 bits, a uniform (QAT-style) matrix, a linear
+    left float32, a packed embedding read by the tied head; two rows, one left-padded (except over
+    ring buffers, where padding takes the module path)."""
+    from mmafm.compress.packed import PackedLinear
+    from mmafm.compress.palettize import quantize_uniform
+    from mmafm.inference.plan import build_plan
+
+    model = _tiny(preset, **overrides)
+    compress_model(model, bits={"layers.0.ffn.w_up": 2, "layers.1.attn.q_proj": 8, "layers.0.attn.o_proj": 32},
+                   default_bits=4, embedding_bits=4)
+    down = model.layers[1].ffn.w_down  # a uniform per-row matrix, as convert_qat makes
+    weight = down.dequantize()
+    codes, scale = quantize_uniform(weight, 4)
+    uniform = PackedLinear(down.in_features, down.out_features, 4, scheme="uniform", group_size=1)
+    model.layers[1].ffn.w_down = uniform.set_packed(codes, scale)
+    reference = dequantized_copy(model)
+    assert isinstance(model.layers[0].attn.o_proj, nn.Linear)
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 256, (2, 30), generator=generator)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    ring = model.config.sliding_window < 30
+    mask[1, :3] = 0 if not ring else 1  # left padding in row 1
+    with torch.no_grad():
+        caches = [m.new_cache(2, 30) for m in (model, reference)]
+        for m, cache in zip((model, reference), caches):
+            m(ids[:, :8], cache=cache, attention_mask=mask)
+        plan = build_plan(model, caches[0])
+        assert plan.whole_step and "over packed weights" in plan.describe(), plan.describe()
+        for t in range(8, 30):
+            ours = plan.step(ids[:, t])
+            theirs = reference(ids[:, t : t + 1], cache=caches[1])[:, -1]
+            assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (t, (ours - theirs).abs().max())

@@ -90,3 +90,35 @@ def test_stage_mixed_and_astc_schemes(tmp_path, text_checkpoint, token_shards):
     astc = mmafm.load_model(read_manifest(out_dir)["outputs"]["compressed_astc"])
     assert isinstance(astc.layers[0].attn.q_proj, ASTCLinear)
     assert 3.5 < summary["astc_bpw_without_embedding"] < 3.7
+
+
+@pytest.mark.slow  # ~90 s of CPU: five schemes, and full-size models built on the meta device
+def test_reproduce_notebook_runs_every_scheme_at_tiny_size(tmp_path, text_checkpoint, token_shards):
+    """notebooks/reproduce_compression.ipynb under papermill at tiny parameters: the Pareto figure
+    and table over every scheme, and the full-size table equal to the closed forms."""
+    papermill = pytest.importorskip("papermill")
+    import json
+    import math
+
+    from mmafm.compress.reproduce import full_size_table
+
+    out_dir = tmp_path / "reproduce"
+    schemes = "palettize4,mixed,astc,palettize2,qat2"
+    params = dict(checkpoint=str(text_checkpoint["checkpoint"]), tokens_dir=str(token_shards), out_dir=str(out_dir),
+                  schemes=schemes, mixed_bpw=3.0, max_steps=1, qat_steps=1, seq_len=16, batch_size=2,
+                  eval_batches=1, seed=0)
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "reproduce_compression.ipynb"), str(tmp_path / "executed.ipynb"),
+        parameters=params, kernel_name="mmafm", cwd=str(ROOT), progress_bar=False,
+    )
+    summary = json.loads((out_dir / "manifest.json").read_text())["summary"]
+    assert (out_dir / "figures" / "pareto.png").stat().st_size > 1000
+    table = (out_dir / "pareto.md").read_text().splitlines()
+    assert len(table) == 3 + 5  # header, rule, float base, one row per scheme
+    for name in schemes.split(","):
+        row = next(line for line in table if line.startswith(f"| {name} |"))
+        assert f"| {summary[f'{name}_bpw']:.3f} | {math.exp(summary[f'{name}_loss']):.2f} |" in row
+    assert summary["mixed_bpw_without_embedding"] <= 3.0 + 1e-9
+    sizes = full_size_table()
+    assert (out_dir / "full_size.md").read_text().strip() == sizes
+    assert "| `afm_2025_server` | ASTC 6x6, 4-bit emb. (2025 server) | 3.566 | 3.564 |" in sizes

@@ -155,9 +155,9 @@ def test_answer_only_rows_score_exactly_the_answer_span():
     filler = np.arange(5000, 9000, dtype=np.uint32)
     rows, spans = task_rows(examples, tokenizer, filler, 320, seed=0)
     for row, (first, end), example in zip(rows, spans, examples):
-        assert first == len(example.prompt) + 1 and end == len(example.text)  # the space, then the digits
+        assert first == len(example.prompt) and end == len(example.text)  # the space, then the digits
         assert rows.shape[1] == 321 and row[end] == tokenizer.eos_id
-        assert [chr(t - 2) for t in row[first:end]] == list(example.answer)
+        assert "".join(chr(t - 2) for t in row[first:end]) == " " + example.answer
     data = LongContextRows(MixtureShards({"d": filler}, {"d": 1.0}, 320, 6, seed=0, batches_per_epoch=8), rows, 0.5,
                            seed=0, answer_spans=spans)
     seen = 0
@@ -181,10 +181,10 @@ def test_answer_only_rows_score_exactly_the_answer_span():
             return self.table[ids]
 
         def loss(self, logits, targets, ignore_index=-100):
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1) % 11, reduction="sum",
-                                 ignore_index=ignore_index % 11 if False else -100)
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
+                                 ignore_index=ignore_index)
             count = (targets != ignore_index).sum()
-            return ce / count, {"ce": float(ce / count)}
+            return ce / count, {"ce": float(ce.detach() / count)}
 
     model = Logits()
     task = LongContextTask(model, [])
@@ -197,6 +197,22 @@ def test_answer_only_rows_score_exactly_the_answer_span():
     assert losses["lm"].item() == pytest.approx(docs.item(), rel=1e-5)
     assert losses["answer"].item() == pytest.approx(answers.item(), rel=1e-5)
     assert metrics["task_rows"] == float(is_task.sum()) and metrics["ce_answer"] == pytest.approx(answers.item(), rel=1e-5)
+
+
+def test_copy_rows_repeat_a_window_and_score_the_copy():
+    from mmafm.stages.long_context import copy_rows
+
+    filler = np.arange(10_000, 14_000, dtype=np.uint32)  # every token distinct: windows are findable
+    rows, spans = copy_rows(filler, 20, 64, seed=3)
+    assert rows.shape == (20, 65) and spans.shape == (20, 2)
+    for row, (first, end) in zip(rows, spans):
+        length = end // 2
+        assert first == length + 1 and 8 <= length <= 32
+        assert np.array_equal(row[:length], row[length : 2 * length])  # the window, then itself
+        assert np.all(np.diff(row[:length]) == 1) and np.all(np.diff(row[2 * length :]) == 1)  # filler windows
+    assert np.array_equal(copy_rows(filler, 20, 64, seed=3)[0], rows)
+    with pytest.raises(ValueError, match="filler of at least 130"):
+        copy_rows(filler[:100], 2, 64)
 
 
 # ---------------------------------------------------------------------------------- configs

@@ -158,8 +158,37 @@ def test_weight_zero_is_plain_cross_entropy(loss, cached, tokens_dir, tmp_path):
     assert mixed != pytest.approx(plain.item()) and metrics["distill"] > 0
 
 
+def _folder_state(folder):
+    """Every file under ``folder``: relative path -> (size, mtime_ns, sha256)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_teacher_cache_is_never_written_into_the_tokens(tokens_dir, tmp_path):
+    teacher = mmafm.create_model("afm_2024_device_tiny", vocab_size=VOCAB).eval()
+    before = _folder_state(tokens_dir)
+    with pytest.raises(ValueError, match="pass cache_dir or cache_root"):
+        build_teacher_cache(teacher, tokens_dir, 32)
+    with pytest.raises(ValueError, match="inside the token folder"):
+        build_teacher_cache(teacher, tokens_dir, 32, cache_root=tokens_dir / "teacher_cache")
+    from mmafm.train.distill import teacher_fingerprint
+
+    cache = build_teacher_cache(teacher, tokens_dir, 32, cache_root=tmp_path / "run" / "teacher_cache")
+    assert cache == tmp_path / "run" / "teacher_cache" / f"{teacher_fingerprint(teacher)[:16]}-T32"
+    assert _folder_state(tokens_dir) == before
+    # another teacher: its own folder beside the first, the first reused unchanged
+    other = mmafm.create_model("afm_2024_device_tiny", vocab_size=VOCAB).eval()
+    stamp = (cache / "train.top1.bin").stat().st_mtime_ns
+    second = build_teacher_cache(other, tokens_dir, 32, cache_root=tmp_path / "run" / "teacher_cache")
+    assert second != cache and (cache / "train.top1.bin").stat().st_mtime_ns == stamp
+    assert build_teacher_cache(teacher, tokens_dir, 32, cache_root=tmp_path / "run" / "teacher_cache") == cache
+    assert (cache / "train.top1.bin").stat().st_mtime_ns == stamp
+
+
 def test_text_pretrain_distils_from_a_teacher(tmp_path):
-    """02_text_pretrain with distill_from: it trains, writes the cache beside the shards once."""
+    """02_text_pretrain with distill_from: it trains, writes the cache once into its own folder."""
     from mmafm.data.shards import write_token_shards
     from mmafm.data.synthetic import describe, sample_scene
     from mmafm.stages.text_pretrain import TextPretrainConfig, run
@@ -176,14 +205,22 @@ def test_text_pretrain_distils_from_a_teacher(tmp_path):
                 distill_from=str(teacher_path))
     if "eval_tasks" in TextPretrainConfig.__dataclass_fields__:  # task scores are not what this test is about
         base["eval_tasks"] = ""
+    before = _folder_state(tmp_path / "tokens")
     outputs = run(TextPretrainConfig(out_dir=str(tmp_path / "top1"), **base))
     assert mmafm.load_model(outputs["checkpoint"]).config.vocab_size == tokenizer.vocab_size
-    caches = list((tmp_path / "tokens" / "teacher_cache").iterdir())
-    assert len(caches) == 1 and (caches[0] / "train.meta.json").is_file()
+    # the cache lives in 02's own folder, keyed by the teacher; the data stage's folder is untouched
+    assert _folder_state(tmp_path / "tokens") == before
+    from mmafm.train.distill import teacher_fingerprint
+
+    caches = list((tmp_path / "top1" / "teacher_cache").iterdir())
+    assert [c.name for c in caches] == [f"{teacher_fingerprint(teacher)[:16]}-T32"]
+    assert (caches[0] / "train.meta.json").is_file()
+    assert not [p for p in caches[0].iterdir() if p.name.endswith(".tmp")]  # atomic: no temp files left
     records = [r for r in read_jsonl(tmp_path / "top1" / "metrics.jsonl")
                if "distill" in r]
     assert records and all(np.isfinite(r["distill"]) for r in records)
     run(TextPretrainConfig(out_dir=str(tmp_path / "kl"), **base, distill_loss="kl", distill_temperature=2.0))
+    assert _folder_state(tmp_path / "tokens") == before
     small = mmafm.create_model("afm_2024_device_tiny", vocab_size=64)
     with pytest.raises(ValueError, match="64-token vocabulary"):
         run(TextPretrainConfig(out_dir=str(tmp_path / "bad"), **{**base, "distill_from": str(

@@ -5,7 +5,8 @@ notebooks' markdown and every docstring / comment under mmafm/, scripts/ and ben
 ``mmafm run STAGE``, ``mmafm pipeline run ... -p STAGE.key=value`` and
 ``torchrun ... -m mmafm.launch STAGE`` with its ``-p key=value`` overrides (lines joined across
 shell continuations and YAML comment continuations). Each key must be a field of the stage's
-config dataclass and every ``--config`` file must resolve for the stage, so documentation cannot
+config dataclass (a pipeline's notebook entry: a name in the notebook's parameters cell) and
+every ``--config`` file must resolve for the stage, so documentation cannot
 drift from the code again.
 """
 
@@ -92,6 +93,11 @@ def test_example_names_real_parameters(source, line, stage, keys, config):
     for key in keys:
         key_stage, _, field_name = key.rpartition(".") if "." in key else (stage, "", key)
         assert key_stage, f"{source}: cannot tell which stage `-p {key}` belongs to in: {line}"
+        if key_stage not in known and (ROOT / "notebooks" / f"{key_stage}.ipynb").is_file():  # a notebook entry
+            from mmafm.runner import notebook_parameters
+
+            assert field_name in notebook_parameters(key_stage), f"{source}: `-p {key}` is no parameter of {key_stage}"
+            continue
         assert key_stage in known, f"{source}: unknown stage {key_stage!r} in: {line}"
         fields = {f.name for f in dataclasses.fields(get_stage(key_stage).config_cls)}
         assert field_name in fields, (

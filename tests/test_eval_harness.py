@@ -210,3 +210,17 @@ def test_task_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("MMAFM_CACHE_DIR")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "mmafm" / "eval_tasks"
+
+
+def test_environment_report_is_collected_once(monkeypatch):
+    """lm-eval asks torch for its environment report (a ``pip list``) on every evaluation."""
+    import torch.utils.collect_env as collect_env
+
+    from mmafm.eval.harness import _collect_env_once
+
+    calls = []
+    monkeypatch.setattr(collect_env, "get_pretty_env_info", lambda: calls.append(1) or "env")
+    _collect_env_once()
+    _collect_env_once()  # already cached: not wrapped twice
+    assert [collect_env.get_pretty_env_info() for _ in range(3)] == ["env"] * 3
+    assert calls == [1]

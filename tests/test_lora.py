@@ -18,7 +18,8 @@ from torch import nn
 
 import mmafm
 from mmafm.inference import build_plan, generate, kernels_available, kernels_disabled
-from mmafm.layers.lora import LoRALinear
+from mmafm.layers import lora as lora_layer
+from mmafm.layers.lora import AdapterRouting, LoRALinear
 from mmafm.lora import AdapterFileError, BaseMismatchError, adapter_size, adapters_of, attach_lora, target_modules
 
 needs_native = pytest.mark.skipif(not kernels_available(), reason="native kernels unavailable")
@@ -188,6 +189,53 @@ def test_a_mixed_batch_equals_each_row_under_its_own_adapter():
     with pytest.raises(ValueError, match="batch rows as the leading dimension"), torch.no_grad():
         with adapters.mixed(["a", "b"]):
             model(ids)
+
+
+def test_both_mixed_strategies_and_their_switch_equal_the_naive_per_row_formula(monkeypatch):
+    """Slot-major (all slots' factors in two dense GEMMs, masked per row) and gathered (each row's
+    factors, batched matmuls) against ``x W^T + b + s_k (x A_k^T) B_k^T`` row by row, on short
+    and long rows, with a base-only row, an adapter below the slot rank and a bias; the switch
+    (SLOT_MAJOR_WORK) forced both ways; and autograd through the gathered path."""
+    torch.manual_seed(0)
+    routing = AdapterRouting()
+    module = LoRALinear(nn.Linear(12, 20, bias=True), routing, slots=3, rank=4)
+    with torch.no_grad():
+        module.lora_A.normal_()
+        module.lora_B.normal_()
+        module.lora_A[1, 2:].zero_()  # slot 1 holds a rank-2 adapter
+        module.lora_B[1, :, 2:].zero_()
+        module.scaling.copy_(torch.tensor([0.5, 2.0, 0.25]))
+    row_ids = torch.tensor([2, -1, 0, 1, 2])
+
+    def naive(x):  # (B, T, 12) -> (B, T, 20)
+        rows = []
+        for b, k in enumerate(row_ids.tolist()):
+            y = x[b] @ module.weight.T + module.bias
+            if k >= 0:
+                y = y + module.scaling[k] * (x[b] @ module.lora_A[k].T) @ module.lora_B[k].T
+            rows.append(y)
+        return torch.stack(rows)
+
+    routing.mode, routing.row_ids = "mixed", row_ids
+    for tokens in (1, 3, 9):
+        x = torch.randn(5, tokens, 12)
+        with torch.no_grad():
+            want = naive(x)
+            base = lambda: torch.nn.functional.linear(x, module.weight, module.bias)  # noqa: E731
+            torch.testing.assert_close(module._mixed_slot_major(x, row_ids, base()), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(module._mixed(x, row_ids, base()), want, rtol=1e-5, atol=1e-5)
+            for work in (0, 10**6):  # forward picks gathered, then slot-major
+                monkeypatch.setattr(lora_layer, "SLOT_MAJOR_WORK", work)
+                torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5)
+        # with autograd (training on a mixed batch): the gathered path, gradients as the naive
+        monkeypatch.setattr(lora_layer, "SLOT_MAJOR_WORK", 10**6)
+        got = module(x)
+        grads = torch.autograd.grad(got.square().sum(), (module.lora_A, module.lora_B))
+        wants = torch.autograd.grad(naive(x).square().sum(), (module.lora_A, module.lora_B))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(grads, wants):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    routing.mode, routing.row_ids = "off", None
 
 
 def test_slots_fill_up_and_free():

@@ -192,6 +192,40 @@ def test_per_kind_losses_equal_rows_scored_alone(tmp_path, upstream):
     assert set(losses) == {"lm"}
 
 
+def test_images_reach_the_decoder_in_pair_and_interleaved_rows(tmp_path, upstream):
+    """Swap every image of a training batch for another one: the logits of each pair and
+    interleaved row change after its first image, and not before it (the decoder is causal), and
+    a text row's logits do not change at all."""
+    from mmafm.stages.vl_alignment import build_model
+    from mmafm.tokenizer import Tokenizer
+
+    cfg = _cfg(tmp_path, upstream)
+    tokenizer = Tokenizer.load(cfg.tokenizer)
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer, stage="06_multimodal_adaptation").eval()
+    batches, _, pool, _ = _batches(cfg, tokenizer)
+    batch = next(iter(batches))
+    other = torch.stack([pool[(i + 7) % len(pool)] for i in range(batch["images"].shape[0])])
+    assert not torch.equal(other, batch["images"])
+    with torch.no_grad():
+        out = model(batch["ids"], batch["images"], mode=cfg.mode)
+        swapped = model(batch["ids"], other, mode=cfg.mode)
+    checked = set()
+    for row in range(batch["ids"].shape[0]):
+        slots = torch.nonzero(out.image_mask[row])[:, 0]
+        difference = (out.logits[row] - swapped.logits[row]).abs().amax(-1)  # (L,)
+        if KINDS[int(batch["kinds"][row])] == "text":
+            assert len(slots) == 0 and float(difference.max()) == 0.0
+            continue
+        if len(slots) == 0:  # an interleaved document whose images fell past max_document_tokens
+            continue
+        first = int(slots[0])
+        assert float(difference[:first].max()) == 0.0  # before the first image: nothing seen yet
+        assert float(difference[first:].min()) > 1e-4  # from the first image on: every position
+        checked.add(KINDS[int(batch["kinds"][row])])
+    assert checked == {"pairs", "interleaved"}
+
+
 def test_text_lr_scale_splits_the_groups_and_follows_the_schedule():
     from mmafm.stages.multimodal_adaptation import scale_text_lr
     from mmafm.train.optim import build_optimizer

@@ -101,7 +101,7 @@ def test_table6_runs_every_variant_on_equal_tokens(tmp_path, larger_model):
     from mmafm.stages.prune import TABLE6_VARIANTS, reproduce_table6, table6_figure, table6_summary
 
     rows = reproduce_table6(larger_model["checkpoint"], larger_model["tokens_dir"], seeds=(0, 1), steps=2,
-                            mask_steps=2, seq_len=32, batch_size=4, eval_batches=1)
+                            mask_steps=2, seq_len=32, batch_size=4, eval_batches=1, eval_tasks="")
     assert [(r["variant"], r["seed"]) for r in rows] == [(v, s) for s in (0, 1) for v in TABLE6_VARIANTS]
     assert {r["train_tokens"] for r in rows} == {2 * 4 * 32}  # equal tokens
     summary = table6_summary(rows)
@@ -114,6 +114,61 @@ def test_table6_runs_every_variant_on_equal_tokens(tmp_path, larger_model):
     assert (tmp_path / "table6.png").stat().st_size > 0
 
 
+def test_teacher_cost_curves_price_what_each_teacher_trained(larger_model):
+    """Both teachers start from the same dense model (upcycling keeps its loss); each curve point
+    costs train_flops_per_token x the tokens trained; the ratio is the two costs to the target."""
+    from mmafm.stages.prune import compare_teacher_costs, cost_to_reach
+    from mmafm.train.distill import train_flops_per_token, upcycled_teacher
+
+    result, moe = compare_teacher_costs(larger_model["checkpoint"], larger_model["tokens_dir"], larger_model["tokens_dir"],
+                                        moe_steps=3, dense_max_steps=4, eval_every=2, seq_len=32, batch_size=4,
+                                        lr=1e-3, num_experts=4, eval_batches=1)
+    assert [p["step"] for p in result["moe"]] == [0, 2, 3] and [p["step"] for p in result["dense"]] == [0, 2, 4]
+    assert result["moe"][0]["val_loss"] == pytest.approx(result["dense"][0]["val_loss"], abs=1e-4)
+    dense = mmafm.load_model(larger_model["checkpoint"])
+    for name, model in (("moe", moe), ("dense", dense)):
+        for point in result[name]:
+            assert point["tokens"] == point["step"] * 4 * 32
+            assert point["flops"] == pytest.approx(train_flops_per_token(model, 32) * point["tokens"])
+        seconds = [p["seconds"] for p in result[name]]
+        assert seconds == sorted(seconds) and seconds[-1] > 0
+    assert train_flops_per_token(moe, 32) == train_flops_per_token(upcycled_teacher(dense, 4, 2, 2), 32)
+    assert result["target"] == min(p["val_loss"] for p in result["moe"][1:])
+    if result["flops_ratio"] is not None:
+        assert result["flops_ratio"] == pytest.approx(cost_to_reach(result["moe"], result["target"])["flops"]
+                                                      / cost_to_reach(result["dense"], result["target"])["flops"])
+
+
+def test_table6_rows_hold_the_text_tasks(tmp_path, larger_model):
+    """Every row scored on the lm-eval local tasks (cloze, wordnet, arith); the row's score is the
+    one in lm-eval's saved results, the summary's mean and std those of the rows."""
+    import statistics
+
+    from mmafm.stages.prune import TABLE6_TASKS, reproduce_table6, table6_figure, table6_summary, table6_task_metrics
+
+    assert TABLE6_TASKS == ("mmafm_cloze", "mmafm_wordnet", "mmafm_arith")
+    rows = reproduce_table6(larger_model["checkpoint"], larger_model["tokens_dir"], seeds=(0,), steps=1,
+                            mask_steps=1, seq_len=32, batch_size=4, eval_batches=1, eval_task_size=2,
+                            variants=("baseline",), tasks_out_dir=tmp_path / "tasks")
+    assert {"cloze_acc", "wordnet_acc", "arith_exact_match"} <= set(table6_task_metrics(rows))
+    for row in rows:
+        saved = json.loads((tmp_path / "tasks" / f"baseline-seed{row['seed']}" / "results.json").read_text())["results"]
+        assert row["cloze_acc"] == pytest.approx(saved["mmafm_cloze"]["acc,none"], abs=1e-4)
+        exact = [v for k, v in saved["mmafm_arith"].items() if k.split(",")[0] == "exact_match"]
+        assert row["arith_exact_match"] == pytest.approx(exact[0], abs=1e-4)
+    # a second seed's row, made up: the summary's mean and std over seeds (statistics as the reference)
+    rows.append({**rows[0], "seed": 1, "cloze_acc": 0.25, "wordnet_acc": 1.0, "arith_exact_match": 0.5})
+    (summary,) = table6_summary(rows)
+    for metric in ("cloze_acc", "wordnet_acc", "arith_exact_match"):
+        values = [r[metric] for r in rows]
+        assert summary[f"{metric}_mean"] == pytest.approx(statistics.mean(values))
+        assert summary[f"{metric}_std"] == pytest.approx(statistics.stdev(values))
+    table6_figure([summary], str(tmp_path / "table6.png"))
+    assert (tmp_path / "table6.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="mmafm_nope"):
+        reproduce_table6(larger_model["checkpoint"], larger_model["tokens_dir"], eval_tasks="mmafm_nope")
+
+
 @pytest.mark.slow
 def test_reproduce_distillation_notebook_runs(tmp_path, larger_model):
     papermill = pytest.importorskip("papermill")
@@ -123,7 +178,8 @@ def test_reproduce_distillation_notebook_runs(tmp_path, larger_model):
         str(ROOT / "notebooks" / "reproduce_distillation.ipynb"), str(tmp_path / "executed.ipynb"),
         parameters=dict(checkpoint=larger_model["checkpoint"], tokens_dir=larger_model["tokens_dir"], out_dir=str(out),
                         seeds=2, steps=2, mask_steps=2, seq_len=32, batch_size=4, eval_batches=1, teacher_steps=2,
-                        num_experts=4, threads=1),
+                        num_experts=4, threads=1, eval_tasks="mmafm_wordnet", eval_task_size=2, slice_tokens=1500,
+                        slice_min_tokens=4, dense_max_steps=3, teacher_eval_every=1),
         kernel_name="mmafm", cwd=str(ROOT), progress_bar=False,
     )
     result = json.loads((out / "table6.json").read_text())
@@ -132,3 +188,10 @@ def test_reproduce_distillation_notebook_runs(tmp_path, larger_model):
                         "pruned + distillation (MoE teacher)"]
     assert all(r["seeds"] == 2 for r in result["summary"]) and len(result["teachers"]) == 3
     assert (out / "table6.png").is_file() and "| baseline | 2 |" in (out / "table6.md").read_text()
+    # the text task in every row and the table; the teachers' curves on the quality slice
+    assert all("wordnet_acc" in r for r in result["rows"]) and "wordnet_acc (mean ± std)" in (out / "table6.md").read_text()
+    cost, quality = result["teacher_cost"], result["quality_slice"]
+    assert [p["step"] for p in cost["moe"]] == [0, 1, 2] and [p["step"] for p in cost["dense"]] == [0, 1, 2, 3]
+    assert cost["moe"][0]["val_loss"] == pytest.approx(cost["dense"][0]["val_loss"], abs=1e-4)  # upcycling keeps the function
+    assert quality["tokens_kept"] == (out / "quality_slice" / "train.bin").stat().st_size // 4 >= 1500
+    assert (out / "teacher_cost.png").is_file()

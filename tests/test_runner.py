@@ -147,14 +147,14 @@ def test_pipelines_run_stages_in_number_order(path):
     from mmafm.runner import load_pipeline
 
     pipeline = load_pipeline(path)
-    numbers = [int(step.stage.split("_", 1)[0]) for step in pipeline.stages]
+    numbers = [int(step.stage.split("_", 1)[0]) for step in pipeline.stages if step.stage]  # notebook entries: no number
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), f"{path.name}: stages out of order {numbers}"
     seen: set[str] = set()
     for step in pipeline.stages:
         for parameter, ref in step.inputs.items():
             source = ref.split(".", 1)[0]
-            assert source in seen, f"{path.name}: {step.stage}.{parameter} reads {ref} from a later stage"
-        seen.add(step.stage)
+            assert source in seen, f"{path.name}: {step.name}.{parameter} reads {ref} from a later stage"
+        seen.add(step.name)
 
 
 def test_stage_numbers_are_unique():

@@ -172,3 +172,57 @@ def test_transformers_assisted_generation_agrees(pair):
                                           do_sample=False, max_new_tokens=16, min_new_tokens=16)[0, len(prompt):]
         ours = speculative_generate(target, drafts["near"], prompt, 16, k=4).tokens
         assert ours == assisted.tolist()
+
+
+def test_verify_chunk_is_bit_identical_to_steps():
+    """DecodePlan.chunk (the target's verification forward: T tokens per row in one native call)
+    gives, row by row, exactly the logits of feeding the tokens one decode step at a time, also
+    with left padding and a width that is not a multiple of the kernels' 16 lanes."""
+    from mmafm.inference import build_plan, prefill
+
+    model = _model(3, vocab_size=300, dim=72, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=18, ffn_dim=100)
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    ids, mask = generate_left_pad(prompts)
+    new = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])  # (B, T)
+    with torch.no_grad():
+        stepped, chunked = model.new_cache(2, 16), model.new_cache(2, 16)
+        for cache in (stepped, chunked):
+            prefill(model, cache, ids, attention_mask=mask)
+        plan_steps, plan_chunk = build_plan(model, stepped), build_plan(model, chunked)
+        assert plan_chunk.whole_step
+        want = torch.stack([plan_steps.step(new[:, t]) for t in range(new.shape[1])], dim=1)  # (B, T, V)
+        got = plan_chunk.chunk(new)
+        reference = model(torch.cat([ids, new], dim=1), attention_mask=torch.cat([mask, torch.ones_like(new)], 1))
+    assert torch.equal(got, want)
+    assert chunked.length == stepped.length and torch.equal(chunked.next_position, stepped.next_position)
+    torch.testing.assert_close(got, reference[:, -new.shape[1]:].float(), rtol=1e-4, atol=1e-4)
+
+
+def generate_left_pad(prompts):
+    from mmafm.inference import left_pad
+
+    return left_pad(prompts)
+
+
+@pytest.mark.parametrize("max_seq_len", [256, 48])  # 48: the caches fill up and are compacted
+def test_batched_greedy_speculative_equals_plain_greedy_per_row(pair, max_seq_len):
+    """Rows of different lengths accept different numbers of proposals per round (per-row cache
+    lengths); each row's output is plain greedy decoding of that prompt alone."""
+    from mmafm.inference.speculative import speculative_generate_batch
+
+    target, drafts = pair
+    if max_seq_len != target.config.max_seq_len:
+        target = _model(0, vocab_size=512, max_seq_len=max_seq_len)
+        target.load_state_dict(pair[0].state_dict())
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (3, 9, 1, 6)]
+    steps = 30
+    alone = [generate(target, [prompt], steps)[0] for prompt in prompts]
+    for k in (2, 4):
+        results = speculative_generate_batch(target, drafts["near"], prompts, steps, k=k)
+        assert [r.tokens for r in results] == alone, k
+        per_row = [tuple(r.per_round) for r in results]
+        assert len(set(per_row)) > 1  # the rows did accept different numbers of tokens
+    stop = alone[1][5]
+    results = speculative_generate_batch(target, drafts["near"], prompts, steps, k=3, stop_tokens=[stop])
+    assert [r.tokens for r in results] == [a[: a.index(stop)] if stop in a else a for a in alone]

@@ -138,6 +138,18 @@ class Packed(nn.Module):
             self._table_cache = (key, table.contiguous())
         return self._table_cache[1]
 
+    def lut_operands(self) -> tuple | None:
+        """What the native packed decode step reads (``csrc/lut.c``, groups along rows only):
+        ``(codes, table, bits, group_rows, row_scale)``; the lut scheme's float32 tables per
+        group, or the uniform scheme's one balanced grid with a float32 scale per row. None for
+        groups along columns."""
+        if self.axis != 0:
+            return None
+        if self.scheme == "lut":
+            return self.codes, self.table(), self.bits, self.group_size, None
+        grid = balanced_grid(self.bits, self.scale.device)[None]  # (1, 2^bits), shared by every row
+        return self.codes, grid, self.bits, self.rows, self.scale.float()
+
     def _group_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return rows // self.group_size if self.scheme == "lut" else rows
 

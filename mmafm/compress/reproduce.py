@@ -12,6 +12,7 @@ Used by ``notebooks/reproduce_compression.ipynb``:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -31,9 +32,11 @@ SCHEMES = {
 }
 
 
-def meta_matrices(preset: str) -> list[tuple[str, int, int, int]]:
+@functools.lru_cache(maxsize=None)
+def meta_matrices(preset: str) -> tuple[tuple[str, int, int, int], ...]:
     """``(parameter name, copies, out, in)`` of every weight matrix of a preset built on the meta
-    device: 2-D weights once, stacked 3-D expert weights once per expert (``copies``)."""
+    device: 2-D weights once, stacked 3-D expert weights once per expert (``copies``). Cached per
+    preset (building a full-size model, even on the meta device, takes seconds)."""
     from mmafm.registry import create_model
 
     model = create_model(preset, device="meta")
@@ -43,7 +46,7 @@ def meta_matrices(preset: str) -> list[tuple[str, int, int, int]]:
             rows.append((name, 1, parameter.shape[0], parameter.shape[1]))
         elif parameter.dim() == 3:
             rows.append((name, parameter.shape[0], parameter.shape[1], parameter.shape[2]))
-    return rows
+    return tuple(rows)
 
 
 def _is_embedding(name: str) -> bool:

@@ -30,6 +30,7 @@ backend on the same weights exported to transformers (:mod:`mmafm.interop.hf`).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -296,6 +297,7 @@ def evaluate_tasks(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    _collect_env_once()
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
         raise ValueError(f"no task given; the local tasks are {list(TASK_NAMES)}")
@@ -324,6 +326,16 @@ def evaluate_tasks(
                               torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters)
     results["mmafm"] = {"seconds": round(time.time() - start, 2), "tasks_dir": str(include[0]) if include else ""}
     return results
+
+
+def _collect_env_once() -> None:
+    """lm-eval stores torch's environment report in every result (``add_env_info``), and torch
+    builds it by running ``pip list`` and probing compilers: about 4 s per call, most of a small
+    evaluation's time. The report cannot change inside one process, so compute it once."""
+    import torch.utils.collect_env as collect_env
+
+    if not hasattr(collect_env.get_pretty_env_info, "cache_info"):
+        collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
 
 
 def task_scores(results: dict) -> dict[str, float]:

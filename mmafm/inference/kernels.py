@@ -86,6 +86,11 @@ __all__ = [
     "decode_layer",
     "decode_step",
     "lut_linear",
+    "PackedMatrix",
+    "PackedDecodeLayer",
+    "PackedDecodeStep",
+    "packed_decode_layer",
+    "packed_decode_step",
 ]
 
 MAX_ROWS = 8  # more rows than this (batched decode too): a GEMM (oneDNN) reuses the weights better
@@ -110,6 +115,7 @@ _GEMV3 = (None, [_P] * 5 + [_L] * 5 + [_I])
 _ATTENTION = (_I, [_P] * 3 + [_F] + [_P] * 10 + [_L] * 4 + [_P, _L] + [_L] * 5 + [_I])
 _SWIGLU = (_I, [_P] * 2 + [_F] + [_P] * 3 + [_L] * 3 + [_I])
 _STEP = (_I, [_P] * 5 + [_L] * 2 + [_P, _L] + [ctypes.POINTER(DecodeLayer), _L] + [_P] * 3 + [_L] * 6 + [_F, _I])
+_CHUNK = (_I, [_P] * 5 + [_L] * 3 + [_P, _L] + [ctypes.POINTER(DecodeLayer), _L] + [_P] * 3 + [_L] * 6 + [_F, _I])
 # symbol -> (restype, argtypes): every function csrc/api.h declares, in its order (a test parses
 # api.h and checks the two agree)
 SYMBOLS: dict[str, tuple] = {
@@ -122,8 +128,11 @@ SYMBOLS: dict[str, tuple] = {
     "mmafm_swiglu_decode_bf16": _SWIGLU,
     "mmafm_decode_step_f32": _STEP,
     "mmafm_decode_step_bf16": _STEP,
+    "mmafm_decode_chunk_f32": _CHUNK,
+    "mmafm_decode_chunk_bf16": _CHUNK,
     "mmafm_pool_helpers": (_I, []),
     "mmafm_lut_gemv_f32": (_I, [_P] * 4 + [_L] * 4 + [_I, _L, _I]),  # csrc/lut.c (mmafm.compress)
+    "mmafm_lut_decode_step_f32": (_I, [_P] * 5 + [_L] * 2 + [_P, _L] + [_P, _L] + [_P] * 3 + [_L] * 6 + [_F, _I]),
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # storage type -> variant
 
@@ -513,6 +522,7 @@ class DecodeStep:
         self._tensors = [t for _, kept in layers for t in kept] + [embed, final_norm, head, cos_table, sin_table]
         self._layers = (DecodeLayer * len(layers))(*(layer for layer, _ in layers))
         self._kernel = library.variant("decode_step", head.dtype)
+        self._chunk_kernel = library.variant("decode_chunk", head.dtype)
         self.n_layers, self.dim = len(layers), embed.shape[1]
         self.embed, self.final_norm, self.head = embed, final_norm, head
         self.cos_table, self.sin_table = cos_table, sin_table
@@ -548,6 +558,42 @@ class DecodeStep:
                              f"[0, {self.cos_table.shape[0]})")
         if failed:
             raise MemoryError("decode step: out of memory in the native kernel")
+        return logits
+
+    def chunk(
+        self,
+        tokens: torch.Tensor,  # (B, T) int64: T consecutive new tokens per cache row
+        positions: torch.Tensor,  # (B, T) int64 RoPE positions
+        column: int,  # cache column of each row's first new token (the t-th goes to column + t)
+        key_valid: torch.Tensor | None = None,  # (B, >= column + T) bool, False = padding column
+    ) -> torch.Tensor:  # (B, T, V) float32 logits
+        """T new tokens per row in one call, each attending to the cache and to the tokens of its
+        row before it (the verification forward of speculative decoding): the weights are read once
+        for all B x T rows. Each row's logits equal, bit for bit, those of feeding its tokens one
+        step at a time (every sum keeps the one-row order). Linear (non-ring) caches only."""
+        if tokens.dtype != torch.int64 or tokens.dim() != 2 or positions.shape != tokens.shape \
+                or positions.dtype != torch.int64:
+            raise ValueError(f"tokens and positions must be (batch, T) int64, got {tokens.dtype} {tuple(tokens.shape)} "
+                             f"and {positions.dtype} {tuple(positions.shape)}")
+        batch, chunk = tokens.shape
+        if key_valid is not None and not (key_valid.dtype == torch.bool and key_valid.dim() == 2
+                                          and key_valid.shape[0] == batch and key_valid.shape[1] >= column + chunk
+                                          and key_valid.stride(1) == 1):
+            raise ValueError(f"key_valid must be ({batch}, >= {column + chunk}) bool with unit column stride")
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        logits = torch.empty((batch, chunk, self.head.shape[0]), dtype=_F32)
+        failed = self._chunk_kernel(
+            tokens.data_ptr(), self.embed.data_ptr(), positions.data_ptr(), self.cos_table.data_ptr(),
+            self.sin_table.data_ptr(), self.cos_table.shape[0], column, chunk, _ptr(key_valid),
+            0 if key_valid is None else key_valid.stride(0), self._layers, self.n_layers,
+            self.final_norm.data_ptr(), self.head.data_ptr(), logits.data_ptr(), batch * chunk, self.dim, self.heads,
+            self.kv_heads, self.head_dim, self.head.shape[0], self.eps, torch.get_num_threads(),
+        )
+        if failed == 2:
+            raise ValueError(f"decode chunk: a token outside [0, {self.head.shape[0]}), a position outside "
+                             f"[0, {self.cos_table.shape[0]}), a ring cache or no room for {chunk} columns at {column}")
+        if failed:
+            raise MemoryError("decode chunk: out of memory in the native kernel")
         return logits
 
 
@@ -615,3 +661,161 @@ def decode_step(
         return None
     return DecodeStep(library, layers, embed, _gain(final_norm), head, cos_table, sin_table, heads, kv_heads,
                       head_dim, eps)
+
+
+# ----------------------------------------------------------------------------- packed whole step (csrc/lut.c)
+
+# What the packed step reads for one matrix: a float32 (out, in) tensor, or the LUT operands of a
+# packed one, (codes (out, stride) uint8, table (groups, 2^bits) float32, bits, group_rows,
+# row_scale (out,) float32 or None), as mmafm.compress's Packed.lut_operands() gives them.
+
+
+class PackedMatrix(ctypes.Structure):
+    """One weight matrix of a :class:`PackedDecodeStep` (mirrors ``mmafm_matrix_t`` in ``csrc/api.h``)."""
+
+    _fields_ = [("data", _P), ("table", _P), ("row_scale", _P), ("code_stride", _L), ("group_rows", _L), ("bits", _L)]
+
+
+class PackedDecodeLayer(ctypes.Structure):
+    """One decoder layer of a :class:`PackedDecodeStep` (mirrors ``mmafm_lut_layer_t`` in ``csrc/api.h``)."""
+
+    _fields_ = ([(name, _P) for name in ("attn_norm", "q_norm", "k_norm", "ffn_norm")]
+                + [(name, PackedMatrix) for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+                + [(name, _P) for name in ("k_cache", "v_cache")]
+                + [(name, _L) for name in ("kv_batch_stride", "kv_head_stride", "slots", "ring", "rope", "hidden")])
+
+
+def _matrix(operand, out: int, in_features: int) -> tuple[PackedMatrix, tuple] | None:
+    """``(PackedMatrix, tensors to keep alive)`` for a float32 (out, in) weight or LUT operands of
+    that shape, or None where the kernel cannot read them."""
+    if isinstance(operand, torch.Tensor):
+        if not (kernel_ready(_F32, operand) and operand.shape == (out, in_features)):
+            return None
+        return PackedMatrix(operand.data_ptr(), None, None, 0, 0, 32), (operand,)
+    codes, table, bits, group_rows, row_scale = operand
+    if not (
+        bits in (2, 4, 8) and codes.dtype == torch.uint8 and kernel_ready(torch.uint8, codes)
+        and kernel_ready(_F32, table, row_scale) and codes.dim() == 2 and codes.shape[0] == out
+        and codes.shape[1] * 8 >= in_features * bits and table.dim() == 2 and table.shape[1] == 1 << bits
+        and group_rows >= 1 and table.shape[0] * group_rows >= out and (row_scale is None or row_scale.shape == (out,))
+    ):
+        return None
+    kept = (codes, table) + (() if row_scale is None else (row_scale,))
+    return PackedMatrix(codes.data_ptr(), table.data_ptr(), _ptr(row_scale), codes.shape[1], group_rows, bits), kept
+
+
+def packed_decode_layer(
+    attn_norm: torch.Tensor, wq, wk, wv, wo, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+    ffn_norm: torch.Tensor, w_gate, w_up, w_down, k_cache: torch.Tensor, v_cache: torch.Tensor, ring: bool,
+    rope: bool, heads: int, dim: int, hidden: int,
+) -> tuple[PackedDecodeLayer, tuple] | None:
+    """One layer of a :class:`PackedDecodeStep`, as :func:`decode_layer` but each matrix a float32
+    tensor or LUT operands (see above); ``wk`` = ``wv`` = None: the layer shares K/V.
+    The cache is float32. None where the step cannot run it."""
+    if k_cache.dim() != 4 or (wk is None) != (wv is None):
+        return None
+    _, kv_heads, slots, head_dim = k_cache.shape
+    q_width = heads * head_dim
+    shapes = {"wq": (wq, q_width, dim), "wk": (wk, kv_heads * head_dim, dim), "wv": (wv, kv_heads * head_dim, dim),
+              "wo": (wo, dim, q_width), "w_gate": (w_gate, hidden, dim), "w_up": (w_up, hidden, dim),
+              "w_down": (w_down, dim, hidden)}
+    matrices, kept = {}, []
+    for name, (operand, out, in_features) in shapes.items():
+        if operand is None:
+            matrices[name] = PackedMatrix()
+            continue
+        made = _matrix(operand, out, in_features)
+        if made is None:
+            return None
+        matrices[name], held = made
+        kept += held
+    if not (
+        kernel_ready(_F32, k_cache, v_cache, contiguous=False) and heads % kv_heads == 0
+        and all(t is None or t.is_cpu for t in (attn_norm, q_norm, k_norm, ffn_norm))
+        and attn_norm.shape == ffn_norm.shape == (dim,)
+        and (q_norm is None or q_norm.shape == (head_dim,)) and (k_norm is None or k_norm.shape == (head_dim,))
+        and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+        and k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim
+    ):
+        return None
+    gains = tuple(_gain(t) for t in (attn_norm, q_norm, k_norm, ffn_norm))
+    layer = PackedDecodeLayer(*(_ptr(t) for t in gains), **matrices, k_cache=k_cache.data_ptr(),
+                              v_cache=v_cache.data_ptr(), kv_batch_stride=k_cache.stride(0),
+                              kv_head_stride=k_cache.stride(1), slots=slots, ring=int(ring), rope=int(rope),
+                              hidden=hidden)
+    return layer, (*kept, *(t for t in gains if t is not None), k_cache, v_cache)
+
+
+class PackedDecodeStep:
+    """A whole decode step of a dense decoder whose matrices are packed (2/4/8-bit codes + LUTs)
+    or float32, in one native call (``mmafm_lut_decode_step_f32``): the embedding row, every layer
+    (Q/K/V and gate/up as one GEMV each), final norm and head, the K/V written into the float32
+    cache. Called like :class:`DecodeStep`; built by :func:`packed_decode_step`."""
+
+    def __init__(self, library: Kernels, layers: list[tuple[PackedDecodeLayer, tuple]], embed: tuple,
+                 final_norm: torch.Tensor, head: tuple, vocab: int, dim: int, cos_table: torch.Tensor,
+                 sin_table: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float):
+        self._layers = (PackedDecodeLayer * len(layers))(*(layer for layer, _ in layers))
+        self._embed, self._head = embed[0], head[0]
+        self._tensors = [t for _, kept in layers for t in kept] + list(embed[1]) + list(head[1])
+        self.final_norm, self.cos_table, self.sin_table = _gain(final_norm), cos_table, sin_table
+        self.n_layers, self.vocab, self.dim = len(layers), vocab, dim
+        self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
+        self._kernel = library.lut_decode_step_f32
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,  # (B,) int64, one new token per row
+        positions: torch.Tensor,  # (B,) int64 RoPE positions
+        column: int,  # cache column of the new tokens
+        key_valid: torch.Tensor | None = None,  # (B, >= column + 1) bool, False = padding column
+    ) -> torch.Tensor:  # (B, V) float32 logits
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        if tokens.dtype != torch.int64 or positions.dtype != torch.int64 or tokens.dim() != 1 \
+                or positions.shape != tokens.shape or not 0 < tokens.shape[0] <= MAX_ROWS:
+            raise ValueError(f"tokens and positions must be (batch <= {MAX_ROWS},) int64, got {tokens.dtype} "
+                             f"{tuple(tokens.shape)} and {positions.dtype} {tuple(positions.shape)}")
+        batch = tokens.shape[0]
+        if key_valid is not None and not (key_valid.dtype == torch.bool and key_valid.dim() == 2
+                                          and key_valid.shape[0] == batch and key_valid.shape[1] > column
+                                          and key_valid.stride(1) == 1):
+            raise ValueError(f"key_valid must be ({batch}, > {column}) bool with unit column stride")
+        logits = torch.empty((batch, self.vocab), dtype=_F32)
+        failed = self._kernel(
+            tokens.data_ptr(), ctypes.addressof(self._embed), positions.data_ptr(), self.cos_table.data_ptr(),
+            self.sin_table.data_ptr(), self.cos_table.shape[0], column, _ptr(key_valid),
+            0 if key_valid is None else key_valid.stride(0), ctypes.addressof(self._layers), self.n_layers,
+            self.final_norm.data_ptr(), ctypes.addressof(self._head), logits.data_ptr(), batch, self.dim,
+            self.heads, self.kv_heads, self.head_dim, self.vocab, self.eps, torch.get_num_threads(),
+        )
+        if failed == 2:
+            raise ValueError(f"packed decode step: a token outside [0, {self.vocab}) or a position outside "
+                             f"[0, {self.cos_table.shape[0]})")
+        if failed:
+            raise MemoryError("packed decode step: out of memory in the native kernel")
+        return logits
+
+    def chunk(self, tokens: torch.Tensor, positions: torch.Tensor, column: int,
+              key_valid: torch.Tensor | None = None) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        """T new tokens per row, one step each (causal: token t sees the ones before it)."""
+        return torch.stack([self(tokens[:, t], positions[:, t], column + t, key_valid)
+                            for t in range(tokens.shape[1])], 1)
+
+
+def packed_decode_step(
+    layers: list[tuple[PackedDecodeLayer, tuple]], embed, final_norm: torch.Tensor, head, cos_table: torch.Tensor,
+    sin_table: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float, vocab: int, dim: int,
+) -> PackedDecodeStep | None:
+    """A :class:`PackedDecodeStep` over ``layers`` (from :func:`packed_decode_layer`); ``embed``
+    (vocab, dim) and ``head`` (vocab, dim) float32 tensors or LUT operands. None without the kernels
+    or with tensors they cannot take."""
+    library = kernels()
+    if library is None or not layers or not kernel_ready(_F32, cos_table, sin_table) or not final_norm.is_cpu \
+            or final_norm.shape != (dim,) or cos_table.shape != sin_table.shape \
+            or cos_table.shape[1:] != (head_dim,) or heads % kv_heads:
+        return None
+    embed_matrix, head_matrix = _matrix(embed, vocab, dim), _matrix(head, vocab, dim)
+    if embed_matrix is None or head_matrix is None:
+        return None
+    return PackedDecodeStep(library, layers, embed_matrix, final_norm, head_matrix, vocab, dim, cos_table,
+                            sin_table, heads, kv_heads, head_dim, eps)

@@ -359,6 +359,21 @@ class _WholeStep:
         cache.end()
         return logits
 
+    def chunk(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """T new tokens per row (B, T) in one kernel call (:meth:`DecodeStep.chunk`) -> (B, T, V)
+        float32, the cache's bookkeeping as for a T-column forward (0 in ``attention_mask`` =
+        padding)."""
+        cache = self.cache
+        column = cache.length
+        positions = cache.begin(tokens.shape[1], attention_mask)  # (B, T)
+        try:
+            logits = self.step.chunk(tokens, positions, column, cache.key_valid() if cache.has_padding else None)
+        except BaseException:
+            cache.abort()
+            raise
+        cache.end()
+        return logits
+
 
 def _whole_step(model: TextModel, cache: KVCache) -> kernels.DecodeStep | None:
     """The kernel step over every layer of ``model`` (all of them already recognised), or None
@@ -385,6 +400,62 @@ def _whole_step(model: TextModel, cache: KVCache) -> kernels.DecodeStep | None:
     head = model.output_weight() if config.tie_embeddings else _weight(model.lm_head)
     return kernels.decode_step(layers, model.embed.weight, model.norm.weight, head, cos_table,
                          sin_table, config.n_heads, config.n_kv_heads, config.head_dim, model.norm.eps)
+
+
+def _matrix_operand(module: nn.Module) -> torch.Tensor | tuple | None:
+    """What the packed step reads for a linear (or an embedding): the LUT operands of a hook-free
+    packed module of :mod:`mmafm.compress` (``lut_operands``), the float32 weight of a plain one,
+    or None."""
+    operands = getattr(module, "lut_operands", None)
+    if callable(operands):
+        return None if _hooked(module) else operands()
+    if type(module) is nn.Embedding:
+        return module.weight if not _hooked(module) and module.max_norm is None else None
+    return None if _linear_why(module, "") else _weight(module)
+
+
+def _packed_step(model: TextModel, cache: KVCache) -> kernels.PackedDecodeStep | None:
+    """The whole step over packed weights (``csrc/lut.c``) for a model with packed matrices whose
+    layers are otherwise what the float step takes (its modules recognised as in
+    :func:`build_plan`, packed linears with groups along rows, a float32 cache); None otherwise."""
+    if not any(callable(getattr(m, "lut_operands", None)) for m in model.modules()):
+        return None
+    config = model.config
+    if cache.dtype != torch.float32 or cache.max_len > config.max_seq_len or _norm_why(model.norm, "norm"):
+        return None
+    layers = []
+    for index, block in enumerate(model.layers):
+        attn, ffn = block.attn, block.ffn
+        if (_block_why(block) or _cache_why(block, cache) or type(attn) is not Attention or type(ffn) is not SwiGLU
+                or _hooked(attn) or _hooked(ffn)
+                or any(_norm_why(norm, "") for norm in (block.attn_norm, block.ffn_norm, attn.q_norm, attn.k_norm)
+                       if norm is not None)):
+            return None
+        names = ("q_proj", "k_proj", "v_proj", "o_proj") if attn.owns_kv else ("q_proj", "o_proj")
+        operands = {name: _matrix_operand(getattr(attn, name)) for name in names}
+        operands.update({name: _matrix_operand(getattr(ffn, name)) for name in ("w_gate", "w_up", "w_down")})
+        if any(operand is None for operand in operands.values()):
+            return None
+        source = model.layers[kv_source_layer(config, index)]
+        store = cache.layers[source.attn.cache_index]
+        layer = kernels.packed_decode_layer(
+            block.attn_norm.weight, operands["q_proj"], operands.get("k_proj"), operands.get("v_proj"),
+            operands["o_proj"], None if attn.q_norm is None else attn.q_norm.weight,
+            None if attn.k_norm is None else attn.k_norm.weight, block.ffn_norm.weight, operands["w_gate"],
+            operands["w_up"], operands["w_down"], store.keys, store.values, ring=source.attn.window is not None,
+            rope=attn.use_rope, heads=config.n_heads, dim=config.dim, hidden=ffn.w_gate.out_features,
+        )
+        if layer is None:
+            return None
+        layers.append(layer)
+    embed = _matrix_operand(model.embed)
+    head = embed if config.tie_embeddings else _matrix_operand(model.lm_head)
+    if embed is None or head is None:
+        return None
+    cos_table, sin_table = rope_table(config.max_seq_len, config.head_dim, config.rope_theta, cache.device)
+    return kernels.packed_decode_step(layers, embed, model.norm.weight, head, cos_table, sin_table, config.n_heads,
+                                      config.n_kv_heads, config.head_dim, model.norm.eps, config.vocab_size,
+                                      config.dim)
 
 
 class DecodePlan:
@@ -416,6 +487,18 @@ class DecodePlan:
         """Logits of one new token per row, its K/V appended to the cache."""
         return self._step(tokens)
 
+    def chunk(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) float32 of ``T`` new tokens per row (B, T), each after the ones before
+        it, their K/V appended to the cache (0 in ``attention_mask`` (B, T) = padding): one forward,
+        as speculative decoding verifies a draft. A whole-step plan over a linear cache runs it in
+        one kernel call (the weights read once for all B x T tokens, each row's logits
+        bit-identical to :meth:`step` one token at a time); otherwise the modules run with every
+        linear through the kernels' dispatch."""
+        if isinstance(self._step, _WholeStep) and not self.cache.windows:
+            return self._step.chunk(tokens, attention_mask)
+        with kernels.kernel_linears():
+            return self.model(tokens, cache=self.cache, attention_mask=attention_mask).float()
+
     @property
     def module_layers(self) -> list[int]:
         """Indices of the layers with a half on the module path."""
@@ -425,6 +508,8 @@ class DecodePlan:
         """A markdown table: how each layer runs, and why where not in a kernel."""
         if self.whole_step:
             head = "whole step in one kernel call"
+            if isinstance(self._step.step, kernels.PackedDecodeStep):
+                head += " over packed weights (csrc/lut.c)"
         elif isinstance(self._step, _LayeredStep):
             head = f"layer by layer ({self.why})"
         else:
@@ -452,6 +537,10 @@ def build_plan(model: nn.Module, cache: KVCache, whole_step: bool = True) -> Dec
     if model_why:
         layers = tuple(LayerPlan(i, MODULE, MODULE, model_why) for i in range(len(getattr(model, "layers", ()))))
         return DecodePlan(model, cache, layers if type(model) is TextModel else (), model_why, None)
+    packed = _packed_step(model, cache) if whole_step else None  # compressed models: csrc/lut.c
+    if packed is not None:
+        return DecodePlan(model, cache, tuple(LayerPlan(i, KERNEL, KERNEL) for i in range(len(model.layers))), "",
+                          packed)
     # what each half could run in, whatever the storage type
     candidates = []
     for index, block in enumerate(model.layers):

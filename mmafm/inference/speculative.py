@@ -1,12 +1,17 @@
 """Speculative decoding: a small draft model proposes, the target verifies several tokens at once.
 
 The 2025 report's framework decodes with a draft model; this is the standard algorithm
-(Leviathan et al. 2023, Chen et al. 2023), batch size 1:
+(Leviathan et al. 2023, Chen et al. 2023), for one prompt (:func:`speculative_generate`) or a
+batch (:func:`speculative_generate_batch`):
 
-1. the draft proposes up to ``k`` tokens, one decode step each (its own KV cache and
-   :class:`~mmafm.inference.plan.DecodePlan`, so its steps run in the native kernels);
+1. the draft catches up on the tokens committed since its last step (one
+   :meth:`~mmafm.inference.plan.DecodePlan.chunk` call) and proposes up to ``k`` tokens, one
+   decode step each (its own KV cache and :class:`~mmafm.inference.plan.DecodePlan`, so its
+   steps run in the native kernels);
 2. the target runs the last committed token and the ``k`` proposals in **one** forward over its
-   KV cache, giving its distribution at each of the ``k + 1`` positions;
+   KV cache (:meth:`DecodePlan.chunk`: for a dense model one native call that reads the weights
+   once for all ``k + 1`` tokens, each token's logits bit-identical to a plain decode step),
+   giving its distribution at each of the ``k + 1`` positions;
 3. proposals are accepted left to right: greedy, while the proposal is the target's argmax;
    sampling, with probability ``min(1, p(d) / q(d))`` (``p`` the target's, ``q`` the draft's
    distribution, both after the same temperature / top-k / top-p through
@@ -14,11 +19,16 @@ The 2025 report's framework decodes with a draft model; this is the standard alg
    token from ``norm(max(p - q, 0))`` (greedy: the argmax); when all ``k`` pass, a bonus token
    comes from the target's last position. So greedy output equals plain greedy decoding, and
    sampled output follows the target's distribution exactly;
-4. both KV caches **roll back** the rejected columns (:func:`rollback_cache`).
+4. both KV caches **roll back** the rejected columns by length (:func:`rollback_cache`: no copy;
+   the next forward overwrites them). In a batch, rows accept different numbers of tokens: the
+   caches keep the longest row's columns and mark the other rows' rejected columns as padding
+   (:func:`keep_columns`; attention skips them, RoPE positions count real tokens only), and when
+   a cache fills up its rows are packed to the right (:func:`compact_cache`, the only copy).
 
-With guided generation (a grammar matcher from :mod:`mmafm.inference.guided`) the draft proposes
-under a *fork* of the matcher, so the masks of the draft and of the target's positions come from
-the states the proposals lead to; the real matcher advances only by the tokens once accepted.
+With guided generation (grammar matchers from :mod:`mmafm.inference.guided`, one per row) the
+draft proposes under a *fork* of each matcher, so the masks of the draft and of the target's
+positions come from the states the proposals lead to; the real matcher advances only by the
+tokens once accepted.
 
 Rollback needs caches that keep every position (no sliding-window rings), which every dense
 model has; a ring cache is refused with an error.
@@ -32,21 +42,22 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from mmafm.inference.generate import _check_sampling, prefill, sampling_probs
-from mmafm.inference.kernels import kernel_linears
+from mmafm.inference.generate import _check_sampling, left_pad, prefill, sampling_probs
 from mmafm.inference.plan import build_plan
 from mmafm.layers.kv_cache import KVCache
 
-__all__ = ["SpeculativeResult", "rollback_cache", "speculative_generate", "accept_proposals", "truncated_draft"]
+__all__ = ["SpeculativeResult", "rollback_cache", "keep_columns", "compact_cache", "speculative_generate",
+           "speculative_generate_batch", "accept_proposals", "truncated_draft", "acceptance_by_k",
+           "speculative_speedup", "expected_tokens_per_round"]
 
 
 @dataclass
 class SpeculativeResult:
-    """What :func:`speculative_generate` returns.
+    """What :func:`speculative_generate` returns (one per row from :func:`speculative_generate_batch`).
 
     Attributes:
         tokens: the generated tokens (a stop token ends them and is not included).
-        rounds: draft-and-verify rounds run (target forwards after the prefill).
+        rounds: draft-and-verify rounds run (target forwards after the prefill) while the row ran.
         proposed: draft tokens proposed in all.
         accepted: draft tokens the target accepted.
     """
@@ -71,29 +82,58 @@ def rollback_cache(cache: KVCache, length: int) -> None:
                          f"its slots for windows {cache.windows} are overwritten in place")
     if not 0 <= length <= cache.length:
         raise ValueError(f"cannot roll back a cache of {cache.length} columns to {length}")
-    removed = cache.valid[:, length : cache.length].sum(dim=1)  # (B,) real tokens dropped
-    cache.valid[:, length : cache.length] = False
-    cache.next_position -= removed
+    if length == cache.length:
+        return
+    dropped = cache.valid.narrow(1, length, cache.length - length)  # (B, n)
+    if cache.has_padding:
+        cache.next_position -= dropped.sum(dim=1)  # real tokens dropped per row
+    else:
+        cache.next_position -= cache.length - length
+    dropped.fill_(False)
     cache.length = length
 
 
-def _target_logits(model: nn.Module, cache: KVCache, tokens: list[int]) -> torch.Tensor:  # (T, V) float32
-    """The target's logits at each of ``tokens`` (appended to its cache): one forward."""
-    ids = torch.tensor([tokens], dtype=torch.long, device=cache.device)
-    with kernel_linears():
-        return model(ids, cache=cache)[0].float()
+def keep_columns(cache: KVCache, start: int, kept: Sequence[int]) -> None:
+    """After a forward that appended columns from ``start`` on: keep ``kept[r]`` of them for row
+    ``r``. The cache keeps ``max(kept)`` columns (the rest roll back); a row that keeps fewer has
+    its other kept columns marked as padding (attention skips them, its positions do not count
+    them), so every row continues as if only its kept columns had been fed."""
+    longest = max(kept)
+    rollback_cache(cache, start + longest)
+    for row, count in enumerate(kept):
+        if count < longest:
+            cache.valid[row, start + count : start + longest] = False
+            cache.next_position[row] -= longest - count
+            cache.has_padding = True
 
 
-def _masked(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:  # (V,)
-    """``logits`` with the tokens ``allowed`` forbids at ``-inf`` (numpy on CPU: see
-    :meth:`mmafm.inference.guided.GrammarConstraint.mask_logits` for why)."""
-    if allowed is None:
-        return logits
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        values = logits.numpy().copy()
-        values[~allowed.numpy()] = -float("inf")
-        return torch.from_numpy(values)
-    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+def compact_cache(cache: KVCache) -> None:
+    """Pack each row's real columns to the right end of the first ``max`` real-column count
+    columns, in order (left padding, as a left-padded prompt has): frees the columns of the
+    padding :func:`keep_columns` left. Copies every stored key and value (in place: decode plans
+    keep pointing at the same storage)."""
+    if cache.windows:
+        raise ValueError("cannot compact a sliding-window (ring) KV cache")
+    length = cache.length
+    valid = cache.valid[:, :length]  # (B, L)
+    counts = valid.sum(dim=1)  # (B,)
+    longest = int(counts.max())
+    index = torch.zeros(cache.batch_size, longest, dtype=torch.long, device=cache.device)  # (B, longest)
+    packed = torch.zeros(cache.batch_size, longest, dtype=torch.bool, device=cache.device)
+    for row in range(cache.batch_size):
+        columns = valid[row].nonzero().flatten()
+        index[row, longest - columns.numel() :] = columns
+        packed[row, longest - columns.numel() :] = True
+    for store in cache.layers:
+        if store is None:
+            continue
+        for buffer in store._tensors():  # (B, Hkv, slots, D) keys, values (and int8 scales)
+            gather = index[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
+            buffer.narrow(2, 0, longest).copy_(buffer.narrow(2, 0, length).gather(2, gather))
+    cache.valid[:, :length] = False
+    cache.valid[:, :longest] = packed
+    cache.length = longest
+    cache.has_padding = True
 
 
 def accept_proposals(
@@ -108,11 +148,11 @@ def accept_proposals(
     """The acceptance rule: ``(accepted count n, next token)``; the next token replaces the first
     rejected proposal, or is the bonus token after all ``m`` (the module docstring, step 3)."""
     if temperature == 0.0:
+        best = target_logits[: len(proposals) + 1].argmax(dim=-1).tolist()  # one call, not one per row
         for index, proposal in enumerate(proposals):
-            best = int(target_logits[index].argmax())
-            if best != proposal:
-                return index, best
-        return len(proposals), int(target_logits[len(proposals)].argmax())
+            if best[index] != proposal:
+                return index, best[index]
+        return len(proposals), best[len(proposals)]
     for index, proposal in enumerate(proposals):
         p = sampling_probs(target_logits[index], temperature, top_k, top_p)  # (V,)
         q = draft_probs[index]
@@ -124,6 +164,18 @@ def accept_proposals(
         return index, int(torch.multinomial(residual, 1, generator=generator))
     p = sampling_probs(target_logits[len(proposals)], temperature, top_k, top_p)
     return len(proposals), int(torch.multinomial(p, 1, generator=generator))
+
+
+def _masked(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:  # (V,)
+    """``logits`` with the tokens ``allowed`` forbids at ``-inf`` (numpy on CPU: see
+    :meth:`mmafm.inference.guided.GrammarConstraint.mask_logits` for why)."""
+    if allowed is None:
+        return logits
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        values = logits.numpy().copy()
+        values[~allowed.numpy()] = -float("inf")
+        return torch.from_numpy(values)
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
 def _allowed(matcher: Any, bitmask: torch.Tensor, vocab: int, table_size: int) -> torch.Tensor:  # (V,) bool
@@ -173,117 +225,233 @@ def speculative_generate(
     Returns:
         The tokens and the acceptance statistics.
     """
-    _check_sampling(temperature, top_k, top_p)
-    if k < 1:
-        raise ValueError(f"k (proposals per round) must be >= 1, got {k}")
-    vocab = target.config.vocab_size
-    if draft.config.vocab_size != vocab:
-        raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target vocab_size {vocab}")
     prompt = [int(t) for t in prompt]
     if not prompt:
         raise ValueError("speculative_generate needs a non-empty prompt")
+    return speculative_generate_batch(
+        target, draft, [prompt], max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_tokens=stop_tokens, seed=seed, generator=generator, matchers=None if matcher is None else [matcher],
+        table_size=table_size,
+    )[0]
+
+
+@torch.no_grad()
+def speculative_generate_batch(
+    target: nn.Module,
+    draft: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    k: int = 4,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: int | Iterable[int] = (),
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    matchers: Sequence[Any] | None = None,
+    table_size: int | None = None,
+    pad_token_id: int = 0,
+) -> list[SpeculativeResult]:
+    """:func:`speculative_generate` over a batch of prompts (any lengths, left-padded): one draft
+    step and one target forward per round serve every row; each row accepts its own number of
+    proposals (per-row cache lengths, the module docstring, step 4), and greedy output equals
+    plain greedy decoding row by row. ``matchers``: one grammar matcher (or None) per row.
+    Returns one :class:`SpeculativeResult` per prompt."""
+    _check_sampling(temperature, top_k, top_p)
+    if k < 1:
+        raise ValueError(f"k (proposals per round) must be >= 1, got {k}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    vocab = target.config.vocab_size
+    if draft.config.vocab_size != vocab:
+        raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target vocab_size {vocab}")
+    prompts = [[int(t) for t in prompt] for prompt in prompts]
+    if not prompts or any(not prompt for prompt in prompts):
+        raise ValueError("speculative decoding needs non-empty prompts (at least one)")
+    for row, prompt in enumerate(prompts):
+        if not all(0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt {row} has token ids outside the vocabulary [0, {vocab})")
+    batch = len(prompts)
+    matchers = list(matchers) if matchers is not None else [None] * batch
+    if len(matchers) != batch:
+        raise ValueError(f"{len(matchers)} matchers for {batch} prompts")
     context = min(target.config.max_seq_len, draft.config.max_seq_len)
-    if len(prompt) + max_new_tokens > context:
-        raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds the context "
+    longest = max(len(prompt) for prompt in prompts)
+    if longest + max_new_tokens > context:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context "
                          f"of {context} tokens")
     stop = {stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens)
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
-    greedy = temperature == 0.0
-    result = SpeculativeResult([])
+    results = [SpeculativeResult([]) for _ in prompts]
     if max_new_tokens == 0:
-        return result
-    bitmask = None
-    if matcher is not None:
-        table_size = table_size or vocab
-        bitmask = torch.full((1, (table_size + 31) // 32), -1, dtype=torch.int32)
-
-    def allowed_of(state: Any) -> torch.Tensor | None:
-        return None if state is None else _allowed(state, bitmask, vocab, table_size)
-
-    def choose(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:  # (V,) -> token, its distribution
-        if greedy:
-            return int(logits.argmax()), None
-        probs = sampling_probs(logits, temperature, top_k, top_p)
-        return int(torch.multinomial(probs, 1, generator=generator)), probs
-
+        return results
     modes = [(m, m.training) for m in (target, draft)]
     for model, _ in modes:
         model.eval()
     try:
-        length = len(prompt) + max_new_tokens + k + 1
-        target_cache = target.new_cache(1, min(length, target.config.max_seq_len))
-        draft_cache = draft.new_cache(1, min(length, draft.config.max_seq_len))
-        ids = torch.tensor([prompt], dtype=torch.long, device=target_cache.device)
-        first_logits = prefill(target, target_cache, ids)[0]  # (V,)
-        prefill(draft, draft_cache, ids)
-        for cache in (target_cache, draft_cache):
-            rollback_cache(cache, cache.length)  # refuses ring caches before any work
-        draft_plan = build_plan(draft, draft_cache)
-        first, _ = choose(_masked(first_logits, allowed_of(matcher)))
-        if first in stop:
-            return result
-        result.tokens.append(first)
-        if matcher is not None and (_advance(matcher, first) or matcher.is_stopped()):
-            return result
-        pending, draft_todo = first, [first]  # pending: committed, not yet in the target's cache
-        while len(result.tokens) < max_new_tokens:
-            room = min(k, max_new_tokens - len(result.tokens), context - target_cache.length - 1)
-            # 1. draft up to `room` proposals under a fork of the grammar
-            for token in draft_todo[:-1]:
-                draft_plan.step(torch.tensor([token]))
-            draft_logits = draft_plan.step(torch.tensor([draft_todo[-1]]))[0]  # (V,)
-            draft_todo = []
-            fork = matcher.fork() if matcher is not None else None
-            proposals: list[int] = []
-            draft_probs: list[torch.Tensor] = []
-            masks: list[torch.Tensor | None] = []
-            while len(proposals) < room:
-                allowed = allowed_of(fork)
-                masks.append(allowed)
-                proposal, probs = choose(_masked(draft_logits, allowed))
-                proposals.append(proposal)
-                draft_probs.append(probs)
-                if proposal in stop or (fork is not None and (_advance(fork, proposal) or fork.is_stopped())):
-                    break
-                if len(proposals) < room:
-                    draft_logits = draft_plan.step(torch.tensor([proposal]))[0]
-            masks.append(allowed_of(fork) if fork is not None and not fork.is_stopped() and proposals[-1] not in stop
-                         else None)
-            # 2. the target verifies [pending, proposals] in one forward
-            start = target_cache.length
-            logits = _target_logits(target, target_cache, [pending] + proposals)  # (m + 1, V)
-            if matcher is not None:
-                logits = torch.stack([_masked(row, mask) for row, mask in zip(logits, masks)])
-            # 3. accept
-            accepted, correction = accept_proposals(logits, proposals, draft_probs, temperature, top_k, top_p,
-                                                    generator)
-            result.rounds += 1
-            result.proposed += len(proposals)
-            result.accepted += accepted
-            result.per_round.append(accepted)
-            new_tokens = proposals[:accepted] + [correction]
-            # 4. roll back the rejected columns: target keeps pending + accepted proposals
-            rollback_cache(target_cache, start + 1 + accepted)
-            draft_kept = min(accepted, len(proposals) - 1)  # the last proposal was never fed to the draft
-            rollback_cache(draft_cache, draft_cache.length - (len(proposals) - 1 - draft_kept))
-            draft_todo = proposals[draft_kept:accepted] + [correction]
-            done = False
-            for token in new_tokens:
-                if token in stop or len(result.tokens) >= max_new_tokens:
-                    done = True
-                    break
-                result.tokens.append(token)
-                if matcher is not None and (_advance(matcher, token) or matcher.is_stopped()):
-                    done = True
-                    break
-            if done:
-                break
-            pending = correction
+        _Speculation(target, draft, prompts, max_new_tokens, k, temperature, top_k, top_p, stop, generator,
+                     matchers, table_size or vocab, pad_token_id, context, results).run()
     finally:
         for model, mode in modes:
             model.train(mode)
-    return result
+    return results
+
+
+class _Speculation:
+    """The rounds of :func:`speculative_generate_batch` (arguments checked)."""
+
+    def __init__(self, target, draft, prompts, max_new_tokens, k, temperature, top_k, top_p, stop, generator,
+                 matchers, table_size, pad_token_id, context, results):
+        self.target, self.draft, self.k, self.max_new = target, draft, k, max_new_tokens
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.greedy = temperature == 0.0
+        self.stop, self.matchers, self.results = stop, matchers, results
+        self.vocab, self.table_size = target.config.vocab_size, table_size
+        self.bitmask = torch.full((1, (table_size + 31) // 32), -1, dtype=torch.int32) \
+            if any(m is not None for m in matchers) else None
+        batch = len(prompts)
+        ids, mask = left_pad(prompts, pad_token_id)
+        # one row: nothing is ever padding, the caches need the prompt, the tokens and one round;
+        # several rows keep rejected columns as padding until compact_cache packs them
+        room = (max_new_tokens + k + 1) if batch == 1 else (max_new_tokens + 1) * (k + 1)
+        self.target_cache = target.new_cache(batch, min(ids.shape[1] + room, target.config.max_seq_len))
+        self.draft_cache = draft.new_cache(batch, min(ids.shape[1] + room, draft.config.max_seq_len))
+        attention_mask = None if bool(mask.bool().all()) else mask
+        self.first_logits = prefill(target, self.target_cache, ids, attention_mask=attention_mask)  # (B, V)
+        prefill(draft, self.draft_cache, ids, attention_mask=attention_mask)
+        for cache in (self.target_cache, self.draft_cache):
+            rollback_cache(cache, cache.length)  # refuses ring caches before any work
+        self.target_plan = build_plan(target, self.target_cache)
+        self.draft_plan = build_plan(draft, self.draft_cache)
+        self.active = [True] * batch
+        self.context = context
+
+    # ------------------------------------------------------------------ helpers
+    def _allowed(self, matcher: Any) -> torch.Tensor | None:
+        return None if matcher is None else _allowed(matcher, self.bitmask, self.vocab, self.table_size)
+
+    def _choose(self, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:  # (B, V)
+        if self.greedy:
+            return logits.argmax(dim=-1).tolist(), None
+        probs = sampling_probs(logits, self.temperature, self.top_k, self.top_p)  # (B, V)
+        return torch.multinomial(probs, 1, generator=self.generator).flatten().tolist(), probs
+
+    def _commit(self, row: int, token: int) -> bool:
+        """Append ``token`` to row ``row``; True when the row has ended (stop, limit, grammar)."""
+        result, matcher = self.results[row], self.matchers[row]
+        if token in self.stop or len(result.tokens) >= self.max_new:
+            return True
+        result.tokens.append(token)
+        if matcher is not None and (_advance(matcher, token) or matcher.is_stopped()):
+            return True
+        return len(result.tokens) >= self.max_new
+
+    def _room(self, cache: KVCache, need: int) -> None:
+        """Make ``need`` free columns in ``cache`` (packing padded rows when full)."""
+        if cache.length + need > cache.max_len and cache.has_padding:
+            compact_cache(cache)
+        if cache.length + need > cache.max_len:
+            raise RuntimeError(f"speculative decoding: a KV cache of {cache.max_len} columns is full")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        batch = len(self.results)
+        logits = self.first_logits
+        masked = [ _masked(logits[row], self._allowed(self.matchers[row])) for row in range(batch)] \
+            if self.bitmask is not None else None
+        first, _ = self._choose(torch.stack(masked) if masked is not None else logits)
+        for row, token in enumerate(first):
+            self.active[row] = not self._commit(row, token)
+        pending = first  # per row: committed, not yet in the target's cache
+        catch_up = [[token] for token in first]  # per row: committed, not yet in the draft's cache
+        while any(self.active):
+            remaining = max(self.max_new - len(r.tokens) for r, a in zip(self.results, self.active) if a)
+            self._room(self.target_cache, 1 + min(self.k, remaining))
+            room = min(self.k, remaining, self.target_cache.max_len - self.target_cache.length - 1)
+            proposals, draft_probs, counts, masks = self._draft(catch_up, room)
+            # the target verifies [pending, proposals] of every row in one forward
+            start = self.target_cache.length
+            tokens = torch.tensor([[p] + props for p, props in zip(pending, proposals)])  # (B, 1 + m)
+            logits = self.target_plan.chunk(tokens)  # (B, 1 + m, V)
+            kept, catch_up, drafted = [], [], max(room - 1, 0)
+            for row in range(batch):
+                if not self.active[row]:  # an ended row rides along; its columns do not matter
+                    kept.append(1)
+                    catch_up.append([pending[row]])
+                    continue
+                count = counts[row]
+                row_logits = logits[row, : count + 1]
+                if masks[row] is not None:
+                    row_logits = torch.stack([_masked(line, mask) for line, mask in zip(row_logits, masks[row])])
+                row_probs = None if draft_probs is None else [probs[row] for probs in draft_probs[:count]]
+                accepted, correction = accept_proposals(row_logits, proposals[row][:count], row_probs,
+                                                        self.temperature, self.top_k, self.top_p, self.generator)
+                kept.append(1 + accepted)  # pending + the accepted proposals
+                draft_kept = min(accepted, drafted)  # the draft has fed proposals[:drafted]
+                catch_up.append(proposals[row][draft_kept:accepted] + [correction])
+                pending[row] = correction
+                result = self.results[row]
+                result.rounds += 1
+                result.proposed += count
+                result.accepted += accepted
+                result.per_round.append(accepted)
+                for token in proposals[row][:accepted] + [correction]:
+                    if self._commit(row, token):
+                        self.active[row] = False
+                        break
+            keep_columns(self.target_cache, start, kept)
+            keep_columns(self.draft_cache, self._draft_start, [self._draft_fed + min(n - 1, drafted) for n in kept])
+
+    def _draft(self, catch_up: list[list[int]], room: int):
+        """Catch the draft up (one chunk, left-padded per row) and propose ``room`` tokens per row.
+        Returns the proposals (B lists of room), the draft's distributions (room x (B, V), sampling),
+        each row's proposal count before a stop / complete grammar, and each row's target masks."""
+        batch = len(catch_up)
+        cache = self.draft_cache
+        width = max(len(tokens) for tokens in catch_up)
+        self._room(cache, width + max(room - 1, 0))
+        self._draft_start, self._draft_fed = cache.length, width
+        ids = torch.tensor([[0] * (width - len(t)) + t for t in catch_up])  # (B, width)
+        if any(len(t) < width for t in catch_up):
+            mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in catch_up])
+            logits = self.draft_plan.chunk(ids, mask)[:, -1]  # (B, V)
+        elif width == 1:
+            logits = self.draft_plan.step(ids[:, 0])
+        else:
+            logits = self.draft_plan.chunk(ids)[:, -1]
+        forks = [None if m is None or not active else m.fork() for m, active in zip(self.matchers, self.active)]
+        masks: list[list | None] = [None if f is None else [] for f in forks]
+        proposals: list[list[int]] = [[] for _ in range(batch)]
+        counts = [room] * batch
+        draft_probs: list[torch.Tensor] | None = None if self.greedy else []
+        for index in range(room):
+            if self.bitmask is not None:
+                rows = []
+                for row in range(batch):
+                    allowed = self._allowed(forks[row]) if forks[row] is not None and counts[row] > index else None
+                    if masks[row] is not None and counts[row] > index:
+                        masks[row].append(allowed)
+                    rows.append(_masked(logits[row], allowed))
+                logits = torch.stack(rows)
+            chosen, probs = self._choose(logits)
+            if draft_probs is not None:
+                draft_probs.append(probs)
+            for row, token in enumerate(chosen):
+                proposals[row].append(token)
+                if counts[row] > index and (token in self.stop or (forks[row] is not None and (
+                        _advance(forks[row], token) or forks[row].is_stopped()))):
+                    counts[row] = index + 1  # the row's proposals end here
+            if index < room - 1:
+                logits = self.draft_plan.step(torch.tensor(chosen))
+        for row in range(batch):  # the mask after the row's last proposal (its bonus position)
+            if masks[row] is not None:
+                last = proposals[row][counts[row] - 1] if counts[row] else None
+                fork = forks[row]
+                masks[row] = masks[row][: counts[row]] + [
+                    self._allowed(fork) if not fork.is_stopped() and last not in self.stop else None]
+        return proposals, draft_probs, counts, masks
 
 
 def _advance(matcher: Any, token: int) -> bool:
@@ -307,3 +475,80 @@ def truncated_draft(model: nn.Module, layers: int) -> nn.Module:
              if not name.startswith("layers.") or int(name.split(".")[1]) < layers}
     draft.load_state_dict(state)
     return draft.to(next(model.parameters()).dtype).eval()
+
+
+def expected_tokens_per_round(acceptance: float, k: int) -> float:
+    """Tokens one round yields when each proposal is accepted independently with probability
+    ``acceptance``: ``(1 - a^(k + 1)) / (1 - a)`` (Leviathan et al. 2023, eq. 1)."""
+    if not 0.0 <= acceptance <= 1.0 or k < 1:
+        raise ValueError(f"need 0 <= acceptance <= 1 and k >= 1, got {acceptance}, {k}")
+    return float(k + 1) if acceptance == 1.0 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+def acceptance_by_k(target: nn.Module, draft: nn.Module, prompts: Sequence[Sequence[int]], steps: int,
+                    ks: Sequence[int], stop_tokens: int | Iterable[int] = ()) -> dict[int, float]:
+    """Greedy acceptance rate (accepted / proposed over all ``prompts``) of ``draft`` for each
+    ``k``; checks every output against plain greedy decoding of the target (RuntimeError if one
+    differs)."""
+    from mmafm.inference.generate import generate
+
+    plain = [generate(target, [prompt], steps, stop_tokens=stop_tokens)[0] for prompt in prompts]
+    rates = {}
+    for k in ks:
+        accepted = proposed = 0
+        for prompt, want in zip(prompts, plain):
+            result = speculative_generate(target, draft, prompt, steps, k=k, stop_tokens=stop_tokens)
+            if result.tokens != want:
+                raise RuntimeError(f"speculative greedy differs from plain greedy (k={k}, prompt {prompt[:8]}...)")
+            accepted, proposed = accepted + result.accepted, proposed + result.proposed
+        rates[int(k)] = accepted / max(proposed, 1)
+    return rates
+
+
+def speculative_speedup(target: nn.Module, draft: nn.Module, prompts: Sequence[Sequence[int]], steps: int, k: int,
+                        repeats: int = 3) -> dict[str, float]:
+    """Speed of greedy speculative decoding against plain greedy decoding of ``target``, measured
+    interleaved (per prompt: plain, then speculative; one warm-up round first), ``repeats`` rounds
+    over all ``prompts``; the speed-up is the median over rounds of (plain seconds / speculative
+    seconds), by wall clock and by this process's CPU time (on a shared machine the CPU time is
+    what the load disturbs less when one thread runs). Prefill is included in both. Outputs are
+    checked equal (RuntimeError otherwise)."""
+    import statistics
+    import time
+
+    from mmafm.inference.generate import generate
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    wall: dict[str, list[float]] = {"plain": [], "speculative": []}
+    cpu: dict[str, list[float]] = {"plain": [], "speculative": []}
+    accepted = proposed = 0
+    for repeat in range(repeats + 1):
+        totals = {name: [0.0, 0.0] for name in wall}
+        for prompt in prompts:
+            w0, c0 = time.perf_counter(), time.process_time()
+            plain = generate(target, [prompt], steps)[0]
+            w1, c1 = time.perf_counter(), time.process_time()
+            result = speculative_generate(target, draft, prompt, steps, k=k)
+            w2, c2 = time.perf_counter(), time.process_time()
+            if result.tokens != plain:
+                raise RuntimeError(f"speculative greedy differs from plain greedy (k={k})")
+            totals["plain"][0] += w1 - w0
+            totals["plain"][1] += c1 - c0
+            totals["speculative"][0] += w2 - w1
+            totals["speculative"][1] += c2 - c1
+            if repeat:
+                accepted, proposed = accepted + result.accepted, proposed + result.proposed
+        if repeat:  # round 0 warms up (kernels built, caches allocated)
+            for name, (seconds, cpu_seconds) in totals.items():
+                wall[name].append(seconds)
+                cpu[name].append(cpu_seconds)
+    tokens = steps * len(prompts)
+    return {
+        "k": k, "steps": steps, "prompts": len(prompts), "repeats": repeats,
+        "acceptance": accepted / max(proposed, 1),
+        "speedup": statistics.median(p / s for p, s in zip(wall["plain"], wall["speculative"])),
+        "speedup_cpu": statistics.median(p / max(s, 1e-9) for p, s in zip(cpu["plain"], cpu["speculative"])),
+        "plain_tok_s": tokens / statistics.median(wall["plain"]),
+        "speculative_tok_s": tokens / statistics.median(wall["speculative"]),
+    }

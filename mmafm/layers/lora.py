@@ -13,12 +13,19 @@ leaves zeros (which add exactly nothing). Which adapter runs is routing state, n
 - ``"single"``: every row uses the slot in the buffer ``active`` (a 0-d long tensor), so
   switching adapters is a ``fill_`` of that buffer: nothing is rebuilt, and a compiled graph
   sees the same module with another buffer value (no recompile);
-- ``"mixed"``: row ``b`` of the batch uses slot ``row_ids[b]`` (-1 = the base alone), computed
-  as one gathered batched matmul: ``bmm(x, A[row_ids]^T)`` then ``bmm(., B[row_ids]^T)``. For
-  inference on a few tokens per row (a decode step), where copying every row's factors would
-  cost more than the matmuls, it multiplies by all slots' factors at once instead and keeps
-  each row's own slot with a one-hot mask: ``(x A_all^T * mask) B_all^T``, two plain GEMMs that
-  read each factor once (:meth:`LoRALinear._mixed_slot_major`);
+- ``"mixed"``: row ``b`` of the batch uses slot ``row_ids[b]`` (-1 = the base alone), in one
+  batched computation for every adapter at once (never a loop over adapters), by one of two
+  strategies that give the same numbers (to float rounding):
+
+  * slot-major (:meth:`LoRALinear._mixed_slot_major`): every slot's down projection in one
+    dense GEMM, ``x A_all^T`` with ``A_all`` (S*r, in) a view of ``lora_A``, the other slots'
+    columns zeroed by a per-row one-hot mask (B, 1, S*r), then one GEMM by all slots' scaled
+    ``B`` side by side (out, S*r) accumulated into the base output (``addmm_``): two plain GEMMs
+    that read each factor once, no per-row copy; S times the low-rank multiply-adds, so chosen
+    for inference where ``(S - 1) * tokens per row`` is small (:data:`SLOT_MAJOR_WORK`);
+  * gathered (:meth:`LoRALinear._mixed`): each row's factors gathered,
+    ``bmm(x, A[row_ids]^T)`` then ``baddbmm`` by ``B[row_ids]^T`` into the base output: the
+    low-rank work of one adapter per row (longer rows, and autograd);
 - ``"off"`` / ``"merged"``: the base alone (merged: the delta was added to ``W``).
 
 The module keeps the base weight under its own name ``weight`` (and ``bias``), so the model's
@@ -61,13 +68,16 @@ class AdapterRouting:
         self.dropout = float(dropout)
         self._row_mask: tuple | None = None
 
-    def row_mask(self, slots: int, dtype: torch.dtype) -> torch.Tensor:  # (B, 1, S, 1)
-        """One-hot of each row's slot (all zero for -1), made once per batch for every module."""
-        key = (id(self.row_ids), self.row_ids._version, slots, dtype)
+    def row_mask(self, slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:  # (B, 1, S*r)
+        """Each row's slot as a one-hot over the S*r columns of all slots' low-rank products
+        (ones on columns ``[s*r, (s+1)*r)`` of its slot ``s``, all zero for -1), made once per
+        batch for every module."""
+        ids = self.row_ids
+        key = (id(ids), ids._version, slots, rank, dtype, ids.device)
         if self._row_mask is None or self._row_mask[0] != key:
-            ids = self.row_ids
-            mask = F.one_hot(ids.clamp(min=0), slots).to(dtype) * (ids >= 0).to(dtype)[:, None]
-            self._row_mask = (key, mask[:, None, :, None])
+            mask = F.one_hot(ids.clamp(min=0), slots).to(dtype) * (ids >= 0).to(dtype)[:, None]  # (B, S)
+            mask = mask[:, None, :, None].expand(-1, 1, slots, rank).reshape(ids.shape[0], 1, slots * rank)
+            self._row_mask = (key, mask.contiguous())
         return self._row_mask[1]
 
 
@@ -164,7 +174,9 @@ class LoRALinear(nn.Module):
             lora_A = self.lora_A.index_select(0, slot)[0]  # (r, in)
             lora_B = self.lora_B.index_select(0, slot)[0]  # (out, r)
             low = F.linear(x, lora_A) * self.scaling.index_select(0, slot).to(x.dtype)  # (..., r)
-            return out + F.linear(low, lora_B)
+            # out + low B^T in one GEMM (addmm accumulates into a copy of out: no separate add pass)
+            return torch.addmm(out.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]),
+                               lora_B.t()).view(out.shape)
         row_ids = routing.row_ids
         if row_ids is None:
             raise RuntimeError("LoRA mode 'mixed' without row adapter ids; use Adapters.mixed(adapter_ids)")
@@ -176,11 +188,12 @@ class LoRALinear(nn.Module):
             )
         tokens = x.numel() // (rows * self.in_features)
         if not torch.is_grad_enabled() and (self.slots - 1) * tokens <= SLOT_MAJOR_WORK:
-            return out.add_(self._mixed_slot_major(x, row_ids))  # no autograd: in place is safe
-        return out + self._mixed(x, row_ids)
+            return self._mixed_slot_major(x, row_ids, out)
+        return self._mixed(x, row_ids, out)
 
-    def _mixed(self, x: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-        """Each batch row through its own adapter: one gathered batched matmul per factor."""
+    def _mixed(self, x: torch.Tensor, row_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus each batch row through its own adapter: its factors gathered, one batched
+        matmul per factor, the second accumulated into ``out`` (``baddbmm``: no separate add)."""
         rows = row_ids.shape[0]
         slot = row_ids.clamp(min=0)
         flat = x.reshape(rows, -1, self.in_features)  # (B, T, in)
@@ -188,23 +201,28 @@ class LoRALinear(nn.Module):
         lora_B = self.lora_B.index_select(0, slot)  # (B, out, r)
         scale = torch.where(row_ids >= 0, self.scaling.index_select(0, slot), 0.0).to(x.dtype)  # (B,)
         low = torch.bmm(flat, lora_A.transpose(1, 2)) * scale[:, None, None]  # (B, T, r)
-        delta = torch.bmm(low, lora_B.transpose(1, 2))  # (B, T, out)
-        return delta.reshape(*x.shape[:-1], self.out_features)
+        base = out.reshape(rows, -1, self.out_features)  # (B, T, out), a view of F.linear's output
+        if torch.is_grad_enabled():
+            return torch.baddbmm(base, low, lora_B.transpose(1, 2)).view(out.shape)
+        return base.baddbmm_(low, lora_B.transpose(1, 2)).view(out.shape)  # no autograd: in place is safe
 
-    def _mixed_slot_major(self, x: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-        """:meth:`_mixed` for inference on few tokens per row: every slot's low-rank product,
-        masked to each row's own slot (the other slots' terms are multiplied by exactly 0)."""
+    def _mixed_slot_major(self, x: torch.Tensor, row_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`_mixed` for inference on few tokens per row: ``out += ((x A_all^T) * mask)
+        (s B_all)^T``, every slot's low-rank product in one GEMM per factor, masked to each row's
+        own slot (the other slots' terms are multiplied by exactly 0), accumulated in place."""
         rows, slots, rank = row_ids.shape[0], self.slots, self.rank
         flat = x.reshape(rows, -1, self.in_features)  # (B, T, in)
-        low = F.linear(flat, self.lora_A.reshape(slots * rank, self.in_features))  # (B, T, S*r)
-        low = (low.view(rows, -1, slots, rank) * self.routing.row_mask(slots, low.dtype)).view(rows, -1, slots * rank)
-        delta = F.linear(low, self._up_all())  # (B, T, out)
-        return delta.reshape(*x.shape[:-1], self.out_features)
+        low = F.linear(flat, self.lora_A.reshape(slots * rank, self.in_features))  # (B, T, S*r), a view
+        low.mul_(self.routing.row_mask(slots, rank, low.dtype))  # (B, 1, S*r) one-hot per row
+        out.view(-1, self.out_features).addmm_(low.view(-1, slots * rank), self._up_all().t())
+        return out
 
     def _up_all(self) -> torch.Tensor:  # (out, S*r)
         """All slots' scaled ``B`` side by side (column ``s*r + j`` = ``s_s B_s[:, j]``), copied once
         per change of the factors or scales."""
-        key = tuple((id(t), t._version, t.device, t.dtype) for t in (self.lora_B, self.scaling))
+        lora_B, scaling = self.lora_B, self.scaling
+        key = (id(lora_B), lora_B.data_ptr(), lora_B._version, lora_B.dtype, id(scaling), scaling.data_ptr(),
+               scaling._version)
         if self._up_cache is None or self._up_cache[0] != key:
             up = self.lora_B.detach() * self.scaling.to(self.lora_B.dtype)[:, None, None]  # (S, out, r)
             up = up.permute(1, 0, 2).reshape(self.out_features, self.slots * self.rank)

@@ -48,6 +48,8 @@ __all__ = [
     "Attention",
     "AttentionContext",
     "build_attention_mask",
+    "document_mask",
+    "document_positions",
     "layer_is_local",
     "layer_uses_rope",
     "layer_window",
@@ -236,6 +238,31 @@ def build_attention_mask(
     return allowed[:, None]
 
 
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T)
+    """Position of every token inside its document: 0 where ``document_ids`` changes along the
+    row (and at column 0), counting up until the next change (packed rows restart RoPE)."""
+    length = document_ids.shape[1]
+    column = torch.arange(length, device=document_ids.device).expand_as(document_ids)  # (B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, column, torch.zeros_like(column)).cummax(dim=1).values  # (B, T)
+    return column - first
+
+
+def document_mask(document_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Block-diagonal causal mask ``(B, 1, T, T)`` (True = may attend) of packed rows: a query
+    sees the keys at or before it that carry its document id, within ``window`` if given.
+    Documents are contiguous runs of one id (a repeated id further on is a new document)."""
+    length = document_ids.shape[1]
+    column = torch.arange(length, device=document_ids.device)
+    allowed = column[None, :] <= column[:, None]  # (T, T) causal
+    if window is not None:
+        allowed = allowed & (column[:, None] - column[None, :] < window)
+    start = column[None, :] - document_positions(document_ids)  # (B, T) first column of each token's run
+    same = column[None, None, :] >= start[:, :, None]  # (B, T, T) a causal key is in the query's run
+    return (allowed[None] & same)[:, None]  # iff it is at or after the run's first column
+
+
 @dataclass
 class AttentionContext:
     """What every attention layer of one forward pass shares: positions, cache and masks."""
@@ -246,6 +273,7 @@ class AttentionContext:
     key_valid: torch.Tensor | None  # (B, C) real-token columns; None when there is no padding
     cache: KVCache | None = None
     masks: dict = field(default_factory=dict)
+    document_ids: torch.Tensor | None = None  # (B, T) packed rows: attention never crosses a change of id
 
     def __post_init__(self) -> None:
         self.head_cos, self.head_sin = self.cos[:, :, None], self.sin[:, :, None]  # (B, T, 1, D)
@@ -256,6 +284,10 @@ class AttentionContext:
         if memo_key in self.masks:
             return self.masks[memo_key][1]
         num_queries = self.query_time.numel()
+        if self.document_ids is not None:  # block-diagonal causal: once per (window, key set)
+            result = (document_mask(self.document_ids, window), False)
+            self.masks[memo_key] = (key_time, result)
+            return result
         plain = self.key_valid is None and (window is None or key_time.numel() <= window)
         if plain and key_time is self.query_time and self.cache is None:
             result = (None, True)  # ordinary causal attention: let SDPA pick its fused path
@@ -528,6 +560,7 @@ class DecoderLM(nn.Module, abc.ABC):
         position_ids: torch.Tensor | None = None,  # (B, T)
         attention_mask: torch.Tensor | None = None,  # (B, T) or (B, cached + T); 0 = padding
         return_hidden: bool = False,
+        document_ids: torch.Tensor | None = None,  # (B, T) int: packed documents, see attention_context
     ) -> torch.Tensor:
         """Logits (B, T, V) in float32, or final-norm hidden states (B, T, dim).
 
@@ -547,7 +580,7 @@ class DecoderLM(nn.Module, abc.ABC):
                     f"inputs_embeds must be (batch, seq_len, {self.config.dim}), got {tuple(inputs_embeds.shape)}"
                 )
             h = inputs_embeds
-        ctx = self.attention_context(h, cache, position_ids, attention_mask)
+        ctx = self.attention_context(h, cache, position_ids, attention_mask, document_ids)
         try:
             h, aux_losses = self._trunk(h, ctx)
         except BaseException:
@@ -566,12 +599,35 @@ class DecoderLM(nn.Module, abc.ABC):
         cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,  # (B, T)
         attention_mask: torch.Tensor | None = None,  # (B, T) or (B, cached + T); 0 = padding
+        document_ids: torch.Tensor | None = None,  # (B, T) int, packed rows (training; no cache)
     ) -> AttentionContext:
         """What every attention layer of one forward pass over ``h`` shares (positions, RoPE,
         masks); with ``cache`` it opens the cache's step (:meth:`KVCache.begin`), which the caller
-        closes with ``cache.end()`` (or ``cache.abort()`` on failure), as :meth:`forward` does."""
+        closes with ``cache.end()`` (or ``cache.abort()`` on failure), as :meth:`forward` does.
+
+        ``document_ids`` packs several documents into a row: each contiguous run of one id is a
+        document, attention never crosses runs (:func:`document_mask`, built once per forward)
+        and RoPE positions restart at 0 in each run, so every document computes what it computes
+        alone. Padding is a run of its own id. Without it nothing changes (the plain causal path).
+        """
         batch, length, _ = h.shape
         device = h.device
+        if document_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("document_ids packs training rows: pass it without cache and without attention_mask "
+                                 "(give padding a document id of its own)")
+            if document_ids.shape != (batch, length) or document_ids.is_floating_point():
+                raise ValueError(f"document_ids must be integer ({batch}, {length}), got "
+                                 f"{document_ids.dtype} {tuple(document_ids.shape)}")
+            if length > self.config.max_seq_len:
+                raise ValueError(f"sequence of {length} tokens is longer than the model's context "
+                                 f"max_seq_len={self.config.max_seq_len}")
+            document_ids = document_ids.to(device)
+            if position_ids is None:
+                position_ids = document_positions(document_ids)
+            context = self.attention_context(h, None, position_ids)
+            context.document_ids = document_ids
+            return context
         if cache is None:
             if length > self.config.max_seq_len:
                 raise ValueError(

@@ -335,7 +335,7 @@ FAMILIES = {family.name: family for family in (
 
 # ----------------------------------------------------------------------------- visual questions
 
-_NUMBER_WORDS = {"one": 1, "a": 1, "an": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+_NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}  # "a" / "an": see _count_word
 
 
 def visual_conversations(count: int, seed: int = 0) -> list[list[dict]]:
@@ -366,13 +366,33 @@ def visual_conversations(count: int, seed: int = 0) -> list[list[dict]]:
     return conversations
 
 
+def _asked_shape(turns: Sequence[dict]) -> str | None:
+    """The singular shape a "How many <colour> <shapes> are there?" question asks about."""
+    from mmafm.data.synthetic import SHAPES
+
+    question = next((t["content"] for t in turns if t["role"] == "user"), "")
+    match = re.search(r"How many \w+ (\w+)", question)
+    return next((s for s, p in SHAPES.items() if match and p == match.group(1)), None)
+
+
+def _count_word(words: Sequence[str], index: int, shape: str | None) -> int | None:
+    """The count ``words[index]`` states: a digit or a number word; "a" / "an" only as the article
+    of the asked shape within the next three words ("a red circle" is 1, "a picture of ..." is not)."""
+    word = words[index]
+    if word.isdigit():
+        return int(word)
+    if word in ("a", "an"):
+        return 1 if shape is not None and shape in words[index + 1 : index + 4] else None
+    return _NUMBER_WORDS.get(word)
+
+
 def _check_visual(answer: str, turns: Sequence[dict]) -> float:
     from mmafm.data.synthetic import COLOURS, POSITIONS
 
     reference, text = reference_answer(turns).strip(), answer.lower()
     if reference.isdigit():
         words = _WORDS.findall(text)
-        first = next((int(w) if w.isdigit() else _NUMBER_WORDS[w] for w in words if w.isdigit() or w in _NUMBER_WORDS), None)
+        first = next((n for i, w in enumerate(words) if (n := _count_word(words, i, _asked_shape(turns))) is not None), None)
         return float(first == int(reference))
     if reference in COLOURS:
         named = {c for c in COLOURS if re.search(rf"\b{c}\b", text)}

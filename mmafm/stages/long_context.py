@@ -15,7 +15,9 @@ At tiny scale, on the shared trainer:
 2. rows of ``target_len`` tokens: windows of the concatenated documents of the data stage's
    sources and the generated ones (``mixture``, as in 04) and, for a ``task_share`` of the rows,
    generated long-context tasks (:mod:`mmafm.data.long_context`: passkey, needles, multi-key
-   needles, variable tracking) in haystacks of the *train* split's documents;
+   needles, variable tracking) in haystacks of the *train* split's documents, scored on their
+   answer tokens only (``answer_only``: the documents' mean loss plus the answers' mean), and
+   optionally repeated-span rows that teach copying (``copy_examples``, :func:`copy_rows`);
 3. before and after, the RULER-like ladder (:mod:`mmafm.eval.long_context`): greedy exact match
    of every task at every length of ``ladder`` on haystacks of the *held-out* documents, plus the
    answer's log-likelihood per token (teacher-forced; it moves long before greedy answers turn
@@ -46,7 +48,7 @@ from mmafm.stages.text_pretrain import TextPretrainTask
 from mmafm.train.trainer import setting
 
 __all__ = ["LongContextConfig", "LongContextRows", "LongContextTask", "answer_nll", "answer_only_targets", "answer_tokens",
-           "parse_ladder", "run", "task_rows"]
+           "copy_rows", "parse_ladder", "run", "task_rows"]
 
 STAGE = "05_long_context"
 EVAL_SEED_OFFSET = 1_000_003  # evaluation examples never share a seed with training examples
@@ -72,6 +74,7 @@ class LongContextConfig(TrainStageConfig):
     tasks: str = "passkey,needle,multikey,variable_tracking"  # mmafm.data.long_context.TASKS, comma-separated
     haystack_sources: str = "wikipedia,jargon"  # the tasks' haystacks: data-stage text sources (train split for training, val for evaluation)
     task_examples: int = field(default=96, metadata={"min": 1})  # generated training examples (cycled through)
+    copy_examples: int = field(default=0, metadata={"min": 0})  # repeated-span rows (copy_rows) added to the task rows' pool: they teach copying [open]
     answer_only: bool = True  # a task row is scored on its answer tokens only (its own mean, added to the documents' loss) [open: as RULER-style Q&A tuning; false = on all its tokens]
     digits: int = field(default=5, metadata={"min": 2, "max": 12})  # digits of every needle value [RULER: 7; tiny: 5, open]
     batch_size: int = field(default=4, metadata={"min": 1})  # rows of target_len per step per rank
@@ -202,6 +205,27 @@ def task_rows(examples: Sequence[Any], tokenizer: Any, filler: np.ndarray, seq_l
     return rows, spans
 
 
+def copy_rows(filler: np.ndarray, count: int, seq_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows (count, seq_len + 1), answer_spans (count, 2))`` of repeated spans: a window ``w`` of
+    ``filler`` (``L`` tokens, drawn in ``[seq_len / 8, seq_len / 2]``), ``w`` again, then another
+    window of ``filler``; the span ``[L + 1, 2L)`` is the copy after its first token (which
+    nothing announces). Scored on that span alone, such rows teach copying from far back in the
+    context (induction), which every retrieval task needs and which a small pretrained model may
+    not have (docs/training.md: the tiny 04 model copies nothing)."""
+    if len(filler) < 2 * seq_len + 2:
+        raise ValueError(f"copy rows need a filler of at least {2 * seq_len + 2} tokens, got {len(filler)}")
+    rng = np.random.default_rng([seed, 7])
+    rows = np.zeros((count, seq_len + 1), dtype=np.int64)
+    spans = np.zeros((count, 2), dtype=np.int64)
+    for row in range(count):
+        length = int(rng.integers(max(2, seq_len // 8), seq_len // 2 + 1))
+        start, rest = (int(v) for v in rng.integers(0, len(filler) - seq_len - 1, size=2))
+        window = np.asarray(filler[start : start + length], dtype=np.int64)
+        rows[row] = np.concatenate([window, window, np.asarray(filler[rest : rest + seq_len + 1 - 2 * length], dtype=np.int64)])
+        spans[row] = (length + 1, 2 * length)
+    return rows, spans
+
+
 class LongContextTask(TextPretrainTask):
     """:class:`TextPretrainTask` on :class:`LongContextRows` batches: the loss is the documents'
     mean cross-entropy plus, when the batch holds task rows, their answers' mean cross-entropy
@@ -214,10 +238,13 @@ class LongContextTask(TextPretrainTask):
         logits = self.model(inputs)  # (B, T, V)
         losses, metrics = {}, {"task_rows": float(is_task.sum())}
         for name, rows in (("lm", ~is_task), ("answer", is_task)):
+            # the same names on every step and rank (their records are summed across ranks): a
+            # kind absent from the batch adds a zero loss and logs 0 (task_rows tells which)
             if rows.any():
-                loss, parts = self.compute_loss(logits[rows], targets[rows])
-                losses[name] = loss
-                metrics["ce" if name == "lm" else "ce_answer"] = parts["ce"]
+                losses[name], parts = self.compute_loss(logits[rows], targets[rows])
+            else:
+                losses[name], parts = logits.sum() * 0.0, {"ce": 0.0}
+            metrics["ce" if name == "lm" else "ce_answer"] = parts["ce"]
         return losses, metrics
 
 
@@ -268,7 +295,8 @@ def ladder_scores(model: nn.Module, tokenizer: Any, tasks: Sequence[str], length
     return result
 
 
-def _figures(stage_dir: StageDir, before: dict, after: dict, marks: Mapping[str, int], records: list[dict]) -> None:
+def _figures(stage_dir: StageDir, before: dict, after: dict, marks: Mapping[str, int], records: list[dict],
+             batch_size: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,10 +348,13 @@ def _figures(stage_dir: StageDir, before: dict, after: dict, marks: Mapping[str,
     stage_dir.save_figure(fig, "accuracy_per_task")
     plt.close(fig)
 
-    train = [r for r in records if "ce" in r]
+    train = [r for r in records if "ce" in r and r.get("task_rows", 0) < batch_size]  # steps with document rows
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy (documents + tasks)")
-    ax.set(xlabel="step", ylabel="nats / token", title=f"context lengthening at {marks['05 trained']} tokens")
+    ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="documents (every token)")
+    answers = [r for r in records if r.get("task_rows", 0) > 0]
+    if answers:
+        ax.plot([r["step"] for r in answers], [r["ce_answer"] for r in answers], label="task rows (answer tokens)")
+    ax.set(xlabel="step", ylabel="train cross-entropy (nats / token)", title=f"context lengthening at {marks['05 trained']} tokens")
     ax.legend(fontsize=8)
     stage_dir.save_figure(fig, "loss")
     plt.close(fig)
@@ -390,6 +421,9 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
     ]
     filler = streams[next(iter(weights))]["train"]
     rows, spans = task_rows(examples, tokenizer, filler, target, cfg.seed)
+    if cfg.copy_examples:  # repeated spans in the same pool of task rows
+        copies, copy_spans = copy_rows(filler, cfg.copy_examples, target, cfg.seed)
+        rows, spans = np.concatenate([rows, copies]), np.concatenate([spans, copy_spans])
     train_data = LongContextRows(documents, rows, cfg.task_share, seed=cfg.seed,
                                  answer_spans=spans if cfg.answer_only else None)
     val = held_out_batches(data_outputs["tokens_dir"], target, cfg.batch_size, cfg.eval_batches)
@@ -403,7 +437,7 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
     after = ladder_scores(model, tokenizer, tasks, ladder, cfg.eval_examples, eval_haystack, eval_seed, cfg.digits)
 
     marks = {"04 trained": trained, "05 trained": target}
-    _figures(stage_dir, before, after, marks, records)
+    _figures(stage_dir, before, after, marks, records, cfg.batch_size)
     final = [r for r in records if "eval/val_loss" in r][-1]
     atomic_write_json(stage_dir.root / "ladder.json", {
         "lengths": ladder, "trained_len": trained, "target_len": target,

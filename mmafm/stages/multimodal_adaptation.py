@@ -69,7 +69,7 @@ KINDS = ("text", "pairs", "interleaved")  # the mixture's row kinds, in this ord
 
 @dataclass
 class MultimodalAdaptationConfig(TrainStageConfig):
-    """Stage 06. Defaults are the tiny CPU run (~60 s of CPU time on one thread, docs/training.md)."""
+    """Stage 06. Defaults are the tiny CPU run (~95 s of CPU time on one thread, docs/training.md)."""
 
     # --- inputs (a pipeline wires them from upstream manifests; all required) ---
     pairs_dir: str = field(default="", metadata={"path": "dir"})  # 00_data `pairs_dir`: pairs and the interleaved documents' images
@@ -85,7 +85,8 @@ class MultimodalAdaptationConfig(TrainStageConfig):
     train_adapter: bool = True  # the adapter is fresh, so it trains
     train_text: bool = True  # continued pretraining of the text model [issue 13: "continued pretraining with images"]
     # --- the mixture (the knob) ---
-    mixture: str = "text:0.3,pairs:0.35,interleaved:0.35"  # row shares per batch [open; MM1 (McKinzie et al. 2024) pretrained on 10% text / 45% pairs / 45% interleaved]
+    mixture: str = "text:0.45,pairs:0.5,interleaved:0.05"  # row shares per batch [open, measured: docs/training.md; MM1 (McKinzie et al. 2024) pretrained on 10% text / 45% pairs / 45% interleaved]
+    loss_weighting: str = field(default="tokens", metadata={"choices": ("tokens", "kinds")})  # "tokens": one mean over all target tokens, as pretraining; "kinds": each kind's mean, weighted by `mixture` [open]
     seq_len: int = field(default=64, metadata={"min": 8})  # tokens per text-only row (and per held-out text row)
     min_images: int = field(default=2, metadata={"min": 1})  # fewest images in an interleaved document [open]
     max_images: int = field(default=3, metadata={"min": 1})  # most images in an interleaved document [open]
@@ -97,12 +98,12 @@ class MultimodalAdaptationConfig(TrainStageConfig):
     image_tokens: int = field(default=16, metadata={"min": 0})  # tokens per view in `mode` (a square); 0 = preset's [paper: 144]
     # --- optimisation ---
     # (schedule, grad_accum_steps, grad_clip, precision, log_every: the trainer's defaults, TrainSettings)
-    max_steps: int = setting("max_steps", 120)  # optimizer steps (~0.3 s each on one core: the stage fits 60 s)
+    max_steps: int = setting("max_steps", 200)  # optimizer steps (image use shows after ~1,500-3,000 caption rows: docs/training.md)
     optimizer: str = setting("optimizer", "adamw")  # [open: the report names no optimizer for this stage; AdamW as 03, whose lr it shares]
-    text_lr_scale: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # the text model's LR = lr x this; the fresh adapter takes the full lr [open]
-    batch_size: int = field(default=16, metadata={"min": 1})  # rows per step, split between the kinds by `mixture`
+    text_lr_scale: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})  # the text model's LR = lr x this [open; 0.1 kept the decoder from learning to read images, 0.5 halves the text cost: docs/training.md]
+    batch_size: int = field(default=24, metadata={"min": 1})  # rows per step, split between the kinds by `mixture` (11 / 12 / 1 at the default)
     lr: float = setting("lr", 3e-3)  # peak LR, the fresh adapter's (the text model: x text_lr_scale) [open: 1e-3 and 1e-2 were not better here]
-    warmup_steps: int = setting("warmup_steps", 12)  # linear warm-up: the fresh adapter's first steps are large
+    warmup_steps: int = setting("warmup_steps", 20)  # linear warm-up: the fresh adapter's first steps are large
     min_lr_ratio: float = setting("min_lr_ratio", 0.1)  # final LR / peak (cosine) [open]
     weight_decay: float = setting("weight_decay", 0.05)  # decoupled decay [open, as 03]
     parallel: str = setting("parallel", "none", choices=("none",))  # one process: not run under torchrun yet
@@ -304,20 +305,29 @@ class AdaptationTask:
             ``(input_ids, targets)`` and ``pairs`` / ``interleaved`` collated batches.
     """
 
-    def __init__(self, model: MultimodalModel, mode: str, rows: dict[str, int], held_out: dict[str, list]):
+    def __init__(self, model: MultimodalModel, mode: str, rows: dict[str, int], held_out: dict[str, list],
+                 kind_weights: dict[str, float] | None = None):
         self.model = model  # the trainer may swap in a wrapper
         self.plain = model
         self.mode, self.rows, self.held_out = mode, rows, held_out
+        self.kind_weights = kind_weights  # None: one mean over all target tokens
 
     def training_forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         out, sums, counts = _row_token_nll(self.model, batch, self.mode)
         metrics = dict(out.metrics)
+        means = {}
         for index, kind in enumerate(KINDS):
             if self.rows[kind]:
                 chosen = batch["kinds"] == index
-                metrics[f"ce_{kind}"] = float(sums[chosen].detach().sum() / counts[chosen].sum().clamp(min=1))
+                means[kind] = sums[chosen].sum() / counts[chosen].sum().clamp(min=1)
+                metrics[f"ce_{kind}"] = float(means[kind].detach())
                 metrics[f"tokens_{kind}"] = float(counts[chosen].sum())
-        return {"lm": out.loss}, metrics
+        loss = out.loss
+        if self.kind_weights is not None:  # swap the all-token mean for the weighted mean of the kinds' means
+            present = {kind: w for kind, w in self.kind_weights.items() if kind in means and w > 0}
+            weighted = sum(w * means[kind] for kind, w in present.items()) / sum(present.values())
+            loss = loss - sums.sum() / counts.sum().clamp(min=1) + weighted  # z-loss / aux terms kept
+        return {"lm": loss}, metrics
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())  # labelled tokens before image expansion
@@ -481,7 +491,8 @@ def run(cfg: MultimodalAdaptationConfig) -> dict[str, str]:
     tokens = np.memmap(Path(cfg.tokens_dir) / "train.bin", dtype=TOKEN_DTYPE, mode="r")
     batches = MixtureBatches(tokens=tokens, pairs=pairs, image_pool=image_pool, tokenizer=tokenizer, rows=rows, cfg=cfg)
     held_small = {"text": held["text"][:1], "pairs": held["pair_batches"][:1], "interleaved": held["interleaved"][:2]}
-    task = AdaptationTask(model, cfg.mode, rows, held_small)
+    task = AdaptationTask(model, cfg.mode, rows, held_small,
+                          parse_mixture(cfg.mixture) if cfg.loss_weighting == "kinds" else None)
     from mmafm.train.optim import build_optimizer
 
     trainer = Trainer(task, batches, cfg.train_config(), stage_dir, optimizer_factory=lambda module, config: scale_text_lr(

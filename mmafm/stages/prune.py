@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +43,9 @@ from mmafm.stages.text_pretrain import TextPretrainTask, held_out_batches
 from mmafm.train.trainer import setting
 
 __all__ = ["PruneStageConfig", "MaskLearningTask", "mask_optimizer_factory", "run", "TABLE6_VARIANTS",
-           "train_student", "reproduce_table6", "table6_summary", "table6_figure"]
+           "TABLE6_TASKS", "train_student", "reproduce_table6", "table6_task_metrics", "table6_summary",
+           "table6_figure", "train_loss_curve", "cost_to_reach", "curve_crossings", "compare_teacher_costs",
+           "teacher_cost_figure"]
 
 STAGE = "12_prune"
 
@@ -302,6 +305,7 @@ def run(cfg: PruneStageConfig) -> dict[str, str]:
 
 # ----------------------------------------------------------------------- Table 6 at small scale
 TABLE6_VARIANTS = ("baseline", "pruned init", "distillation", "pruned + distillation")
+TABLE6_TASKS = ("mmafm_cloze", "mmafm_wordnet", "mmafm_arith")  # the text tasks of every row (mmafm.eval.tasks)
 
 
 def train_student(model: nn.Module, tokens_dir: str, val_batches: list, steps: int, *, seq_len: int,
@@ -330,19 +334,52 @@ def train_student(model: nn.Module, tokens_dir: str, val_batches: list, steps: i
             "train_flops": train_flops_per_token(model, seq_len) * tokens}
 
 
+def _table6_tokenizer(checkpoint: str, tokens_dir: str, tokenizer: Any, vocab_size: int) -> Any:
+    """The tokenizer the text tasks need: ``tokenizer`` if given, else the one the checkpoint
+    names, else the one the token folder's ``meta.json`` names."""
+    from mmafm.checkpoint import load_tokenizer_for
+    from mmafm.data.shards import read_token_meta
+    from mmafm.tokenizer import Tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    if tokenizer:
+        return Tokenizer.load(tokenizer)
+    try:
+        return load_tokenizer_for(checkpoint, None, vocab_size=vocab_size)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError):
+        named = read_token_meta(tokens_dir).get("tokenizer")
+        if not named:
+            raise ValueError(f"reproduce_table6: no tokenizer for the text tasks: pass tokenizer=, or eval_tasks='' "
+                             f"(neither {checkpoint} nor {tokens_dir}/meta.json names one)") from None
+        return Tokenizer.load(named)
+
+
 def reproduce_table6(checkpoint: str, tokens_dir: str, seeds: tuple[int, ...] = (0, 1, 2), steps: int = 100,
                      keep_ratio: float = 0.35, mask_steps: int = 60, seq_len: int = 128, batch_size: int = 8,
                      lr: float = 2e-3, eval_batches: int = 4, teacher: nn.Module | None = None,
-                     variants: tuple[str, ...] = TABLE6_VARIANTS) -> list[dict]:
+                     variants: tuple[str, ...] = TABLE6_VARIANTS, eval_tasks: str = ",".join(TABLE6_TASKS),
+                     eval_task_size: int = 20, tokenizer: Any = None,
+                     tasks_out_dir: str | Path | None = None) -> list[dict]:
     """The 2024 report's Table 6 ablation at tiny scale: students of the pruned shape (02's preset
     with ``ffn_dim = keep_ratio x ffn_dim``) pretrained for the same ``steps`` (equal tokens) from
     a random init or the learned-pruned 02 model, without or with distillation from 02's model
     (or ``teacher``). The pruned init is learned once (``mask_steps``, seed 0) and shared by the
     seeds; its tokens are not counted in the students' budget (as the report's 188B pruning
     tokens are apart from its pretraining). ``variants``: a subset of :data:`TABLE6_VARIANTS`.
+
+    Every student is also scored on the text tasks ``eval_tasks`` (lm-eval, local tasks of
+    :mod:`mmafm.eval.tasks`; ``eval_task_size`` items each, the same items for every variant and
+    seed: data seed 0), their scores in the row under :func:`mmafm.eval.harness.summary_key`
+    names (``cloze_acc``, ``wordnet_acc``, ``arith_exact_match``, ...); lm-eval's results go to
+    ``tasks_out_dir/<variant>-seed<seed>/`` (default a temporary folder). ``eval_tasks=""``: none.
+    ``tokenizer``: a Tokenizer or path; default the one the checkpoint (or the tokens) names.
     Returns one row per (variant, seed)."""
+    import tempfile
+
     from mmafm.checkpoint import load_model
     from mmafm.data.shards import TokenShards
+    from mmafm.eval.harness import stage_task_scores
     from mmafm.registry import create_model
     from mmafm.train import Trainer, seed_everything
     from mmafm.train.prune import attach_ffn_masks, materialize
@@ -350,6 +387,10 @@ def reproduce_table6(checkpoint: str, tokens_dir: str, seeds: tuple[int, ...] = 
     unknown = set(variants) - set(TABLE6_VARIANTS)
     if unknown:
         raise ValueError(f"unknown Table 6 variants {sorted(unknown)}; known: {TABLE6_VARIANTS}")
+    if eval_tasks.strip():
+        from mmafm.eval.tasks import check_task_names
+
+        check_task_names([name.strip() for name in eval_tasks.split(",") if name.strip()])
     dense = load_model(checkpoint, family="text", dtype=torch.float32)
     teacher = dense if teacher is None else teacher
     val_batches = held_out_batches(tokens_dir, seq_len, batch_size, eval_batches)
@@ -363,28 +404,49 @@ def reproduce_table6(checkpoint: str, tokens_dir: str, seeds: tuple[int, ...] = 
             None, mask_optimizer_factory(PruneStageConfig.mask_lr)).fit()
     pruned_state = materialize(masked).state_dict()
     spec = dense.model_spec
+    tok = _table6_tokenizer(checkpoint, tokens_dir, tokenizer, dense.config.vocab_size) if eval_tasks.strip() else None
     rows = []
-    for seed in seeds:
-        for variant in variants:
-            torch.manual_seed(seed)
-            student = create_model(spec.preset, **{**{k: getattr(dense.config, k) for k in spec.overrides},
-                                                    "ffn_dim": keep})
-            if variant.startswith("pruned"):
-                student.load_state_dict(pruned_state)
-            result = train_student(student, tokens_dir, val_batches, steps, seq_len=seq_len, batch_size=batch_size,
-                                   lr=lr, seed=seed, teacher=teacher if "distillation" in variant else None)
-            rows.append({"variant": variant, "seed": seed, **result, "val_ppl": math.exp(result["val_loss"])})
+    with tempfile.TemporaryDirectory(prefix="table6_tasks_") as scratch:
+        task_root = Path(tasks_out_dir) if tasks_out_dir else Path(scratch)
+        for seed in seeds:
+            for variant in variants:
+                torch.manual_seed(seed)
+                student = create_model(spec.preset, **{**{k: getattr(dense.config, k) for k in spec.overrides},
+                                                        "ffn_dim": keep})
+                if variant.startswith("pruned"):
+                    student.load_state_dict(pruned_state)
+                result = train_student(student, tokens_dir, val_batches, steps, seq_len=seq_len, batch_size=batch_size,
+                                       lr=lr, seed=seed, teacher=teacher if "distillation" in variant else None)
+                scores = stage_task_scores(student.eval(), tok, task_root / f"{_key(variant)}-seed{seed}", eval_tasks,
+                                           eval_task_size, seed=0) if tok is not None else {}
+                rows.append({"variant": variant, "seed": seed, **result, "val_ppl": math.exp(result["val_loss"]),
+                             **scores})
     return rows
 
 
+TABLE6_METRICS = ("val_ppl", "val_loss", "val_acc")  # held-out perplexity, loss, greedy top-1 accuracy
+_TABLE6_ROW_FIELDS = {"variant", "seed", "train_tokens", "seconds", "train_flops", "tasks_seconds"}
+
+
+def table6_task_metrics(rows: list[dict]) -> list[str]:
+    """The text-task score names in ``rows`` (``cloze_acc``, ``wordnet_acc``,
+    ``arith_exact_match``, ...), in first-seen order: every numeric field that is neither a
+    held-out metric nor bookkeeping."""
+    names = [key for row in rows for key, value in row.items()
+             if isinstance(value, (int, float)) and key not in _TABLE6_ROW_FIELDS and key not in TABLE6_METRICS]
+    return list(dict.fromkeys(names))
+
+
 def table6_summary(rows: list[dict]) -> list[dict]:
-    """Per variant: mean and sample std over seeds of held-out perplexity, loss and accuracy."""
+    """Per variant: mean and sample std over seeds of held-out perplexity, loss and accuracy and
+    of every text-task score (:func:`table6_task_metrics`): ``<metric>_mean`` / ``<metric>_std``."""
     import statistics
 
     summary = []
+    metrics = (*TABLE6_METRICS, *table6_task_metrics(rows))
     for variant in dict.fromkeys(r["variant"] for r in rows):
         row = {"variant": variant, "seeds": sum(r["variant"] == variant for r in rows)}
-        for metric in ("val_ppl", "val_loss", "val_acc"):
+        for metric in metrics:
             values = [r[metric] for r in rows if r["variant"] == variant and metric in r]
             if values:
                 row[f"{metric}_mean"] = statistics.mean(values)
@@ -395,7 +457,8 @@ def table6_summary(rows: list[dict]) -> list[dict]:
 
 def table6_figure(summary: list[dict], path: str) -> None:
     """Bars of mean held-out perplexity (and greedy top-1 accuracy) per variant, error bars one
-    std over seeds."""
+    std over seeds; with text-task scores, a panel of grouped bars, one group per task score in
+    [0, 1] (accuracy, exact match; a task's perplexity stays in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,16 +467,174 @@ def table6_figure(summary: list[dict], path: str) -> None:
     panels = [("val_ppl", "held-out perplexity (lower is better)", "%.1f")]
     if all("val_acc_mean" in r for r in summary):
         panels.append(("val_acc", "held-out top-1 accuracy (higher is better)", "%.3f"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), squeeze=False)
-    colors = ["grey", "tab:orange", "tab:blue", "tab:green", "tab:purple"][: len(summary)]
+    tasks = [key[: -len("_mean")] for key in summary[0] if key.endswith("_mean")
+             and key[: -len("_mean")] not in TABLE6_METRICS and "perplexity" not in key
+             and all(key in r for r in summary)] if summary else []
+    width = len(panels) + bool(tasks)
+    fig, axes = plt.subplots(1, width, figsize=(6.5 * width, 3.8), squeeze=False)
+    colors = ["grey", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown"][: len(summary)]
+    labels = [r["variant"].replace(" + ", " +\n").replace(" (", "\n(") for r in summary]
     for ax, (metric, label, fmt) in zip(axes[0], panels):
         bars = ax.bar(range(len(summary)), [r[f"{metric}_mean"] for r in summary],
                       yerr=[r[f"{metric}_std"] for r in summary], capsize=4, color=colors)
         ax.bar_label(bars, fmt=fmt, fontsize=8)
-        ax.set_xticks(range(len(summary)), [r["variant"].replace(" + ", " +\n").replace(" (", "\n(") for r in summary],
-                      fontsize=7)
+        ax.set_xticks(range(len(summary)), labels, fontsize=7)
         ax.set(ylabel=label)
+    if tasks:  # one group per task score, one bar per variant
+        ax = axes[0][len(panels)]
+        step = 0.8 / len(summary)
+        for index, (row, color) in enumerate(zip(summary, colors)):
+            ax.bar([t + (index - (len(summary) - 1) / 2) * step for t in range(len(tasks))],
+                   [row[f"{task}_mean"] for task in tasks], step, yerr=[row[f"{task}_std"] for task in tasks],
+                   capsize=2, color=color, label=row["variant"])
+        ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
+        ax.set(ylabel="score (higher is better)", ylim=(0, 1), title="text tasks (lm-eval, local)")
+        ax.legend(fontsize=6)
     fig.suptitle("Table 6 at tiny scale: equal tokens, mean ± std over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+
+# ------------------------------------------------------------ the 2025 teacher's cost (-90% claim)
+def train_loss_curve(model: nn.Module, tokens_dir: str, val_batches: list, steps: int, *, eval_every: int,
+                     seq_len: int, batch_size: int, lr: float, seed: int = 0, warmup_steps: int = 2) -> list[dict]:
+    """Train ``model`` (plain next-token loss, AdamW, warm-up then a constant LR, so a longer run
+    is the same run continued) and return its held-out loss curve with the cost of getting there:
+    ``[{"step", "tokens", "flops", "seconds", "val_loss"}]``, the first at step 0 (cost 0), then
+    every ``eval_every`` steps and at the end. ``flops``: :func:`train_flops_per_token` x tokens;
+    ``seconds``: measured training time only (the trainer's per-window throughput; evaluations
+    excluded)."""
+    from mmafm.data.shards import TokenShards
+    from mmafm.train import Trainer, TrainConfig, seed_everything
+    from mmafm.train.distill import train_flops_per_token
+
+    if steps < 1 or eval_every < 1:
+        raise ValueError(f"steps and eval_every must be >= 1, got {steps} and {eval_every}")
+    seed_everything(seed)
+    curve = [{"step": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": _held_out_loss(model, val_batches)}]
+    config = TrainConfig(max_steps=steps, lr=lr, schedule="constant", warmup_steps=min(warmup_steps, steps - 1),
+                         seed=seed, log_every=eval_every, eval_every=eval_every)
+    records = Trainer(TextPretrainTask(model.train(), val_batches), TokenShards(tokens_dir, seq_len, batch_size,
+                                                                                seed=seed), config).fit()
+    per_token = train_flops_per_token(model, seq_len)
+    seconds, last_step = 0.0, 0
+    for record in records:
+        if "tokens_or_samples_per_s" in record:  # the window since the last record
+            seconds += (record["step"] - last_step) * batch_size * seq_len / record["tokens_or_samples_per_s"]
+            last_step = record["step"]
+        if "eval/val_loss" in record:
+            tokens = record["step"] * batch_size * seq_len
+            curve.append({"step": record["step"], "tokens": tokens, "flops": per_token * tokens, "seconds": seconds,
+                          "val_loss": record["eval/val_loss"]})
+    model.eval()
+    return curve
+
+
+def cost_to_reach(curve: list[dict], target: float) -> dict | None:
+    """The cost at which a loss curve first reaches ``target`` (``val_loss <= target``), linearly
+    interpolated between the two evaluations around it: ``{"step", "tokens", "flops", "seconds"}``;
+    ``None`` when it never does."""
+    for index, point in enumerate(curve):
+        if point["val_loss"] <= target:
+            if index == 0:
+                return {key: point[key] for key in ("step", "tokens", "flops", "seconds")}
+            before = curve[index - 1]
+            share = (before["val_loss"] - target) / (before["val_loss"] - point["val_loss"])
+            return {key: before[key] + share * (point[key] - before[key]) for key in ("step", "tokens", "flops", "seconds")}
+    return None
+
+
+def curve_crossings(first: list[dict], second: list[dict], axis: str = "flops") -> list[float]:
+    """Where two loss curves (piecewise linear in ``axis``) cross, over the range both cover:
+    the ``axis`` values at which their held-out losses are equal (sign changes of the gap)."""
+    import numpy as np
+
+    xs_a, ys_a = np.array([p[axis] for p in first], float), np.array([p["val_loss"] for p in first])
+    xs_b, ys_b = np.array([p[axis] for p in second], float), np.array([p["val_loss"] for p in second])
+    low, high = max(xs_a[0], xs_b[0]), min(xs_a[-1], xs_b[-1])
+    grid = np.unique(np.concatenate([xs_a, xs_b]))
+    grid = grid[(grid >= low) & (grid <= high)]
+    gap = np.interp(grid, xs_a, ys_a) - np.interp(grid, xs_b, ys_b)
+    crossings = [float(x) for x, g in zip(grid, gap) if g == 0]
+    for i in range(len(grid) - 1):  # the gap is linear between grid points: its zero in between
+        if gap[i] * gap[i + 1] < 0:
+            crossings.append(float(grid[i] + gap[i] / (gap[i] - gap[i + 1]) * (grid[i + 1] - grid[i])))
+    return sorted(crossings)
+
+
+def compare_teacher_costs(checkpoint: str, train_tokens_dir: str, val_tokens_dir: str, *, moe_steps: int,
+                          dense_max_steps: int, eval_every: int, seq_len: int = 128, batch_size: int = 8,
+                          lr: float = 2e-4, num_experts: int = 64, eval_batches: int = 4,
+                          seed: int = 0) -> tuple[dict, nn.Module]:
+    """The 2025 teacher-cost claim at small scale: from the same dense model (02's), train (a) its
+    sparse upcycling (``num_experts`` experts, top-2, every 2 layers) for ``moe_steps`` and (b) the
+    dense model itself for up to ``dense_max_steps`` ("more steps"), both on ``train_tokens_dir``
+    (the quality slice), same LR, batch and data order; held-out loss on ``val_tokens_dir``.
+    The target is the MoE teacher's best held-out loss over its run; each teacher's cost to reach
+    it (FLOPs, measured training seconds; :func:`cost_to_reach`) and their ratio. Costs count from
+    the shared dense model (its pretraining is paid by both).
+
+    Returns:
+        ``({"target", "improved", "moe", "dense", "moe_cost", "dense_cost", "flops_ratio",
+        "seconds_ratio", "crossings_flops", ...}, the trained MoE teacher)``; ``dense_cost`` and the
+        ratios are ``None`` when the dense model does not reach the target within
+        ``dense_max_steps``, and every cost is ``None`` when the MoE never got below its start
+        (``improved`` false: then only the curves say anything).
+    """
+    from mmafm.checkpoint import load_model
+    from mmafm.train.distill import upcycled_teacher
+
+    val_batches = held_out_batches(val_tokens_dir, seq_len, batch_size, eval_batches)
+    common = dict(eval_every=eval_every, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
+    moe = upcycled_teacher(load_model(checkpoint, family="text", dtype=torch.float32), num_experts=num_experts,
+                           top_k=2, moe_every=2)
+    moe_curve = train_loss_curve(moe, train_tokens_dir, val_batches, moe_steps, **common)
+    dense = load_model(checkpoint, family="text", dtype=torch.float32)
+    dense_curve = train_loss_curve(dense, train_tokens_dir, val_batches, dense_max_steps, **common)
+    target = min(point["val_loss"] for point in moe_curve[1:])  # the MoE teacher's best held-out loss
+    improved = target < moe_curve[0]["val_loss"]  # else both start at the target: nothing to price
+    moe_cost = cost_to_reach(moe_curve, target) if improved else None
+    dense_cost = cost_to_reach(dense_curve, target) if improved else None
+    ratio = {key: (moe_cost[key] / dense_cost[key] if moe_cost and dense_cost and dense_cost[key] > 0 else None)
+             for key in ("flops", "seconds")}
+    return {"target": target, "improved": improved, "moe": moe_curve, "dense": dense_curve, "moe_cost": moe_cost,
+            "dense_cost": dense_cost,
+            "flops_ratio": ratio["flops"], "seconds_ratio": ratio["seconds"],
+            "crossings_flops": curve_crossings(moe_curve, dense_curve, "flops"),
+            "num_experts": num_experts, "moe_params_M": round(moe.num_params() / 1e6, 3),
+            "dense_params_M": round(dense.num_params() / 1e6, 3)}, moe
+
+
+def teacher_cost_figure(result: dict, path: str) -> None:
+    """Held-out loss against training FLOPs and against measured seconds for both teachers, the
+    target line and each one's cost to reach it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, axis, label in ((axes[0], "flops", "training FLOPs"), (axes[1], "seconds", "training seconds (measured)")):
+        for name, color in (("moe", "tab:purple"), ("dense", "tab:grey")):
+            curve = result[name]
+            title = f"upcycled MoE ({result['num_experts']} experts)" if name == "moe" else "dense, more steps"
+            ax.plot([p[axis] for p in curve], [p["val_loss"] for p in curve], "o-", color=color, label=title, ms=3)
+            cost = result[f"{name}_cost"]
+            if cost is not None:
+                ax.axvline(cost[axis], color=color, ls=":", lw=1)
+        ax.axhline(result["target"], color="k", ls="--", lw=1, label="target: the MoE's best loss")
+        ax.set(xlabel=label, ylabel="held-out nats / token")
+        ax.legend(fontsize=7)
+    ratio = result["flops_ratio"]
+    if ratio is not None:
+        verdict = f"MoE / dense = {ratio:.2f} in FLOPs, {result['seconds_ratio']:.2f} in seconds"
+    elif not result["improved"]:
+        verdict = "the MoE never got below its start: no cost to compare"
+    else:
+        verdict = "the dense model did not reach the target within its budget"
+    fig.suptitle(f"teacher cost to equal held-out loss: {verdict}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,7 +21,8 @@ How the rest of the recipe slots in (a later issue):
   the grad-norm skip guard) is this stage's default (``optimizer="afm"``,
   :mod:`mmafm.train.optim`); ``optimizer="adamw"`` (with ``weight_decay=0.1``) is the baseline;
 - distillation (``distill_from``, ``distill_weight``, ...): the 2024 target, 0.9 x the teacher's
-  top-1 + 0.1 x the true label, from a teacher-label cache written once beside the token shards,
+  top-1 + 0.1 x the true label, from a teacher-label cache written once into this stage's
+  ``<out_dir>/teacher_cache/<teacher fingerprint>`` (the data stage's tokens are only read),
   or forward KL (:mod:`mmafm.train.distill`); pruning trains masks on the same task (``12_prune``).
 """
 
@@ -322,7 +323,8 @@ def run(cfg: TextPretrainConfig) -> dict[str, str]:
             f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size}; pass the matching pair"
         )
     model, overrides = build_text_model(cfg, tokenizer.vocab_size)
-    trainer, records = train_text_model(cfg, model, stage_dir, **distill_training_kwargs(cfg))
+    trainer, records = train_text_model(cfg, model, stage_dir,
+                                       **distill_training_kwargs(cfg, cache_root=stage_dir.root / "teacher_cache"))
     weights = trainer.full_state_dict()  # a collective under FSDP: every rank takes part
     if trainer.rank != 0:
         return {}

@@ -15,9 +15,10 @@ their size as ``tau`` changes (Hinton et al. 2015), mixed as ``(1 - w) CE + w ta
 - :func:`topk_forward_kl`: forward KL against a cached top-k of the teacher's logits
   (renormalised over those k), when the teacher is not run at all.
 - :func:`build_teacher_cache` / :class:`TeacherLabelShards`: the teacher's top-1 per training
-  token (4 bytes, uint32) written once beside the token shards (and optionally its top-k
-  logits), read back aligned with :class:`~mmafm.data.shards.TokenShards`' windows, so a
-  distillation step costs one student pass.
+  token (4 bytes, uint32) written once into the distilling run's folder, keyed by the teacher's
+  fingerprint (and optionally its top-k logits; the token shards are only read), read back
+  aligned with :class:`~mmafm.data.shards.TokenShards`' windows, so a distillation step costs
+  one student pass.
 - :class:`DistillTask`: the text-pretraining task with any of these targets, for the shared
   trainer; :func:`distill_training_kwargs` sets it up for ``02_text_pretrain``.
 - :func:`upcycled_teacher` / :func:`train_flops_per_token`: the 2025 MoE teacher (a dense model
@@ -199,9 +200,13 @@ def teacher_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def default_cache_dir(tokens_dir: str | Path, fingerprint: str, seq_len: int) -> Path:
-    """``<tokens_dir>/teacher_cache/<fingerprint[:16]>-T<seq_len>``: beside the token shards."""
-    return Path(tokens_dir) / "teacher_cache" / f"{fingerprint[:16]}-T{seq_len}"
+def default_cache_dir(cache_root: str | Path, fingerprint: str, seq_len: int) -> Path:
+    """``<cache_root>/<fingerprint[:16]>-T<seq_len>``: one folder per teacher and window length.
+
+    ``cache_root`` belongs to the run that distils (``02_text_pretrain`` uses
+    ``<out_dir>/teacher_cache``), never to the data stage: the token folder is an earlier stage's
+    output and is only read."""
+    return Path(cache_root) / f"{fingerprint[:16]}-T{seq_len}"
 
 
 def _cache_files(cache_dir: Path, split: str) -> dict[str, Path]:
@@ -240,6 +245,7 @@ def build_teacher_cache(
     batch_size: int = 16,
     split: str = "train",
     device: str | torch.device = "cpu",
+    cache_root: str | Path | None = None,
 ) -> Path:
     """Run ``teacher`` once over every training window of ``<tokens_dir>/<split>.bin`` and store
     its top-1 per token (uint32, 4 bytes) and, with ``top_k > 0``, its top-k ids and logits.
@@ -247,10 +253,18 @@ def build_teacher_cache(
     Entry ``p`` holds the teacher's prediction of token ``p + 1`` from the window that contains
     ``p`` (windows of ``seq_len`` tokens from ``w * seq_len``, as :class:`TokenShards` cuts them);
     positions no window covers hold :data:`UNSET`. A finished cache for the same teacher,
-    ``seq_len`` and at least ``top_k`` is reused as is ("written once").
+    ``seq_len``, token file and at least ``top_k`` is reused as is ("written once").
+
+    Where: ``cache_dir`` itself, else ``default_cache_dir(cache_root, teacher fingerprint,
+    seq_len)``; ``tokens_dir`` is only read. Every file is written atomically and ``meta.json``
+    last (a stale one is removed before a rebuild), so a reader sees a whole cache or none.
 
     Returns:
-        The cache folder (default :func:`default_cache_dir`).
+        The cache folder.
+
+    Raises:
+        ValueError: neither ``cache_dir`` nor ``cache_root`` given, or the cache would lie inside
+            ``tokens_dir`` (an earlier stage's output).
     """
     from mmafm.data.shards import TOKEN_DTYPE
     from mmafm.io import atomic_path, atomic_write_json
@@ -258,15 +272,23 @@ def build_teacher_cache(
     source = Path(tokens_dir) / f"{split}.bin"
     if not source.is_file():
         raise FileNotFoundError(f"token shard not found: {source} (run the 00_data stage)")
+    if not cache_dir and not cache_root:
+        raise ValueError("build_teacher_cache: pass cache_dir or cache_root (a folder of the distilling run); "
+                         f"the token folder {tokens_dir} is the data stage's output and is not written")
     fingerprint = teacher_fingerprint(teacher)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(tokens_dir, fingerprint, seq_len)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(cache_root, fingerprint, seq_len)
+    if cache_dir.resolve().is_relative_to(Path(tokens_dir).resolve()):
+        raise ValueError(f"teacher cache {cache_dir} lies inside the token folder {tokens_dir} (an earlier "
+                         f"stage's output, only read); put it in the distilling run's own folder")
     try:
         meta, _ = read_teacher_cache(cache_dir, split)
         if meta["teacher"] == fingerprint and meta["seq_len"] == seq_len and meta["top_k"] >= top_k \
-                and meta["version"] == CACHE_VERSION:
+                and meta["version"] == CACHE_VERSION and meta["tokens"] == str(source.resolve()) and meta["count"] == \
+                source.stat().st_size // np.dtype(TOKEN_DTYPE).itemsize:
             return cache_dir
     except FileNotFoundError:
         pass
+    (cache_dir / f"{split}.meta.json").unlink(missing_ok=True)  # a rebuild: no meta until the new files are whole
     tokens = np.memmap(source, dtype=TOKEN_DTYPE, mode="r") if source.stat().st_size else np.zeros(0, TOKEN_DTYPE)
     count, windows = len(tokens), max(0, (len(tokens) - 1) // seq_len)
     teacher = teacher.to(device).eval()
@@ -299,7 +321,7 @@ def build_teacher_cache(
             del ids, logits_out
     atomic_write_json(cache_dir / f"{split}.meta.json", {
         "version": CACHE_VERSION, "teacher": fingerprint, "seq_len": seq_len, "top_k": top_k, "count": count,
-        "split": split, "tokens": str(source), "windows": windows, "bytes_per_token": 4 + top_k * 6,
+        "split": split, "tokens": str(source.resolve()), "windows": windows, "bytes_per_token": 4 + top_k * 6,
     })
     return cache_dir
 
@@ -447,10 +469,12 @@ def upcycled_teacher(dense: nn.Module, num_experts: int = 64, top_k: int = 2, mo
 
 
 # ----------------------------------------------------------------------------------- 02's fields
-def distill_training_kwargs(cfg: Any, cache_dir: str | Path | None = None) -> dict[str, Any]:
+def distill_training_kwargs(cfg: Any, cache_root: str | Path | None = None) -> dict[str, Any]:
     """What ``02_text_pretrain`` passes to its trainer when ``cfg.distill_from`` names a teacher:
-    the :class:`DistillTask` factory and, for the cached targets, :class:`TeacherLabelShards`.
-    ``{}`` when there is no teacher (the stage's plain training)."""
+    the :class:`DistillTask` factory and, for the cached targets, :class:`TeacherLabelShards`
+    over a cache in ``cache_root`` (default ``<cfg.out_dir>/teacher_cache``; one folder per
+    teacher fingerprint, :func:`default_cache_dir`). ``{}`` when there is no teacher (the stage's
+    plain training)."""
     if not cfg.distill_from:
         return {}
     from mmafm.checkpoint import load_model
@@ -470,8 +494,8 @@ def distill_training_kwargs(cfg: Any, cache_dir: str | Path | None = None) -> di
         temperature=cfg.distill_temperature)}
     if not online:
         top_k = cfg.distill_top_k if cfg.distill_loss == "kl" else 0
-        cache = build_teacher_cache(teacher, cfg.tokens_dir, cfg.seq_len, cache_dir, top_k=top_k,
-                                    batch_size=cfg.batch_size)
+        cache = build_teacher_cache(teacher, cfg.tokens_dir, cfg.seq_len, top_k=top_k, batch_size=cfg.batch_size,
+                                    cache_root=cache_root or Path(cfg.out_dir) / "teacher_cache")
         shards = TokenShards(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, seed=cfg.seed, split="train")
         kwargs["train_data"] = TeacherLabelShards(shards, cache, use_topk=top_k > 0)
     return kwargs

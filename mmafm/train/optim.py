@@ -228,6 +228,12 @@ def block_sum_squares(tensors: Sequence[torch.Tensor], params: Sequence[torch.Te
     return sums
 
 
+def _scalars(values: list[float]) -> float | list[float]:
+    """One scalar when every block has the same value (the usual case: one step count per
+    group), which the ``torch._foreach_*`` scalar overloads take faster than a list."""
+    return values[0] if all(v == values[0] for v in values) else values
+
+
 class AdaStar(torch.optim.Optimizer):
     """The AFM optimizer (axlearn's ``adastar``); the algorithm is in the module docstring.
 
@@ -251,6 +257,10 @@ class AdaStar(torch.optim.Optimizer):
         update_ema_debias: bias-correct the update EMA (AFM: no [code]).
         weight_decay: decoupled decay, not multiplied by the LR (AFM: 3.16e-4 [code + paper]).
         update_scale: default mu-param scale of a group.
+        foreach: ``None``/``True``: the multi-tensor path (``torch._foreach_*`` ops over each
+            group's parameters, one list per device and dtype, like AdamW's foreach path);
+            ``False``: the per-parameter reference path (plain tensor ops, one parameter at a
+            time; the same numbers to float rounding, ``tests/test_afm_optim.py``).
     """
 
     def __init__(
@@ -269,6 +279,7 @@ class AdaStar(torch.optim.Optimizer):
         update_ema_debias: bool = False,
         weight_decay: float = 3.16e-4,
         update_scale: float = 1.0,
+        foreach: bool | None = None,
     ):
         if not lr > 0.0:
             raise ValueError(f"AdaStar: lr must be > 0 (the peak learning rate), got {lr}")
@@ -288,6 +299,7 @@ class AdaStar(torch.optim.Optimizer):
             gradient_square_ema_debias=gradient_square_ema_debias, eps=eps, eps_square=eps_square,
             update_clip_threshold=update_clip_threshold, update_ema_decay=update_ema_decay,
             update_ema_debias=update_ema_debias, weight_decay=weight_decay, update_scale=update_scale,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
 
@@ -322,12 +334,49 @@ class AdaStar(torch.optim.Optimizer):
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("AdaStar does not support sparse gradients")
+            if group.get("foreach") is False:
+                for param in params:
+                    self._update_one(group, param)
+                continue
             buckets: dict[tuple, list[torch.Tensor]] = {}
             for param in params:  # foreach kernels want one device and dtype per list
                 buckets.setdefault((param.device, param.dtype), []).append(param)
             for bucket in buckets.values():
                 self._update(group, bucket)
         return loss
+
+    def _update_one(self, group: dict, param: torch.Tensor) -> None:
+        """The reference path: the algorithm of the module docstring for one parameter block,
+        written as plainly as possible (the multi-tensor :meth:`_update` must equal it)."""
+        state = self._init_state(param, group)
+        state["step"].add_(1.0)
+        t = int(state["step"].item())
+        grad, local = _local(param.grad), _local(param)
+        b2 = group["gradient_square_ema_decay"]
+        v = _local(state["exp_avg_sq"])
+        v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)  # the EMA of g^2; of eps_square below
+        c2 = 1.0 - b2**t if group["gradient_square_ema_debias"] else 1.0
+        v_hat = v / c2 + group["eps_square"]  # (the EMA of the constant eps_square, debiased, is eps_square)
+        numerator = grad
+        if group["gradient_ema_decay"] is not None:
+            b1 = group["gradient_ema_decay"]
+            numerator = _local(state["exp_avg"]).lerp_(grad, 1.0 - b1)
+            if group["gradient_ema_debias"]:
+                numerator = numerator / (1.0 - b1**t)
+        update = numerator / (torch.sqrt(v_hat) + group["eps"])
+        threshold = group["update_clip_threshold"]
+        if threshold is not None:  # rms over the whole parameter (all shards)
+            rms = torch.sqrt(block_sum_squares([update], [param])[0] / param.numel())
+            update = update / torch.clamp(rms / threshold, min=1.0).to(update.dtype)
+        if group["update_ema_decay"] is not None:
+            b1 = group["update_ema_decay"]
+            update = _local(state["update_ema"]).lerp_(update, 1.0 - b1)
+            if group["update_ema_debias"]:
+                update = update / (1.0 - b1**t)
+        schedule = group["lr"] / group["peak_lr"]
+        if group["weight_decay"]:
+            local.mul_(1.0 - schedule * group["weight_decay"])
+        local.add_(update, alpha=-group["lr"] * group["update_scale"])
 
     def _update(self, group: dict, params: list[torch.Tensor]) -> None:
         b2 = group["gradient_square_ema_decay"]
@@ -351,12 +400,12 @@ class AdaStar(torch.optim.Optimizer):
         debias = group["gradient_square_ema_debias"]
         c2 = [1.0 - b2**t if debias else 1.0 for t in counts]
         if group["eps_square"]:
-            updates = torch._foreach_add(square_emas, [group["eps_square"] * (1.0 - b2**t) for t in counts])
+            updates = torch._foreach_add(square_emas, _scalars([group["eps_square"] * (1.0 - b2**t) for t in counts]))
         else:
             updates = torch._foreach_mul(square_emas, 1.0)
         if group["eps"]:
             torch._foreach_sqrt_(updates)
-            torch._foreach_add_(updates, [group["eps"] * math.sqrt(c) for c in c2])
+            torch._foreach_add_(updates, _scalars([group["eps"] * math.sqrt(c) for c in c2]))
             torch._foreach_reciprocal_(updates)
         else:
             torch._foreach_rsqrt_(updates)
@@ -385,7 +434,7 @@ class AdaStar(torch.optim.Optimizer):
             torch._foreach_lerp_(update_emas, updates, 1.0 - b1_update)
             updates = update_emas
             if group["update_ema_debias"]:
-                updates = torch._foreach_div(update_emas, [1.0 - b1_update**t for t in counts])
+                updates = torch._foreach_div(update_emas, _scalars([1.0 - b1_update**t for t in counts]))
 
         # p <- p - schedule * (lr * scale * m + wd * p), schedule = lr_now / peak_lr
         locals_ = [_local(p) for p in params]
@@ -401,7 +450,7 @@ def build_optimizer(model: nn.Module, config: Any) -> torch.optim.Optimizer:
 
     - ``"adamw"``: AdamW(lr, betas, eps) with :func:`param_groups`;
     - ``"afm"``: :class:`AdaStar` with its AFM defaults, peak ``config.lr``, decay
-      ``config.weight_decay`` on every parameter, mu-param from the model's width
+      ``config.weight_decay`` on every parameter, update EMA ``config.afm_update_ema`` (0 = off), mu-param from the model's width
       (:func:`afm_param_groups`; base width ``config.mup_base_width`` when the config has it).
     """
     name = getattr(config, "optimizer", "adamw")
@@ -415,5 +464,6 @@ def build_optimizer(model: nn.Module, config: Any) -> torch.optim.Optimizer:
     if name == "afm":
         base_width = getattr(config, "mup_base_width", MUP_BASE_WIDTH)
         groups = afm_param_groups(model, config.weight_decay, base_width=base_width)
-        return AdaStar(groups, lr=config.lr, weight_decay=config.weight_decay)
+        update_ema = getattr(config, "afm_update_ema", 0.95)
+        return AdaStar(groups, lr=config.lr, weight_decay=config.weight_decay, update_ema_decay=update_ema or None)
     raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {name!r}")

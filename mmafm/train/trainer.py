@@ -117,6 +117,9 @@ class TrainSettings:
     grad_accum_steps: int = field(default=1, metadata={"min": 1})
     # global grad-norm clip before the update, 0 disables [paper: 1.0]
     grad_clip: float = field(default=1.0, metadata={"min": 0.0})
+    # optimizer="afm": decay of the EMA of the normalised, clipped updates (0 = off: the raw
+    # RMS-clipped update is applied) [code: axlearn adastar update_ema_decay 0.95 in the AFM config]
+    afm_update_ema: float = field(default=0.95, metadata={"min": 0.0, "max": 0.999})
     # skip a step whose global grad norm is >= this or non-finite (parameters and optimizer state
     # unchanged, counted in metrics.jsonl); 0 disables [code: axlearn skip_and_clip_by_global_norm,
     # drop_norm=100 in the AFM config]

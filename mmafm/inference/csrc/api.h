@@ -73,6 +73,21 @@ int mmafm_decode_step_bf16(
     float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
     int nthreads);
 
+/* mmafm_decode_step over `chunk` consecutive new tokens per cache row (batch = rows x chunk), causal
+   within each chunk: the target's verification forward of speculative decoding (see kernels.h) */
+int mmafm_decode_chunk_f32(
+    const long* tokens, const float* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_layer_t* layers, long n_layers, const float* final_norm, const float* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads);
+int mmafm_decode_chunk_bf16(
+    const long* tokens, const bf16_t* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_layer_t* layers, long n_layers, const float* final_norm, const bf16_t* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads);
+
 /* helper threads the kernels' thread pool (pool.h) has started so far: the calls above that take
    nthreads > 1 run on their caller plus up to nthreads - 1 of them */
 int mmafm_pool_helpers(void);
@@ -82,5 +97,36 @@ int mmafm_pool_helpers(void);
    weight row, 2^bits float32 table entries per group of group_rows rows; 2 for bad arguments */
 int mmafm_lut_gemv_f32(const float* x, const unsigned char* codes, const float* table, float* y, long batch,
                        long out, long in, long code_stride, int bits, long group_rows, int nthreads);
+
+/* One weight matrix of a packed decode step (mirrors PackedMatrix in kernels.py): bits = 2, 4 or 8,
+   data the codes (as mmafm_lut_gemv_f32), table 2^bits float32 entries per group of group_rows
+   rows, row_scale NULL or one float32 per row multiplying its sums; or bits = 32, data float32
+   rows (out, in) and the rest unused. */
+typedef struct {
+  const void* data;
+  const float* table;
+  const float* row_scale;
+  long code_stride, group_rows, bits;
+} mmafm_matrix_t;
+
+/* One decoder layer of mmafm_lut_decode_step (mirrors PackedDecodeLayer in kernels.py): as
+   mmafm_layer_t, every matrix an mmafm_matrix_t (wk.data = NULL: the layer shares K/V), a
+   float32 K/V cache. */
+typedef struct {
+  const float *attn_norm, *q_norm, *k_norm, *ffn_norm;
+  mmafm_matrix_t wq, wk, wv, wo, w_gate, w_up, w_down;
+  float *k_cache, *v_cache;
+  long kv_batch_stride, kv_head_stride, slots, ring, rope, hidden;
+} mmafm_lut_layer_t;
+
+/* mmafm_decode_step_f32 for a dense decoder whose embedding, head and layer matrices are each
+   packed or float32 (lut.c), batch <= 8 rows: Q/K/V and gate/up as one GEMV each. Returns 0;
+   1 out of memory; 2 a bad matrix, token or position (nothing written). */
+int mmafm_lut_decode_step_f32(
+    const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm, const mmafm_matrix_t* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads);
 
 #endif /* MMAFM_API_H */

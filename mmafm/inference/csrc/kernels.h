@@ -12,7 +12,40 @@ static void NAME(gemv)(const float* restrict x, const WEIGHT_T* restrict w, floa
                      long batch, long out, long in, long ystride) {
   for (long o0 = 0; o0 < out; o0 += 4) {
     const long rows = out - o0 < 4 ? out - o0 : 4;
-    for (long b = 0; b < batch; ++b) {
+    long b = 0;
+    /* 4 input rows at a time: each weight element loaded once for the 4, and 4 independent sums in
+       flight (a one-row dot product waits on its FMA latency); every (row, output) sum keeps the
+       order of the one-row loop below, so results do not depend on the batch */
+    for (; b + 4 <= batch; b += 4) {
+      const float* x0 = x + b * in;
+      const float* x1 = x0 + in;
+      const float* x2 = x1 + in;
+      const float* x3 = x2 + in;
+      for (long r = 0; r < rows; ++r) {
+        const WEIGHT_T* wr = w + (o0 + r) * in;
+        float a0[16] = {0}, a1[16] = {0}, a2[16] = {0}, a3[16] = {0};
+        long i = 0;
+        for (; i + 16 <= in; i += 16)
+          for (int j = 0; j < 16; ++j) {
+            const float wv = LOAD_W(wr[i + j]);
+            a0[j] += wv * x0[i + j];
+            a1[j] += wv * x1[i + j];
+            a2[j] += wv * x2[i + j];
+            a3[j] += wv * x3[i + j];
+          }
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        for (int j = 0; j < 16; ++j) { s0 += a0[j]; s1 += a1[j]; s2 += a2[j]; s3 += a3[j]; }
+        for (; i < in; ++i) {
+          const float wv = LOAD_W(wr[i]);
+          s0 += wv * x0[i]; s1 += wv * x1[i]; s2 += wv * x2[i]; s3 += wv * x3[i];
+        }
+        y[b * ystride + o0 + r] = s0;
+        y[(b + 1) * ystride + o0 + r] = s1;
+        y[(b + 2) * ystride + o0 + r] = s2;
+        y[(b + 3) * ystride + o0 + r] = s3;
+      }
+    }
+    for (; b < batch; ++b) {
       const float* xb = x + b * in;
       for (long r = 0; r < rows; ++r) {
         const WEIGHT_T* wr = w + (o0 + r) * in;
@@ -110,19 +143,21 @@ typedef struct {
   const CACHE_T *k_cache, *v_cache;
   float *att, *scores;
   const unsigned char* valid;
-  long valid_stride, kv_batch_stride, kv_head_stride, qkv_width, heads, kv_heads, group, keys, head_dim;
+  long valid_stride, kv_batch_stride, kv_head_stride, qkv_width, heads, kv_heads, group, keys, head_dim, chunk;
   float scale;
 } NAME(attention_job);
 
 static void NAME(attend_pairs)(void* ctx, long begin, long end) {
   const NAME(attention_job)* j = ctx;
+  const long most_keys = j->keys + j->chunk - 1;
   for (long p = begin; p < end; ++p) {  /* one (row, KV head) and its group of query heads */
     const long b = p / j->kv_heads, h = p % j->kv_heads;
-    const long kv_at = b * j->kv_batch_stride + h * j->kv_head_stride;
+    const long c = b / j->chunk;  /* the cache row; the row is token b % chunk of its chunk */
+    const long kv_at = c * j->kv_batch_stride + h * j->kv_head_stride;
     NAME(attend_group)(j->qkv + b * j->qkv_width + h * j->group * j->head_dim, j->k_cache + kv_at,
                      j->v_cache + kv_at, j->att + (b * j->heads + h * j->group) * j->head_dim,
-                     j->scores + p * j->group * j->keys, j->group, j->keys, j->head_dim, j->scale,
-                     j->valid ? j->valid + b * j->valid_stride : NULL);
+                     j->scores + p * j->group * most_keys, j->group, j->keys + b % j->chunk, j->head_dim,
+                     j->scale, j->valid ? j->valid + c * j->valid_stride : NULL);
   }
 }
 
@@ -132,18 +167,22 @@ static void NAME(attend_pairs)(void* ctx, long begin, long end) {
    write_slot first (so keys includes them). Caches are (batch, kv_heads, slots, head_dim) with
    unit inner strides. cos, sin: (batch, head_dim) or NULL (no RoPE); q_norm_w, k_norm_w: NULL
    without QK-norm; valid: NULL or (batch, valid_stride) bytes per key column. Returns 0, or 1 when
-   out of memory (y untouched). */
-int NAME(mmafm_attention_decode)(
+   out of memory (y untouched). chunk (attention_rows only; 1 in mmafm_attention_decode): rows
+   come in chunks of `chunk` consecutive tokens of one cache row (cache row b / chunk, valid row
+   b / chunk): row b writes slot write_slot + b % chunk and attends over keys + b % chunk keys, so
+   each token of a chunk sees the ones before it (all new K/V are written before any attention). */
+static int NAME(attention_rows)(
     const float* restrict x, float* restrict y, const float* norm_w, float eps,
     const WEIGHT_T* wq, const WEIGHT_T* wk, const WEIGHT_T* wv, const WEIGHT_T* wo,
     const float* q_norm_w, const float* k_norm_w, const float* cos, const float* sin,
     CACHE_T* k_cache, CACHE_T* v_cache, long kv_batch_stride, long kv_head_stride, long write_slot, long keys,
     const unsigned char* valid, long valid_stride,
-    long batch, long dim, long heads, long kv_heads, long head_dim, int nthreads) {
+    long batch, long dim, long heads, long kv_heads, long head_dim, long chunk, int nthreads) {
   const long q_width = heads * head_dim, kv_width = wk ? kv_heads * head_dim : 0;
   const long qkv_width = q_width + 2 * kv_width;
+  const long most_keys = keys + chunk - 1;
   float* xn = malloc(sizeof(float) * batch * (dim + qkv_width + q_width + dim + head_dim));
-  float* scores = malloc(sizeof(float) * batch * heads * (keys > 0 ? keys : 1));
+  float* scores = malloc(sizeof(float) * batch * heads * (most_keys > 0 ? most_keys : 1));
   if (!xn || !scores) { free(xn); free(scores); return 1; }
   float* qkv = xn + batch * dim;        /* (batch, q | k | v) */
   float* att = qkv + batch * qkv_width; /* (batch, heads, head_dim) */
@@ -159,7 +198,7 @@ int NAME(mmafm_attention_decode)(
     if (!wk) continue;
     norm_rope_heads(row + q_width, kv_heads, head_dim, k_norm_w, eps, cb, sb, tmp);
     for (long h = 0; h < kv_heads; ++h) {
-      const long at = b * kv_batch_stride + h * kv_head_stride + write_slot * head_dim;
+      const long at = (b / chunk) * kv_batch_stride + h * kv_head_stride + (write_slot + b % chunk) * head_dim;
       for (long d = 0; d < head_dim; ++d) {
         k_cache[at + d] = STORE_C(row[q_width + h * head_dim + d]);
         v_cache[at + d] = STORE_C(row[q_width + kv_width + h * head_dim + d]);
@@ -168,7 +207,7 @@ int NAME(mmafm_attention_decode)(
   }
   const long group = heads / kv_heads, pairs = batch * kv_heads;
   NAME(attention_job) job = {qkv, k_cache, v_cache, att, scores, valid, valid_stride, kv_batch_stride,
-                             kv_head_stride, qkv_width, heads, kv_heads, group, keys, head_dim,
+                             kv_head_stride, qkv_width, heads, kv_heads, group, keys, head_dim, chunk,
                              1.0f / sqrtf((float)head_dim)};
   if (nthreads > 1 && pairs > 1 && pairs * group * keys * head_dim >= 65536L)
     pool_run(NAME(attend_pairs), &job, pairs, 1, nthreads);
@@ -179,6 +218,18 @@ int NAME(mmafm_attention_decode)(
   free(xn);
   free(scores);
   return 0;
+}
+
+int NAME(mmafm_attention_decode)(
+    const float* restrict x, float* restrict y, const float* norm_w, float eps,
+    const WEIGHT_T* wq, const WEIGHT_T* wk, const WEIGHT_T* wv, const WEIGHT_T* wo,
+    const float* q_norm_w, const float* k_norm_w, const float* cos, const float* sin,
+    CACHE_T* k_cache, CACHE_T* v_cache, long kv_batch_stride, long kv_head_stride, long write_slot, long keys,
+    const unsigned char* valid, long valid_stride,
+    long batch, long dim, long heads, long kv_heads, long head_dim, int nthreads) {
+  return NAME(attention_rows)(x, y, norm_w, eps, wq, wk, wv, wo, q_norm_w, k_norm_w, cos, sin, k_cache, v_cache,
+                              kv_batch_stride, kv_head_stride, write_slot, keys, valid, valid_stride, batch, dim,
+                              heads, kv_heads, head_dim, 1, nthreads);
 }
 
 /* x += w_down(silu(w_gate x_norm) * w_up x_norm), x_norm = rms_norm(x): the SwiGLU half of a
@@ -211,14 +262,17 @@ int NAME(mmafm_swiglu_decode)(float* x, const float* norm_w, float eps, const WE
    column (only with linear caches). Returns 0; 1 out of memory (this column of the cache may be
    part written); 2 a token outside the vocabulary or a position outside the table (nothing
    written). */
-int NAME(mmafm_decode_step)(
+static int NAME(decode_rows)(
     const long* tokens, const WEIGHT_T* embed, const long* positions, const float* cos_table,
-    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
-    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const WEIGHT_T* head,
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_layer_t* layers, long n_layers, const float* final_norm, const WEIGHT_T* head,
     float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
     int nthreads) {
+  if (chunk < 1 || batch % chunk) return 2;
   for (long b = 0; b < batch; ++b)
     if (tokens[b] < 0 || tokens[b] >= vocab || positions[b] < 0 || positions[b] >= max_position) return 2;
+  for (long l = 0; l < n_layers && chunk > 1; ++l)  /* chunks: linear caches with room for them */
+    if (layers[l].ring || column + chunk > layers[l].slots) return 2;
   float* block = malloc(sizeof(float) * batch * (3 * dim + 2 * head_dim));
   if (!block) return 1;
   float* x = block;  /* the residual stream, ping-ponged with y */
@@ -238,11 +292,11 @@ int NAME(mmafm_decode_step)(
     const mmafm_layer_t* L = layers + l;
     const long num_keys = L->ring ? (column + 1 < L->slots ? column + 1 : L->slots) : column + 1;
     const long slot = L->ring ? column % L->slots : column;
-    failed = NAME(mmafm_attention_decode)(
+    failed = NAME(attention_rows)(
         x, y, L->attn_norm, eps, L->wq, L->wk, L->wv, L->wo, L->q_norm, L->k_norm,
         L->rope ? cos : NULL, L->rope ? sin : NULL, L->k_cache, L->v_cache, L->kv_batch_stride,
         L->kv_head_stride, slot, num_keys, L->ring ? NULL : valid, valid_stride,
-        batch, dim, heads, kv_heads, head_dim, nthreads);
+        batch, dim, heads, kv_heads, head_dim, chunk, nthreads);
     if (!failed)
       failed = NAME(mmafm_swiglu_decode)(y, L->ffn_norm, eps, L->w_gate, L->w_up, L->w_down, batch, dim,
                                        L->hidden, nthreads);
@@ -254,6 +308,32 @@ int NAME(mmafm_decode_step)(
   }
   free(block);
   return failed;
+}
+
+int NAME(mmafm_decode_step)(
+    const long* tokens, const WEIGHT_T* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const WEIGHT_T* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads) {
+  return NAME(decode_rows)(tokens, embed, positions, cos_table, sin_table, max_position, column, 1, valid,
+                           valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
+                           head_dim, vocab, eps, nthreads);
+}
+
+/* mmafm_decode_step over `chunk` new tokens per cache row (speculative verification: the last
+   token and the draft's proposals in one call): rows b of the batch are token b % chunk of cache
+   row b / chunk, at column column + b % chunk, causal within the chunk (attention_rows). Linear
+   caches only, with room for the chunk (else 2, nothing written); valid is per cache row. */
+int NAME(mmafm_decode_chunk)(
+    const long* tokens, const WEIGHT_T* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_layer_t* layers, long n_layers, const float* final_norm, const WEIGHT_T* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads) {
+  return NAME(decode_rows)(tokens, embed, positions, cos_table, sin_table, max_position, column, chunk, valid,
+                           valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
+                           head_dim, vocab, eps, nthreads);
 }
 
 /* the storage macros are per inclusion: the next one defines its own */

@@ -1,19 +1,35 @@
-/* Packed low-bit GEMV for compressed weights (mmafm/compress/packed.py):
+/* Packed low-bit weights for compressed models (mmafm/compress/packed.py): a GEMV that reads codes
+   and lookup tables directly, and a whole decode step over such weights.
 
-     y[b, o] = sum_i table[o / group_rows][code(o, i)] * x[b, i]     for b < batch (few rows)
+     y[b, o] = scale[o] * sum_i table[o / group_rows][code(o, i)] * x[b, i]     for b < batch (few rows)
 
    Codes are packed per weight row, lowest bits first (4-bit: the low nibble holds the even
    column; 2-bit: bits 0-1 hold column 4j), code_stride bytes per row; table holds 2^bits float32
-   entries per group of group_rows rows (1: a table per row). The weights are never written out
-   as floats: each run of 16 codes is expanded to 16 table entries in registers (AVX-512: one
-   vpermps per 16 weights of 4 or 2 bits, a gather for 8) and multiplied into every input row at
-   once, so a decode step reads 4 (2) bits per weight instead of 32. Other CPUs take the scalar
-   loop. Rows are split over the kernels' thread pool (pool.h) like the float GEMV's. Included
-   at the end of kernels.c (one translation unit, one pool). */
+   entries per group of group_rows rows (1: a table per row); scale is NULL (1) or one float per
+   row (the uniform scheme: a shared grid times a row scale). The weights are never written out as
+   floats: a decode step reads 4 (2) bits per weight instead of 32. With AVX-512, 16 weights at a
+   time go from codes to table entries in registers without any unpacking shuffle:
+
+   - 4 bits: the row's next 8 bytes (16 codes) are broadcast to every 64-bit lane and each 32-bit
+     lane shifted right by 4m (lanes 2m and 2m+1), so lane 2m holds code m and lane 2m+1 code 8+m
+     in its low 4 bits, which is all vpermps reads of an index: one vpermps looks the 16 up in
+     the 16-entry table held in a register. The input x is permuted once per call to that lane
+     order (x is shared by every row), so the FMA needs no shuffle either;
+   - 2 bits: 4 bytes broadcast to 32-bit lanes, lane j shifted by 2j; the 4-entry table repeated
+     4 times fills the register, so the 2 bits above a code do not matter;
+   - 8 bits: a gather from the 256-entry table.
+   Four rows are processed together (four independent FMA chains sharing each load of x). Other
+   CPUs take the scalar loop.
+
+   Rows are split over the kernels' thread pool (pool.h), as the float GEMV's. mmafm_lut_decode_step
+   runs a whole decode step (embedding, every layer, head) of a dense decoder whose matrices are
+   each packed or float32 (mmafm_matrix_t), in one call: no Python or torch op between the GEMVs,
+   so the pool's threads never compete with torch's OpenMP team, and Q/K/V (gate/up), which read
+   the same input, are one GEMV over their rows end to end. Included at the end of kernels.c (one
+   translation unit, one pool; it calls the float32 variant's static GEMV and attention). */
 #include "common.h"
 
-#define LUT_PARALLEL_MIN_ELEMENTS PARALLEL_MIN_ELEMENTS /* smaller weights: one thread */
-#define LUT_CHUNK_BYTES 16384L                          /* code bytes per chunk a thread claims, at least */
+#define LUT_CHUNK_BYTES 16384L /* code bytes per chunk a thread claims, at least */
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -21,21 +37,37 @@
 
 #define LUT_MAX_BATCH 8
 
-typedef struct {
-  const float* x;
-  const unsigned char* codes;
-  const float* table;
-  float* y;
-  long batch, out, in, code_stride, group_rows;
-  int bits;
-} lut_job;
-
 static inline long lut_code(const unsigned char* row, long i, int bits) {
   const long bit = i * bits;
   return (row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
 }
 
-/* columns [begin, in) of one weight row against every input row, scalar; adds into acc[b] */
+/* x (batch, in) in the lane order of the 4-bit kernel: in each full block of 16 columns, position
+   2m holds column m and 2m + 1 column 8 + m; the tail as it is */
+static void lut_permute_x(const float* restrict x, float* restrict xp, long batch, long in) {
+  for (long b = 0; b < batch; ++b) {
+    const float* xb = x + b * in;
+    float* pb = xp + b * in;
+    long i = 0;
+    for (; i + 16 <= in; i += 16)
+      for (int m = 0; m < 8; ++m) {
+        pb[i + 2 * m] = xb[i + m];
+        pb[i + 2 * m + 1] = xb[i + 8 + m];
+      }
+    for (; i < in; ++i) pb[i] = xb[i];
+  }
+}
+
+/* one matrix's rows [begin, end) against `batch` input rows: y[b * ystride + o] for o in the range */
+typedef struct {
+  const mmafm_matrix_t* m;
+  const float* x;   /* (batch, in) natural order */
+  const float* xp;  /* (batch, in) permuted by lut_permute_x (read by 4-bit matrices) */
+  float* y;
+  long batch, in, ystride;
+} lut_part;
+
+/* columns [begin, in) of one row, scalar, natural order; adds into acc[b] */
 static void lut_row_scalar(const unsigned char* row, const float* tab, const float* x, long in, long begin,
                            long batch, int bits, float* acc) {
   for (long i = begin; i < in; ++i) {
@@ -45,76 +77,277 @@ static void lut_row_scalar(const unsigned char* row, const float* tab, const flo
 }
 
 #if defined(__AVX512F__)
-/* 16 weights of one row from their codes: table entries via vpermps (2/4 bits) or a gather (8) */
-static inline __m512 lut_decode16(const unsigned char* row, long i, int bits, __m512 vtab, const float* tab) {
+static inline __m512 lut_table(const float* tab, int bits) {
+  if (bits == 4) return _mm512_loadu_ps(tab);
+  /* 2 bits: the 4 entries 4 times, so index bits above the code select the same entry */
+  return _mm512_castsi512_ps(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)tab)));
+}
+
+/* 16 weights of a row from 8 (4-bit) or 4 (2-bit) bytes at p, in the lane order described above */
+static inline __m512 lut_weights16(const unsigned char* p, int bits, __m512 vtab) {
   if (bits == 4) {
-    const __m128i packed = _mm_loadl_epi64((const __m128i*)(row + i / 2));  /* 8 bytes, 16 codes */
-    const __m128i low = _mm_and_si128(packed, _mm_set1_epi8(0x0f));
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f));
-    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high)), vtab);
+    long long word;
+    memcpy(&word, p, 8);
+    const __m512i shifts = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(word), shifts), vtab);
   }
-  if (bits == 2) {
-    int word;
-    memcpy(&word, row + i / 4, 4);                                            /* 4 bytes, 16 codes */
-    const __m128i bytes = _mm_shuffle_epi8(_mm_cvtsi32_si128(word),
-                                           _mm_set_epi8(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
-    const __m512i shifts = _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0);
-    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(bytes), shifts), _mm512_set1_epi32(3));
-    return _mm512_permutexvar_ps(idx, vtab);
-  }
-  return _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i))), tab, 4);
+  int word;
+  memcpy(&word, p, 4);
+  const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(word), shifts), vtab);
 }
 #endif
 
-static void lut_rows(void* ctx, long begin, long end) {
-  const lut_job* job = ctx;
-  const long in = job->in, batch = job->batch, levels = 1L << job->bits;
-  const int bits = job->bits;
-  for (long o = begin; o < end; ++o) {
-    const float* tab = job->table + (o / job->group_rows) * levels;
-    const unsigned char* row = job->codes + o * job->code_stride;
+/* rows [begin, end) of a packed (2/4/8-bit) matrix */
+static void lut_part_rows(const lut_part* part, long begin, long end) {
+  const mmafm_matrix_t* m = part->m;
+  const int bits = (int)m->bits;
+  const long in = part->in, batch = part->batch, levels = 1L << bits, stride = m->code_stride;
+  const unsigned char* codes = m->data;
+  long o = begin;
+#if defined(__AVX512F__)
+  if (bits != 8 && batch == 1) {  /* decode: four rows at a time, four FMA chains per load of x */
+    const float* x = bits == 4 ? part->xp : part->x;
+    const long step = 2 * bits;  /* bytes per 16 codes: 8 or 4 */
+    for (; o + 4 <= end; o += 4) {
+      const unsigned char* r0 = codes + o * stride;
+      const unsigned char *r1 = r0 + stride, *r2 = r1 + stride, *r3 = r2 + stride;
+      const __m512 t0 = lut_table(m->table + (o / m->group_rows) * levels, bits);
+      const __m512 t1 = lut_table(m->table + ((o + 1) / m->group_rows) * levels, bits);
+      const __m512 t2 = lut_table(m->table + ((o + 2) / m->group_rows) * levels, bits);
+      const __m512 t3 = lut_table(m->table + ((o + 3) / m->group_rows) * levels, bits);
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      long i = 0;
+      for (; i + 16 <= in; i += 16) {
+        const long at = (i / 16) * step;
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        a0 = _mm512_fmadd_ps(lut_weights16(r0 + at, bits, t0), xv, a0);
+        a1 = _mm512_fmadd_ps(lut_weights16(r1 + at, bits, t1), xv, a1);
+        a2 = _mm512_fmadd_ps(lut_weights16(r2 + at, bits, t2), xv, a2);
+        a3 = _mm512_fmadd_ps(lut_weights16(r3 + at, bits, t3), xv, a3);
+      }
+      float acc[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                      _mm512_reduce_add_ps(a3)};
+      for (int r = 0; r < 4; ++r) {
+        const long row = o + r;
+        lut_row_scalar(codes + row * stride, m->table + (row / m->group_rows) * levels, part->x, in, i, 1, bits,
+                       acc + r);
+        part->y[row] = m->row_scale ? acc[r] * m->row_scale[row] : acc[r];
+      }
+    }
+  }
+#endif
+  for (; o < end; ++o) {
+    const float* tab = m->table + (o / m->group_rows) * levels;
+    const unsigned char* row = codes + o * stride;
     float acc[LUT_MAX_BATCH] = {0};
     long i = 0;
 #if defined(__AVX512F__)
-    const __m512 vtab = levels <= 16 ? _mm512_maskz_loadu_ps((__mmask16)((1u << levels) - 1u), tab) : _mm512_setzero_ps();
-    if (batch == 1) {  /* decode: two accumulators in registers hide the FMA latency */
-      const float* x = job->x;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      for (; i + 32 <= in; i += 32) {
-        a0 = _mm512_fmadd_ps(lut_decode16(row, i, bits, vtab, tab), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(lut_decode16(row, i + 16, bits, vtab, tab), _mm512_loadu_ps(x + i + 16), a1);
-      }
-      for (; i + 16 <= in; i += 16)
-        a0 = _mm512_fmadd_ps(lut_decode16(row, i, bits, vtab, tab), _mm512_loadu_ps(x + i), a0);
-      acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    } else {
-      __m512 vacc[LUT_MAX_BATCH];
-      for (long b = 0; b < batch; ++b) vacc[b] = _mm512_setzero_ps();
+    __m512 vacc[LUT_MAX_BATCH];
+    for (long b = 0; b < batch; ++b) vacc[b] = _mm512_setzero_ps();
+    if (bits == 8) {
       for (; i + 16 <= in; i += 16) {
-        const __m512 w = lut_decode16(row, i, bits, vtab, tab);
-        for (long b = 0; b < batch; ++b) vacc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(job->x + b * in + i), vacc[b]);
+        const __m512 w = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i))), tab, 4);
+        for (long b = 0; b < batch; ++b) vacc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(part->x + b * in + i), vacc[b]);
       }
-      for (long b = 0; b < batch; ++b) acc[b] = _mm512_reduce_add_ps(vacc[b]);
+    } else {
+      const __m512 vtab = lut_table(tab, bits);
+      const float* x = bits == 4 ? part->xp : part->x;
+      for (; i + 16 <= in; i += 16) {
+        const __m512 w = lut_weights16(row + i * bits / 8, bits, vtab);
+        for (long b = 0; b < batch; ++b) vacc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * in + i), vacc[b]);
+      }
     }
+    for (long b = 0; b < batch; ++b) acc[b] = _mm512_reduce_add_ps(vacc[b]);
 #endif
-    lut_row_scalar(row, tab, job->x, in, i, batch, bits, acc);
-    for (long b = 0; b < batch; ++b) job->y[b * job->out + o] = acc[b];
+    lut_row_scalar(row, tab, part->x, in, i, batch, bits, acc);
+    const float scale = m->row_scale ? m->row_scale[o] : 1.0f;
+    for (long b = 0; b < batch; ++b) part->y[b * part->ystride + o] = m->row_scale ? acc[b] * scale : acc[b];
   }
+}
+
+/* up to three matrices reading the same input (Q/K/V, gate/up), their output columns end to end */
+typedef struct {
+  const mmafm_matrix_t* m[3];
+  long out[3];
+  const float *x, *xp;
+  float* y;
+  long batch, in, ystride;
+} lut_multi_job;
+
+static void lut_multi_rows(void* ctx, long begin, long end) {  /* output columns [begin, end) */
+  const lut_multi_job* job = ctx;
+  long offset = 0;
+  for (int k = 0; k < 3; offset += job->out[k], ++k) {
+    const long lo = begin > offset ? begin : offset;
+    const long hi = end < offset + job->out[k] ? end : offset + job->out[k];
+    if (lo >= hi) continue;
+    const mmafm_matrix_t* m = job->m[k];
+    if (m->bits == 32) {  /* a float32 matrix: the float GEMV of kernels.h */
+      gemv_f32(job->x, (const float*)m->data + (lo - offset) * job->in, job->y + lo, job->batch, hi - lo, job->in,
+               job->ystride);
+    } else {
+      const lut_part part = {m, job->x, job->xp, job->y + offset, job->batch, job->in, job->ystride};
+      lut_part_rows(&part, lo - offset, hi - offset);
+    }
+  }
+}
+
+static long lut_row_bytes(const mmafm_matrix_t* m, long in) { return m->bits == 32 ? in * 4 : m->code_stride; }
+
+/* y (batch, out0 + out1 + out2) = x against up to three matrices (count of them non-NULL first);
+   xp: scratch of batch * in floats for the permuted input */
+static void lut_multi_gemv(const float* x, float* xp, const mmafm_matrix_t* m0, const mmafm_matrix_t* m1,
+                           const mmafm_matrix_t* m2, long out0, long out1, long out2, float* y, long batch,
+                           long in, int nthreads) {
+  lut_multi_job job = {{m0, m1, m2}, {out0, m1 ? out1 : 0, m2 ? out2 : 0}, x, xp, y, batch, in, 0};
+  job.ystride = job.out[0] + job.out[1] + job.out[2];
+  int needs_permuted = 0;
+  long bytes = 0;
+  for (int k = 0; k < 3; ++k)
+    if (job.m[k] && job.out[k]) {
+      needs_permuted |= job.m[k]->bits == 4;
+      bytes += lut_row_bytes(job.m[k], in) * job.out[k];
+    }
+  if (needs_permuted) lut_permute_x(x, xp, batch, in);
+  if (nthreads <= 1 || job.ystride * in < PARALLEL_MIN_ELEMENTS) {
+    lut_multi_rows(&job, 0, job.ystride);
+    return;
+  }
+  long grain = (LUT_CHUNK_BYTES * job.ystride + bytes - 1) / (bytes > 0 ? bytes : 1);  /* rows of ~16 KB */
+  const long balanced = job.ystride / (4L * nthreads); /* >= 4 chunks per thread, as kernels.c's GEMV */
+  if (grain > balanced) grain = balanced;
+  grain = (grain + 3) / 4 * 4;  /* whole 4-row blocks */
+  pool_run(lut_multi_rows, &job, job.ystride, grain < 4 ? 4 : grain, nthreads);
+}
+
+static int lut_matrix_ok(const mmafm_matrix_t* m, long in) {
+  if (!m->data) return 0;
+  if (m->bits == 32) return 1;
+  return (m->bits == 2 || m->bits == 4 || m->bits == 8) && m->table && m->group_rows >= 1
+         && m->code_stride * 8 >= in * m->bits;
 }
 
 int mmafm_lut_gemv_f32(const float* x, const unsigned char* codes, const float* table, float* y, long batch,
                        long out, long in, long code_stride, int bits, long group_rows, int nthreads) {
-  if (batch < 1 || batch > LUT_MAX_BATCH || (bits != 2 && bits != 4 && bits != 8) || group_rows < 1
-      || code_stride * 8 < in * bits)
-    return 2;
-  lut_job job = {x, codes, table, y, batch, out, in, code_stride, group_rows, bits};
-  if (nthreads <= 1 || out * in < LUT_PARALLEL_MIN_ELEMENTS) {
-    lut_rows(&job, 0, out);
-    return 0;
+  const mmafm_matrix_t m = {codes, table, NULL, code_stride, group_rows, bits};
+  if (batch < 1 || batch > LUT_MAX_BATCH || bits == 32 || !lut_matrix_ok(&m, in)) return 2;
+  float* xp = malloc(sizeof(float) * batch * in);
+  if (!xp) return 1;
+  lut_multi_gemv(x, xp, &m, NULL, NULL, out, 0, 0, y, batch, in, nthreads);
+  free(xp);
+  return 0;
+}
+
+/* row r of a matrix as float32 (an embedding lookup) */
+static void lut_matrix_row(const mmafm_matrix_t* m, long r, long cols, float* out) {
+  if (m->bits == 32) {
+    memcpy(out, (const float*)m->data + r * cols, sizeof(float) * cols);
+    return;
   }
-  long grain = (LUT_CHUNK_BYTES + code_stride - 1) / code_stride;
-  const long balanced = out / (4L * nthreads); /* >= 4 chunks per thread, as kernels.c's GEMV */
-  if (grain > balanced) grain = balanced;
-  pool_run(lut_rows, &job, out, grain < 1 ? 1 : grain, nthreads);
+  const unsigned char* row = (const unsigned char*)m->data + r * m->code_stride;
+  const float* tab = m->table + (r / m->group_rows) * (1L << m->bits);
+  const float scale = m->row_scale ? m->row_scale[r] : 1.0f;
+  for (long i = 0; i < cols; ++i) {
+    const float w = tab[lut_code(row, i, (int)m->bits)];
+    out[i] = m->row_scale ? scale * w : w;
+  }
+}
+
+int mmafm_lut_decode_step_f32(
+    const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm, const mmafm_matrix_t* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads) {
+  if (batch < 1 || batch > LUT_MAX_BATCH || !lut_matrix_ok(embed, dim) || !lut_matrix_ok(head, dim)) return 2;
+  for (long b = 0; b < batch; ++b)
+    if (tokens[b] < 0 || tokens[b] >= vocab || positions[b] < 0 || positions[b] >= max_position) return 2;
+  long widest = dim;
+  for (long l = 0; l < n_layers; ++l) {
+    const mmafm_lut_layer_t* L = layers + l;
+    const long q_width = heads * head_dim;
+    if (!lut_matrix_ok(&L->wq, dim) || !lut_matrix_ok(&L->wo, q_width) || !lut_matrix_ok(&L->w_gate, dim)
+        || !lut_matrix_ok(&L->w_up, dim) || !lut_matrix_ok(&L->w_down, L->hidden)
+        || (L->wk.data && (!lut_matrix_ok(&L->wk, dim) || !lut_matrix_ok(&L->wv, dim))))
+      return 2;
+    const long keys = L->slots;
+    if (4 * q_width + heads * keys > widest) widest = 4 * q_width + heads * keys;  /* q|k|v, att, scores */
+    if (3 * L->hidden > widest) widest = 3 * L->hidden;
+  }
+  /* x, y, xn, out: (batch, dim); cos, sin: (batch, head_dim); work: (batch, widest) for q|k|v, att
+     and scores, or gate|up and act; xp: the permuted input of the widest GEMV */
+  const long q_width = heads * head_dim;
+  float* block = malloc(sizeof(float) * (batch * (4 * dim + 2 * head_dim + 2 * widest) + head_dim));
+  if (!block) return 1;
+  float* x = block;
+  float* y = x + batch * dim;
+  float* xn = y + batch * dim;
+  float* out = xn + batch * dim;
+  float* cos = out + batch * dim;
+  float* sin = cos + batch * head_dim;
+  float* work = sin + batch * head_dim;
+  float* xp = work + batch * widest;
+  float* tmp = xp + batch * widest;  /* (head_dim) */
+  for (long b = 0; b < batch; ++b) {
+    lut_matrix_row(embed, tokens[b], dim, x + b * dim);
+    memcpy(cos + b * head_dim, cos_table + positions[b] * head_dim, sizeof(float) * head_dim);
+    memcpy(sin + b * head_dim, sin_table + positions[b] * head_dim, sizeof(float) * head_dim);
+  }
+  for (long l = 0; l < n_layers; ++l) {
+    const mmafm_lut_layer_t* L = layers + l;
+    const long kv_width = L->wk.data ? kv_heads * head_dim : 0, qkv_width = q_width + 2 * kv_width;
+    const long keys = L->ring ? (column + 1 < L->slots ? column + 1 : L->slots) : column + 1;
+    const long slot = L->ring ? column % L->slots : column;
+    const float *cb = L->rope ? cos : NULL, *sb = L->rope ? sin : NULL;
+    /* attention half: q | k | v in one GEMV, QK-norm + RoPE, cache write, attention, o_proj */
+    float* qkv = work;                  /* (batch, qkv_width) */
+    float* att = qkv + batch * qkv_width;  /* (batch, heads, head_dim) */
+    float* scores = att + batch * q_width; /* (batch, heads, keys) */
+    mmafm_rms_norm_f32(x, L->attn_norm, xn, batch, dim, eps);
+    lut_multi_gemv(xn, xp, &L->wq, kv_width ? &L->wk : NULL, kv_width ? &L->wv : NULL, q_width, kv_width, kv_width,
+                   qkv, batch, dim, nthreads);
+    for (long b = 0; b < batch; ++b) {
+      float* row = qkv + b * qkv_width;
+      norm_rope_heads(row, heads, head_dim, L->q_norm, eps, cb ? cb + b * head_dim : NULL,
+                      sb ? sb + b * head_dim : NULL, tmp);
+      if (!kv_width) continue;
+      norm_rope_heads(row + q_width, kv_heads, head_dim, L->k_norm, eps, cb ? cb + b * head_dim : NULL,
+                      sb ? sb + b * head_dim : NULL, tmp);
+      for (long h = 0; h < kv_heads; ++h) {
+        const long at = b * L->kv_batch_stride + h * L->kv_head_stride + slot * head_dim;
+        memcpy(L->k_cache + at, row + q_width + h * head_dim, sizeof(float) * head_dim);
+        memcpy(L->v_cache + at, row + q_width + kv_width + h * head_dim, sizeof(float) * head_dim);
+      }
+    }
+    const long group = heads / kv_heads, pairs = batch * kv_heads;
+    attention_job_f32 job = {.qkv = qkv, .k_cache = L->k_cache, .v_cache = L->v_cache, .att = att,
+                             .scores = scores, .valid = L->ring ? NULL : valid, .valid_stride = valid_stride,
+                             .kv_batch_stride = L->kv_batch_stride, .kv_head_stride = L->kv_head_stride,
+                             .qkv_width = qkv_width, .heads = heads, .kv_heads = kv_heads, .group = group,
+                             .keys = keys, .head_dim = head_dim, .chunk = 1,
+                             .scale = 1.0f / sqrtf((float)head_dim)};
+    if (nthreads > 1 && pairs > 1 && pairs * group * keys * head_dim >= 65536L)
+      pool_run(attend_pairs_f32, &job, pairs, 1, nthreads);
+    else
+      attend_pairs_f32(&job, 0, pairs);
+    lut_multi_gemv(att, xp, &L->wo, NULL, NULL, dim, 0, 0, out, batch, q_width, nthreads);
+    for (long i = 0; i < batch * dim; ++i) y[i] = x[i] + out[i];
+    /* SwiGLU half: gate | up in one GEMV, silu(gate) * up, down */
+    float* gate_up = work;                        /* (batch, 2 hidden) */
+    float* act = gate_up + batch * 2 * L->hidden; /* (batch, hidden) */
+    mmafm_rms_norm_f32(y, L->ffn_norm, xn, batch, dim, eps);
+    lut_multi_gemv(xn, xp, &L->w_gate, &L->w_up, NULL, L->hidden, L->hidden, 0, gate_up, batch, dim, nthreads);
+    for (long b = 0; b < batch; ++b)
+      for (long i = 0; i < L->hidden; ++i) {
+        const float g = gate_up[b * 2 * L->hidden + i];
+        act[b * L->hidden + i] = g / (1.0f + expf(-g)) * gate_up[b * 2 * L->hidden + L->hidden + i];
+      }
+    lut_multi_gemv(act, xp, &L->w_down, NULL, NULL, dim, 0, 0, out, batch, L->hidden, nthreads);
+    for (long i = 0; i < batch * dim; ++i) x[i] = y[i] + out[i];
+  }
+  mmafm_rms_norm_f32(x, final_norm, xn, batch, dim, eps);
+  lut_multi_gemv(xn, xp, head, NULL, NULL, vocab, 0, 0, logits, batch, dim, nthreads);
+  free(block);
   return 0;
 }
