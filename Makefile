@@ -34,12 +34,12 @@ demo: venv data
 reproduce: venv data
 	$(VENV)/bin/mmafm pipeline run configs/pipelines/reproduce.yaml --run-id reproduce
 
-# The pipeline once per seed (runs/reproduce-seed<k>/, every stage's `seed` set to k), then each
-# summary number's mean ± std over the seeds in runs/reproduce/RESULTS.md (README, "Results": the
+# The pipeline once per seed (runs/seeds-seed<k>/, every stage's `seed` set to k), then each
+# summary number's mean ± std over the seeds in runs/seeds/RESULTS.md (README, "Results": the
 # seed spread). Three seeds of the tiny pipeline take about three times `make demo`. Finished
-# seeds are skipped on a re-run.
+# seeds are skipped on a re-run. Its own run-id, so nothing lands beside `make reproduce`'s folders.
 seeds: venv data
-	$(VENV)/bin/mmafm pipeline run $(PIPELINE) --run-id reproduce --seeds $(SEEDS)
+	$(VENV)/bin/mmafm pipeline run $(PIPELINE) --run-id seeds --seeds $(SEEDS)
 
 test: venv data
 	$(PY) -m pytest -q

@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_guided.py --threads 2 --json benchmarks/results/guided.json
     .venv/bin/python benchmarks/bench_guided.py --no-smollm2          # tiny models only
     .venv/bin/python benchmarks/bench_guided.py --parts schema        # only the schema slowdown
+    .venv/bin/python benchmarks/bench_guided.py --parts speculative --draft-run runs/drafts/13_train_draft_lora_dev \
+        --json benchmarks/results/guided_speculative_1thread.json    # speculative rows, trained pair at k = 1, 2, 3
 
 Measured in one run, medians over ``--repeats``, the variants interleaved (background load hits
 them alike):
@@ -22,12 +24,17 @@ them alike):
   (:func:`~mmafm.inference.speculative.speculative_speedup`: interleaved per prompt, median of
   rounds, by wall clock and by CPU time) and its acceptance rate, for two random tiny targets with
   their first layer as the draft (2.7M parameters, cache-resident; 25M, streamed from memory),
-  for a finished ``13_train_draft`` run's target and distilled draft (``--draft-run``), and for
+  for a finished ``13_train_draft`` run's target and distilled draft (``--draft-run``, at each k
+  of ``--draft-ks``), and for
   SmolLM2-135M-Instruct with a fitted-exit draft of its first ``--smollm2-draft-layers`` layers
   (:func:`mmafm.train.draft.smollm2_draft`, cached in ``runs/drafts``; float32, and cast to
   bfloat16, which halves what a draft step reads); against transformers' assisted generation
   (``assistant_model=``) on the same pair exported to transformers, as a ratio to transformers'
-  own plain greedy ``generate``. Goal: >= 1.5x at acceptance >= 0.7;
+  own plain greedy ``generate``. Every row also holds the CPU milliseconds of the native calls a
+  round makes (target step, verification chunk of k + 1 tokens, draft step) and the speed-up
+  they alone allow at the measured acceptance, and with a free draft at acceptance 0.7
+  (``kernel_bound_*``: what no change to the Python loop can exceed). Goal: >= 1.5x at
+  acceptance >= 0.7;
 - **guided decoding against transformers** (``hfguided``): SmolLM2's guided greedy tokens/s, ours
   against transformers' ``generate`` with the same llguidance matcher as a ``LogitsProcessor``
   (outlines is not installed), and whether the tokens agree.
@@ -135,11 +142,56 @@ def schema_slowdown(model, tokenizer, prompt: list[int], steps: int, repeats: in
             "mask_p50_over_plain_step": in_loop["p50_us"] * 1e-6 * rates["plain"]}
 
 
+@torch.no_grad()
+def kernel_costs(target, draft, prompt: list[int], k: int, calls: int = 30) -> dict:
+    """CPU milliseconds (medians over ``calls``, interleaved) of the native calls one round makes:
+    the target's decode step, its verification chunk of ``k + 1`` tokens (and of 2 .. k, for the
+    bound at smaller k), the draft's step. The cache is rolled back after each call, so every call
+    sees the same ``prompt``-long context."""
+    from mmafm.inference import build_plan, prefill
+    from mmafm.inference.speculative import rollback_cache
+
+    plans = {}
+    for name, model in (("target", target), ("draft", draft)):
+        cache = model.new_cache(1, len(prompt) + k + 2)
+        prefill(model, cache, torch.tensor([prompt]))
+        plans[name] = (build_plan(model, cache), cache, cache.length)
+    calls_by_name = {
+        "target_step": lambda plan: plan.step(torch.tensor([1])),
+        **{f"target_chunk{width}": lambda plan, width=width: plan.chunk(torch.tensor([[1] * width]))
+           for width in range(2, k + 2)},
+        "draft_step": lambda plan: plan.step(torch.tensor([1])),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in calls_by_name}
+    for _ in range(calls + 1):
+        for name, call in calls_by_name.items():
+            plan, cache, length = plans[name.split("_")[0]]
+            start = time.process_time()
+            call(plan)
+            seconds[name].append(time.process_time() - start)
+            rollback_cache(cache, length)
+    return {name: round(1e3 * statistics.median(values[1:]), 4) for name, values in seconds.items()}
+
+
+def kernel_bound(costs: dict, acceptance: float, k: int) -> float:
+    """The speed-up a round's native calls alone allow (no Python, no prefill): ``(1 + a k)`` tokens
+    per round (``a`` = accepted / proposed) for one verification chunk and ``k`` draft calls (its
+    catch-up and ``k - 1`` steps), against one target step per token."""
+    return (1 + acceptance * k) * costs["target_step"] / (costs[f"target_chunk{k + 1}"] + k * costs["draft_step"])
+
+
 def speculative(target, draft, prompts: list[list[int]], steps: int, k: int, repeats: int, hf: bool) -> dict:
     """Speed-up of speculative over plain greedy (ours: :func:`speculative_speedup`, interleaved,
-    medians, wall and CPU time), acceptance; transformers' assisted generation vs its own plain
-    greedy ``generate`` on the same pair exported to transformers, interleaved the same way."""
+    medians, wall and CPU time), acceptance, the native calls' costs and the speed-up they alone
+    allow (:func:`kernel_costs`, :func:`kernel_bound`); transformers' assisted generation vs its
+    own plain greedy ``generate`` on the same pair exported to transformers, interleaved the same
+    way."""
     out = dict(speculative_speedup(target, draft, prompts, steps, k, repeats))
+    out["costs_ms_cpu"] = kernel_costs(target, draft, prompts[0], k)
+    out["kernel_bound_speedup"] = kernel_bound(out["costs_ms_cpu"], out["acceptance"], k)
+    # the goal's corner: acceptance 0.7 and a draft that costs nothing, i.e. whether the target's
+    # verification chunk alone (its cost against a step) leaves room for 1.5x
+    out["kernel_bound_free_draft_a0.7"] = kernel_bound({**out["costs_ms_cpu"], "draft_step": 0.0}, 0.7, k)
     out["draft_params_M"] = round(sum(p.numel() for p in draft.parameters()) / 1e6, 3)
     out["target_params_M"] = round(sum(p.numel() for p in target.parameters()) / 1e6, 3)
     if hf:
@@ -253,7 +305,10 @@ def main() -> None:
                         help="threads for the speculative part (1: CPU time is comparable on a shared machine)")
     parser.add_argument("--k", type=int, default=3, help="proposals per round of the speculative part")
     parser.add_argument("--draft-run", type=Path, default=None,
-                        help="a finished 13_train_draft folder: its target and distilled draft are timed too")
+                        help="a finished 13_train_draft folder: its target and distilled draft are timed too, at "
+                             "every k of --draft-ks")
+    parser.add_argument("--draft-ks", default="1,2,3", help="proposals per round timed for --draft-run")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation (slow)")
     parser.add_argument("--smollm2-draft-layers", type=int, default=6,
                         help="layers of SmolLM2's fitted-exit draft (mmafm.train.draft.smollm2_draft, cached in runs/drafts)")
     args = parser.parse_args()
@@ -290,12 +345,17 @@ def main() -> None:
                                                           ffn_dim=1536))):
             torch.manual_seed(0)
             target = mmafm.create_model("afm_2024_device_tiny", **shape).eval()
-            results[name] = speculative(target, truncated_draft(target, 1), prompts, 48, args.k, args.repeats, True)
+            results[name] = speculative(target, truncated_draft(target, 1), prompts, 48, args.k, args.repeats,
+                                        not args.no_hf)
             print(name, json.dumps(results[name], indent=1), flush=True)
-        if args.draft_run is not None:
+        if args.draft_run is not None:  # a trained target and its distilled draft, over k
             target, draft, tiny_prompts = tiny_pipeline_pair(args.draft_run)
-            results["speculative_tiny_pipeline"] = speculative(target, draft, tiny_prompts, 48, args.k, args.repeats, True)
-            print(json.dumps(results["speculative_tiny_pipeline"], indent=1), flush=True)
+            rows = {}
+            for k in sorted({int(part) for part in args.draft_ks.split(",")}):
+                rows[f"k{k}"] = speculative(target, draft, tiny_prompts, 48, k, args.repeats,
+                                            not args.no_hf and k == args.k)
+                print(f"speculative_tiny_pipeline k={k}", json.dumps(rows[f"k{k}"], indent=1), flush=True)
+            results["speculative_tiny_pipeline"] = {"run": str(args.draft_run), **rows}
         torch.set_num_threads(args.threads)
 
     if not args.no_smollm2:
@@ -330,7 +390,8 @@ def main() -> None:
             repeats = max(1, args.repeats - 2)
             for name, candidate in (("speculative_smollm2", draft),
                                     ("speculative_smollm2_bf16_draft", copy.deepcopy(draft).to(torch.bfloat16))):
-                results[name] = speculative(model, candidate, prompts, 32, args.k, repeats, name == "speculative_smollm2")
+                results[name] = speculative(model, candidate, prompts, 32, args.k, repeats,
+                                            name == "speculative_smollm2" and not args.no_hf)
                 print(name, json.dumps(results[name], indent=1), flush=True)
     if args.json:
         from mmafm.io import atomic_write_text

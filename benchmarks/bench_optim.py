@@ -5,24 +5,43 @@
 
 For each model (the tiny 2024 on-device preset, and a mid-size one: the same architecture at the
 85M mu-param base width, 768 wide and ``--mid-layers`` deep, vocabulary 49,152), every trainable
-parameter gets a fixed random gradient and each optimizer's ``step()`` alone is timed: AdaStar with
-the AFM settings and mu-param groups (:func:`mmafm.train.optim.afm_param_groups`), AdamW with
+parameter gets a fixed random gradient and each optimizer's ``step()`` alone is timed (the
+trainer's grad-norm guard and clip, which run before either optimizer alike, are not): AdaStar
+with the AFM settings and mu-param groups (:func:`mmafm.train.optim.afm_param_groups`), by its
+native CPU kernel (``afm native``, the default on float32 CPU parameters:
+``mmafm/train/csrc/adastar.c``) and by its ``torch._foreach_*`` path (``afm foreach``,
+``foreach=True``; what runs on CUDA or where the kernel cannot be built); AdamW with
 ``foreach=True``, with ``fused=True`` and with neither (what the trainer builds: PyTorch then
 loops over the tensors on CPU and uses foreach on CUDA), with the trainer's AdamW param groups.
-The four are interleaved (background load hits them alike), one warm-up step each, and the table reports
-medians over ``--repeats`` and AdaStar's time over each AdamW's. Goal: AdaStar <= 1.2x AdamW.
-AdaStar is
-written with ``torch._foreach_*`` ops (its default multi-tensor path, ``foreach=None``): about a
-dozen ops, each a pass over the parameter-sized tensors, where foreach AdamW has about ten, and
-PyTorch's fused AdamW is one kernel per tensor, which no composition of PyTorch ops matches on
-CPU. ``torch.compile`` of a fused per-tensor AdaStar update (two kernels per tensor, dynamic
-shapes) reached fused AdamW's range on the tiny model (1.77 ms a step) but took 1,796 s of wall
-time (46 s CPU) to compile on the shared machine on 2026-11-30, so the optimizer does not use it.
+The five are interleaved (background load hits them alike), one warm-up step each, the
+parameters restored after every step (so each step starts from the same values, out of cache);
+the table reports medians over ``--repeats`` and the ratios, by two clocks: wall time, and the
+process's CPU time (with one thread, the step's own time even where other processes take turns
+on the cores: the load average goes into the JSON). Goal: AdaStar <= 1.2x AdamW's time, against
+the fastest AdamW (fused).
+
+Why a C kernel: the foreach path is about a dozen ops, each a pass over the parameter-sized
+tensors, where PyTorch's fused AdamW is one pass per tensor, which no composition of PyTorch ops
+matches on CPU. ``torch.compile`` of a fused per-tensor AdaStar update (two kernels per tensor,
+dynamic shapes) reached fused AdamW's range on the tiny model (1.77 ms a step) but took 1,796 s of
+wall time (46 s CPU) to compile on the shared machine on 2026-11-30. The kernel needs two passes
+(the per-block RMS clip needs the whole block's sum of squares before any update): it moves 9
+floats per element (pass 1 reads g and v and writes v; pass 2 reads g, v, the update EMA and p,
+writes the last two) where fused AdamW moves 7 (reads p, g, m, v, writes p, m, v), so where both
+are memory-bound (blocks larger than the cache) its floor is about 9/7 = 1.29x fused AdamW. The
+kernel runs both passes a batch of blocks (<= 256K elements) at a time and walks pass 2
+backwards, so what pass 1 read last is read again from cache; on the shared machine on
+2026-11-30 that saved about 8% on 1.57M-element blocks (CPU time 0.97 against 1.06 ns per
+element for the two passes apart, fused AdamW 0.72). Measured there (1 thread, contended, CPU
+clock; ``benchmarks/results/optim_1thread_float32.json``): native AdaStar 1.25x fused AdamW on
+the tiny model and 1.43x on the mid one (whose 49,152 x 768 embedding is half the parameters),
+0.26-0.45x foreach AdamW; the foreach path 3.2x / 6.0x fused AdamW. The 1.2x goal is not met.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -45,7 +64,9 @@ def build_model(size: str, mid_layers: int) -> torch.nn.Module:
 def optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     lr = 1e-2
     return {
-        "afm (AdaStar)": AdaStar(afm_param_groups(model, 3.16e-4), lr=lr),
+        # the default: the native kernel (csrc/adastar.c) on float32 CPU parameters
+        "afm native": AdaStar(afm_param_groups(model, 3.16e-4), lr=lr),
+        "afm foreach": AdaStar(afm_param_groups(model, 3.16e-4), lr=lr, foreach=True),
         "AdamW foreach": torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), foreach=True),
         "AdamW fused": torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), fused=True),
         # what the trainer builds (no foreach/fused flag): a per-tensor loop on CPU, foreach on CUDA
@@ -53,26 +74,42 @@ def optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     }
 
 
-def time_steps(model: torch.nn.Module, repeats: int) -> dict[str, float]:
-    """Median seconds per ``step()`` of each optimizer, interleaved, after a warm-up step."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+ROWS = ("afm native", "afm foreach", "AdamW foreach", "AdamW fused", "AdamW default")
+
+
+def time_steps(model: torch.nn.Module, repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds per ``step()`` of each optimizer, interleaved, after a warm-up step, by each
+    clock: ``wall`` (elapsed) and ``cpu`` (this process's CPU time: on a machine that other
+    processes share it leaves out the time the process waited for a core; with one thread it is
+    the step's own compute and memory time, with more it is their sum, not the latency)."""
     generator = torch.Generator().manual_seed(0)
     for param in model.parameters():
         param.grad = torch.randn(param.shape, generator=generator) * 1e-3
     built = optimizers(model)
     with torch.no_grad():
         snapshot = [p.detach().clone() for p in model.parameters()]
-    times: dict[str, list[float]] = {name: [] for name in built}
+    times = {clock: {name: [] for name in built} for clock in CLOCKS}
     for optimizer in built.values():
         optimizer.step()  # warm-up: allocates the state
     for _ in range(repeats):
         for name, optimizer in built.items():
-            start = time.perf_counter()
+            starts = {clock: read() for clock, read in CLOCKS.items()}
             optimizer.step()
-            times[name].append(time.perf_counter() - start)
+            for clock, read in CLOCKS.items():
+                times[clock][name].append(read() - starts[clock])
             with torch.no_grad():  # the same parameters for the next one
                 for param, saved in zip(model.parameters(), snapshot):
                     param.copy_(saved)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {clock: {name: statistics.median(values) for name, values in by_name.items()}
+            for clock, by_name in times.items()}
+
+
+def ratios(medians: dict[str, float]) -> dict[str, float]:
+    native, afm, foreach, fused, default = (medians[k] for k in ROWS)
+    return {"native_over_fused": native / fused, "native_over_foreach": native / foreach,
+            "native_over_default": native / default, "afm_foreach_over_foreach": afm / foreach,
+            "afm_foreach_over_fused": afm / fused}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,27 +119,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mid-layers", type=int, default=6, help="layers of the mid-size model")
     parser.add_argument("--sizes", default="tiny,mid", help="comma-separated: tiny, mid")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--note", default="", help="a remark stored in the JSON (e.g. how loaded the machine was)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     results = []
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} interleaved steps\n")
-    print("| model | params | afm (AdaStar) ms | AdamW foreach ms | AdamW fused ms | AdamW default ms "
-          "| afm / foreach | afm / fused | afm / default |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | clock | afm native ms | afm foreach ms | AdamW foreach ms | AdamW fused ms | AdamW default ms "
+          "| native / AdamW fused | native / AdamW foreach | afm foreach / AdamW foreach | afm foreach / AdamW fused |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes.split(","):
         torch.manual_seed(0)
         model = build_model(size, args.mid_layers)
         count = sum(p.numel() for p in model.parameters())
         medians = time_steps(model, args.repeats)
-        afm, foreach, fused, default = (
-            medians[k] for k in ("afm (AdaStar)", "AdamW foreach", "AdamW fused", "AdamW default"))
-        results.append({"model": size, "params": count, "seconds": medians, "afm_over_foreach": afm / foreach,
-                        "afm_over_fused": afm / fused, "afm_over_default": afm / default})
-        print(f"| {size} | {count / 1e6:.1f}M | {afm * 1e3:.2f} | {foreach * 1e3:.2f} | {fused * 1e3:.2f} | "
-              f"{default * 1e3:.2f} | {afm / foreach:.2f}x | {afm / fused:.2f}x | {afm / default:.2f}x |", flush=True)
+        results.append({"model": size, "params": count, "seconds": medians["wall"], **ratios(medians["wall"]),
+                        "cpu_seconds": medians["cpu"], "cpu": ratios(medians["cpu"])})
+        for clock in CLOCKS:
+            r = ratios(medians[clock])
+            print(f"| {size} ({count / 1e6:.1f}M) | {clock} | "
+                  + " | ".join(f"{medians[clock][k] * 1e3:.2f}" for k in ROWS) + " | "
+                  + " | ".join(f"{r[k]:.2f}x" for k in ("native_over_fused", "native_over_foreach",
+                                                       "afm_foreach_over_foreach", "afm_foreach_over_fused"))
+                  + " |", flush=True)
     if args.json:
-        meta = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats}
+        meta = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
+                "load_average": list(os.getloadavg()), "note": args.note}
         atomic_write_json(args.json, {**meta, "results": results})
     return 0
 

@@ -3,12 +3,12 @@
     mmafm run 00_data -p vocab_size=4096            # one stage notebook via papermill
     mmafm run 02_text_pretrain --config configs/stages/02_text_pretrain.yaml -p max_steps=50
     mmafm pipeline run configs/pipelines/tiny.yaml  # all stages, outputs wired by manifests
-    mmafm pipeline run configs/pipelines/tiny.yaml --run-id reproduce --seeds 3  # once per seed
+    mmafm pipeline run configs/pipelines/tiny.yaml --run-id seeds --seeds 3  # once per seed
     mmafm list models | mmafm list stages | mmafm list models --params
     mmafm list models --params --family text --family ptmoe  # the text presets' shapes and KV cache
     mmafm config afm_2025_device                    # a model preset's config as YAML
     mmafm report runs/tiny                          # runs/tiny/REPORT.md: numbers + figures
-    mmafm report --seeds runs/reproduce-seed*       # runs/reproduce/RESULTS.md: mean ± std
+    mmafm report --seeds runs/seeds-seed*           # runs/seeds/RESULTS.md: mean ± std
     mmafm numbers                                   # the reports' numbers, computed from configs
     mmafm generate runs/tiny/02_text_pretrain --prompt "The" --max-new-tokens 40
     mmafm eval runs/tiny/02_text_pretrain --tasks mmafm_cloze,mmafm_wordnet,mmafm_arith   # lm-eval

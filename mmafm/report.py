@@ -4,17 +4,21 @@
 copied from such a report of a ``make demo`` run, never typed by hand.
 
 Several runs of one pipeline under different seeds (``mmafm pipeline run ... --seeds 0,1,2``,
-``make reproduce``) are summarised together: ``mmafm report --seeds runs/tiny-seed*`` writes each
+``make seeds``) are summarised together: ``mmafm report --seeds runs/tiny-seed*`` writes each
 summary number's mean and sample standard deviation over the runs, with every run's value, to
 ``runs/tiny/RESULTS.md`` (:func:`write_seed_report`).
+
+Stages draw their figures through :func:`stage_figure`, which saves them where the report finds
+them (``<stage>/figures/<name>.png``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from mmafm.io import atomic_write_text
 from mmafm.stages.base import ManifestError, read_manifest
@@ -28,7 +32,27 @@ __all__ = [
     "render_seeds",
     "write_seed_report",
     "seed_report_path",
+    "stage_figure",
 ]
+
+
+@contextlib.contextmanager
+def stage_figure(stage_dir: Any, name: str, nrows: int = 1, ncols: int = 1, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """``with stage_figure(stage_dir, "loss", 1, 2, figsize=(10, 3.6)) as (fig, axes):`` a
+    matplotlib figure (headless Agg backend) and its axes from ``plt.subplots(nrows, ncols,
+    **subplots)``; saved by ``stage_dir.save_figure`` as ``figures/<name>.png`` when the block
+    ends without an error, and closed either way (a long run draws many figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, **subplots)
+    try:
+        yield fig, axes
+        stage_dir.save_figure(fig, name)
+    finally:
+        plt.close(fig)
 
 
 def collect(run_dir: str | Path) -> dict[str, dict]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmafm.config import ConfigError, from_dict, load_yaml
-from mmafm.stages.compression import CompressionStageConfig, parse_scheme, run
+from mmafm.stages.compression import CompressionStageConfig, describe_recovery, gap_closed, parse_scheme, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,34 @@ def test_scheme_names_and_errors(tmp_path):
         parse_scheme("palettize3")
     with pytest.raises(ConfigError, match="checkpoint is empty"):
         run(CompressionStageConfig(out_dir=str(tmp_path / "x")))
+
+
+def test_gap_closed_has_no_ratio_without_a_gap():
+    assert gap_closed(2.0, 3.0, 2.5) == pytest.approx(0.5)  # half of the 1.0 gap
+    assert gap_closed(2.0, 3.0, 3.2) == pytest.approx(-0.2)  # recovery made it worse
+    assert gap_closed(2.0, 1.9, 1.85) is None  # compressed already better than float: no ratio
+    assert gap_closed(2.0, 2.0, 1.9) is None
+
+
+def test_recovery_description_says_no_gap_in_words_and_never_nan():
+    no_gap = describe_recovery(2.0, 1.9, 1.85, kept=True)
+    assert "no gap to close" in no_gap and "nan" not in no_gap.lower()
+    assert "50% of the gap closed" in describe_recovery(2.0, 3.0, 2.5, kept=True)
+    dropped = describe_recovery(2.0, 3.0, 3.2, kept=False)
+    assert "not kept" in dropped and "-20% of the gap closed" in dropped
+
+
+def test_figure_draws_a_no_gap_row_and_a_dropped_recovery(tmp_path):
+    from mmafm.stages.base import StageDir
+    from mmafm.stages.compression import _figures
+
+    rows = [{"scheme": "palettize4", "bpw": 4.2, "loss_compressed": 1.9, "loss_recovered": 1.85, "loss_trained": 1.85,
+             "recovery_kept": True, "gap_closed": None},
+            {"scheme": "palettize2", "bpw": 2.2, "loss_compressed": 3.0, "loss_recovered": 3.0, "loss_trained": 3.2,
+             "recovery_kept": False, "gap_closed": 0.0}]
+    stage_dir = StageDir(tmp_path, "11_compression")
+    _figures(stage_dir, 2.0, rows, {"palettize4": [{"step": 1, "ce": 2.0}], "palettize2": [{"step": 1, "ce": 3.1}]})
+    assert (tmp_path / "figures" / "compression.png").stat().st_size > 1000
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +150,46 @@ def test_reproduce_notebook_runs_every_scheme_at_tiny_size(tmp_path, text_checkp
     sizes = full_size_table()
     assert (out_dir / "full_size.md").read_text().strip() == sizes
     assert "| `afm_2025_server` | ASTC 6x6, 4-bit emb. (2025 server) | 3.566 | 3.564 |" in sizes
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(text_checkpoint, token_shards, tmp_path_factory):
+    """The tiny base after 40 AdamW steps on the token shards (held-out loss well below uniform),
+    so that a destructive recovery has something to destroy."""
+    import mmafm
+    from mmafm.data.shards import TokenShards
+
+    torch.manual_seed(0)
+    model = mmafm.load_model(text_checkpoint["checkpoint"], family="text").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step, (input_ids, targets) in enumerate(TokenShards(token_shards, 32, 8, seed=0, split="train")):
+        if step == 40:
+            break
+        loss, _ = model.loss(model(input_ids), targets)  # (B, T) -> scalar
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    root = tmp_path_factory.mktemp("trained_checkpoint")
+    return mmafm.save_model(root / "text_model", model.eval(), {"tokenizer": str(text_checkpoint["tokenizer"].path)})
+
+
+@pytest.mark.slow
+def test_recovery_that_raises_the_loss_is_dropped_and_reported(tmp_path, trained_checkpoint, token_shards, capsys):
+    """A recovery LoRA trained at a destructive learning rate makes the held-out loss worse: the
+    stage keeps the compressed model without it, names it in the summary and hands no adapter on."""
+    from mmafm.stages.base import read_manifest
+
+    out_dir = tmp_path / "11_compression"
+    run(CompressionStageConfig(out_dir=str(out_dir), checkpoint=str(trained_checkpoint), tokens_dir=str(token_shards),
+                               schemes="palettize4", seq_len=32, batch_size=4, eval_batches=2, max_steps=4, lr=1.0,
+                               warmup_steps=0, grad_clip=0.0, log_every=1))
+    manifest = read_manifest(out_dir)
+    summary, outputs = manifest["summary"], manifest["outputs"]
+    assert summary["palettize4_loss_trained"] > summary["palettize4_loss"]  # the adapter made it worse
+    assert summary["palettize4_recovery_kept"] is False
+    assert summary["palettize4_loss_recovered"] == summary["palettize4_loss"]  # the kept model: no adapter
+    assert "adapter_palettize4" not in outputs
+    assert (out_dir / "recovery" / "palettize4" / "adapter.safetensors").is_file() or \
+        any((out_dir / "recovery" / "palettize4").glob("adapter*"))  # kept on disk for inspection
+    printed = capsys.readouterr().out
+    assert "recovery adapter not kept" in printed and "nan" not in printed.lower()

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from _stage_helpers import write_data_stage, write_text_stage
 from mmafm.config import ConfigError, from_dict, load_yaml
+from mmafm.stages.base import read_manifest
 from mmafm.layers.rope import rope_base_for_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,9 +157,9 @@ def test_answer_only_rows_score_exactly_the_answer_span():
     filler = np.arange(5000, 9000, dtype=np.uint32)
     rows, spans = task_rows(examples, tokenizer, filler, 320, seed=0)
     for row, (first, end), example in zip(rows, spans, examples):
-        assert first == len(example.prompt) and end == len(example.text)  # the space, then the digits
-        assert rows.shape[1] == 321 and row[end] == tokenizer.eos_id
-        assert "".join(chr(t - 2) for t in row[first:end]) == " " + example.answer
+        assert first == len(example.prompt) and end == len(example.text) + 1  # the space, the digits, EOS
+        assert rows.shape[1] == 321 and row[end - 1] == tokenizer.eos_id
+        assert "".join(chr(t - 2) for t in row[first : end - 1]) == " " + example.answer
     data = LongContextRows(MixtureShards({"d": filler}, {"d": 1.0}, 320, 6, seed=0, batches_per_epoch=8), rows, 0.5,
                            seed=0, answer_spans=spans)
     seen = 0
@@ -215,6 +217,111 @@ def test_copy_rows_repeat_a_window_and_score_the_copy():
         copy_rows(filler[:100], 2, 64)
 
 
+def test_curriculum_pool_holds_the_task_share_in_a_seeded_order():
+    from mmafm.stages.long_context import curriculum_pool
+
+    tasks = (np.full((3, 9), -1, dtype=np.int64) * np.arange(1, 4)[:, None], np.tile([[2, 4]], (3, 1)))  # rows -1, -2, -3
+    copies = (np.arange(5 * 9, dtype=np.int64).reshape(5, 9), np.tile([[5, 8]], (5, 1)))
+    rows, spans = curriculum_pool(tasks, copies, 0.3, 20, seed=1)
+    is_task = rows[:, 0] < 0
+    assert rows.shape == (20, 9) and int(is_task.sum()) == 6  # round(0.3 * 20)
+    assert sorted(rows[is_task, 0].tolist()) == [-3, -3, -2, -2, -1, -1]  # the task pool, cycled
+    assert sorted(rows[~is_task, 0].tolist()) == sorted([0, 9, 18, 27, 36] * 2 + [0, 9, 18, 27])  # the copies, cycled
+    assert np.all(spans[is_task] == [2, 4]) and np.all(spans[~is_task] == [5, 8])  # each row keeps its own span
+    again = curriculum_pool(tasks, copies, 0.3, 20, seed=1)
+    assert np.array_equal(again[0], rows) and not np.array_equal(curriculum_pool(tasks, copies, 0.3, 20, seed=2)[0], rows)
+    assert np.all(curriculum_pool(tasks, copies, 1.0, 4)[0][:, 0] < 0)
+    empty = (np.zeros((0, 9), dtype=np.int64), np.zeros((0, 2), dtype=np.int64))
+    assert np.all(curriculum_pool(empty, copies, 0.0, 4)[0][:, 0] >= 0)
+    with pytest.raises(ValueError, match="tasks pool is empty"):
+        curriculum_pool(empty, copies, 0.5, 4)
+    with pytest.raises(ValueError, match="differ in length"):
+        curriculum_pool(tasks, (copies[0][:, :5], copies[1]), 0.5, 4)
+
+
+def test_document_rows_are_filler_windows_scored_whole():
+    from mmafm.stages.long_context import document_rows
+
+    filler = np.arange(7000, 9000, dtype=np.uint32)
+    rows, spans = document_rows(filler, 5, 32, seed=4)
+    assert rows.shape == (5, 33) and np.all(spans == [1, 33])
+    assert np.all(np.diff(rows, axis=1) == 1) and rows.min() >= 7000  # contiguous windows of the filler
+    assert np.array_equal(document_rows(filler, 5, 32, seed=4)[0], rows)
+    with pytest.raises(ValueError, match="at least 34"):
+        document_rows(filler[:20], 1, 32)
+
+
+def test_curriculum_schedule_holds_the_peak_then_decays_over_the_rest():
+    """Through the curriculum: linear warm-up then the peak; after it a cosine from the peak to
+    min_lr_ratio over the remaining steps (the closed form, written here); without a curriculum
+    the trainer's own schedule."""
+    import math
+    from types import SimpleNamespace
+
+    from mmafm.stages.long_context import curriculum_batch_size, curriculum_schedule
+
+    def lrs(config, curriculum_steps):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        scheduler = curriculum_schedule(optimizer, config, curriculum_steps=curriculum_steps)
+        values = []
+        for _ in range(config.max_steps):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    config = SimpleNamespace(max_steps=30, warmup_steps=4, min_lr_ratio=0.1, schedule="cosine")
+    got = lrs(config, 10)
+    want = [2.0 * (s + 1) / 4 for s in range(4)] + [2.0] * 6
+    want += [2.0 * (k + 1) / 4 for k in range(4)]  # the long rows warm up again
+    want += [2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 16))) for k in range(16)]
+    assert got == pytest.approx(want)
+    constant = lrs(SimpleNamespace(**{**vars(config), "schedule": "constant"}), 10)
+    assert constant[4:10] + constant[14:] == pytest.approx([2.0] * 22) and constant[10] == pytest.approx(0.5)
+    plain = lrs(config, 0)  # no curriculum: warm-up + cosine over all max_steps
+    assert plain[4:] == pytest.approx([2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 26))) for s in range(4, 30)])
+    assert curriculum_batch_size(4, 512, 128) == 16 and curriculum_batch_size(4, 512, 500) == 4
+
+
+def test_curriculum_batches_come_first_then_the_document_mix():
+    """The first ``curriculum_batches`` batches (counted across epochs) are short rows of the pool
+    alone, each scored on its span only; every later batch is the usual document / task mix at full
+    length; the same draws come again (exact resume)."""
+    from mmafm.data.mixture import MixtureShards
+    from mmafm.stages.long_context import IGNORE, LongContextRows
+
+    pool_rows = np.arange(4 * 17, dtype=np.int64).reshape(4, 17) + 50_000  # (M, t + 1), t = 16
+    pool_spans = np.array([[3, 6], [2, 9], [1, 17], [1, 2]])  # row 2: the whole row, a document window
+    task = np.full((2, 33), -7, dtype=np.int64)
+    documents = MixtureShards({"d": np.arange(0, 3000, dtype=np.uint32)}, {"d": 1.0}, 32, 4, seed=0, batches_per_epoch=5)
+    data = LongContextRows(documents, task, task_share=0.25, seed=0, curriculum=(pool_rows, pool_spans),
+                           curriculum_batches=7, curriculum_batch_size=6)
+
+    def epochs(count):
+        batches = []
+        for epoch in range(count):
+            data.set_epoch(epoch)
+            batches += list(data)
+        return batches
+
+    batches = epochs(3)
+    assert [b[0].shape for b in batches] == [(6, 16)] * 7 + [(4, 32)] * 8  # 7 short batches: epoch 0 and 2 of epoch 1
+    for inputs, targets, is_task in batches[:7]:
+        for row in range(inputs.shape[0]):
+            pick = int((inputs[row, 0] - 50_000) // 17)
+            assert bool(is_task[row]) == (pick != 2)  # a document row adds to the documents' loss
+            assert torch.equal(inputs[row], torch.from_numpy(pool_rows[pick, :-1]))
+            first, end = pool_spans[pick]
+            assert torch.nonzero(targets[row] != IGNORE)[:, 0].tolist() == list(range(first - 1, end - 1))
+            assert targets[row, first - 1 : end - 1].tolist() == pool_rows[pick, first:end].tolist()
+    for inputs, _, _ in batches[7:]:
+        assert torch.all((inputs >= 0) | (inputs == -7)) and torch.all(inputs < 50_000)  # documents and task rows
+    again = epochs(3)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    with pytest.raises(ValueError, match="curriculum_batches > 0 needs"):
+        LongContextRows(documents, task, 0.25, curriculum_batches=3)
+
+
 # ---------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("stage", ["04_continued_pretrain", "05_long_context"])
 def test_yaml_holds_the_config_defaults(stage):
@@ -239,28 +346,9 @@ def test_yaml_holds_the_config_defaults(stage):
 def core_run(tmp_path_factory):
     """A tiny data stage (jargon + fortunes + wikipedia, 80 documents each) and a core checkpoint
     trained at seq_len 32, laid out as 00_data and 02_text_pretrain leave them."""
-    import mmafm
-    from mmafm.data.shards import write_token_shards
-    from mmafm.data.text_sources import TEXT_SOURCES
-    from mmafm.tokenizer import train_tokenizer
-
     root = tmp_path_factory.mktemp("core_run")
-    config = {"text_sources": "jargon,fortunes,wikipedia", "text_cap": 80, "seed": 0, "val_fraction": 0.2}
-    documents = [(f"{name}/{doc_id}", text) for name in config["text_sources"].split(",")
-                 for doc_id, text in TEXT_SOURCES[name].documents(config["text_cap"], 0)]
-    tokenizer = train_tokenizer([text for _, text in documents], root / "data" / "tokenizer" / "tokenizer", vocab_size=600)
-    write_token_shards(documents, tokenizer, root / "data" / "tokens", config["val_fraction"])
-    (root / "data" / "manifest.json").write_text(json.dumps({
-        "stage": "00_data", "status": "complete", "config": config,
-        "outputs": {"tokens_dir": str(root / "data" / "tokens"), "tokenizer": str(tokenizer.path),
-                    "data_dir": str(root / "data")}}))
-    torch.manual_seed(0)
-    model = mmafm.create_model("afm_2024_device_tiny", vocab_size=tokenizer.vocab_size)
-    checkpoint = mmafm.save_model(root / "core" / "checkpoints" / "text_model", model,
-                                  {"tokenizer": str(tokenizer.path), "stage_config": {"seq_len": 32}})
-    (root / "core" / "manifest.json").write_text(json.dumps({
-        "stage": "02_text_pretrain", "status": "complete",
-        "outputs": {"checkpoint": str(checkpoint), "tokenizer": str(tokenizer.path)}}))
+    tokenizer = write_data_stage(root, text_cap=80)
+    write_text_stage(root / "core", "02_text_pretrain", tokenizer, seq_len=32, seed=0)
     return {"root": root, "data_dir": root / "data", "core": root / "core", "tokenizer": tokenizer}
 
 
@@ -284,6 +372,34 @@ def test_stage_errors_name_the_problem(core_run, tmp_path):
         run_long(LongContextConfig(out_dir=str(tmp_path / "f"), ladder="40,80", tasks="multikey", **inputs))
     with pytest.raises(ConfigError, match="ladder 'long'"):
         run_long(LongContextConfig(out_dir=str(tmp_path / "g"), ladder="long", **inputs))
+    with pytest.raises(ConfigError, match="curriculum_len 64 must be shorter than target_len 64"):
+        run_long(LongContextConfig(out_dir=str(tmp_path / "h"), curriculum_steps=2, curriculum_len=64, **inputs))
+
+
+def test_vocabulary_extension_grows_the_tokenizer_and_the_model(core_run, tmp_path):
+    """extend_vocab_to: the stage writes an extended tokenizer (base ids kept), the checkpoint has
+    the new vocabulary and names that tokenizer, and code costs fewer tokens per byte."""
+    from mmafm.checkpoint import load_model, read_metadata
+    from mmafm.stages.continued_pretrain import ContinuedPretrainConfig, run as run_continued
+    from mmafm.tokenizer import Tokenizer
+
+    base = core_run["tokenizer"]
+    inputs = dict(init_checkpoint=str(core_run["core"]), tokenizer=str(base.path), data_dir=str(core_run["data_dir"]))
+    cfg = ContinuedPretrainConfig(out_dir=str(tmp_path / "04"), generated_documents=60, batch_size=2, max_steps=2,
+                                  warmup_steps=1, eval_every=2, eval_batches=1, ckpt_every=0, sample_tokens=2,
+                                  mixture="jargon=1,code=1", extend_vocab_to=base.vocab_size + 64, **inputs)
+    outputs = run_continued(cfg)
+    extended = Tokenizer.load(outputs["tokenizer"])
+    assert Path(outputs["tokenizer"]).is_relative_to(tmp_path / "04") and extended.vocab_size == base.vocab_size + 64
+    assert all(extended.sp.id_to_piece(i) == base.sp.id_to_piece(i) for i in range(base.vocab_size))
+    model = load_model(outputs["checkpoint"])
+    assert model.config.vocab_size == extended.vocab_size
+    assert read_metadata(outputs["checkpoint"])["tokenizer"] == outputs["tokenizer"]
+    summary = read_manifest(tmp_path / "04")["summary"]
+    assert (summary["vocab_size_before"], summary["vocab_size_after"]) == (base.vocab_size, base.vocab_size + 64)
+    assert summary["code_tokens_per_byte_after"] < summary["code_tokens_per_byte_before"]
+    with pytest.raises(ConfigError, match="extend_vocab_to=10 must exceed"):
+        run_continued(dataclasses.replace(cfg, out_dir=str(tmp_path / "bad"), extend_vocab_to=10))
 
 
 @pytest.mark.slow
@@ -315,13 +431,15 @@ def test_both_notebooks_run_continued_then_long_context(core_run, tmp_path):
     long = dict(out_dir=str(tmp_path / "05"), init_checkpoint=str(tmp_path / "04"), tasks="passkey,needle",
                 haystack_sources="jargon,fortunes", task_examples=6, digits=3, batch_size=2, max_steps=3,
                 warmup_steps=1, ckpt_every=0, log_every=1, ladder="128,192,256", eval_examples=2, eval_batches=1,
-                generated_documents=40, mixture="jargon=1,code=1", **inputs)
+                generated_documents=40, mixture="jargon=1,code=1", curriculum_steps=2, curriculum_len=96, **inputs)
     assert set(long) <= {f.name for f in dataclasses.fields(LongContextConfig)}
     papermill.execute_notebook(str(ROOT / "notebooks" / "05_long_context.ipynb"), str(tmp_path / "05.ipynb"),
                                parameters=long, kernel_name="mmafm", cwd=str(ROOT), progress_bar=False)
     manifest = read_manifest(tmp_path / "05")
     summary = manifest["summary"]
     assert (summary["trained_len"], summary["target_len"]) == (64, 128)
+    assert summary["curriculum_steps"] == 2 and summary["curriculum_tasks"] == "passkey,needle"  # both fit 96 tokens at 3 digits
+    assert summary["train_tokens"] == 2 * 2 * 96 + 1 * 2 * 128  # 2 curriculum steps of 2 x 96 (128 // 96 = 1), 1 long step
     assert summary["rope_theta"] == pytest.approx(rope_base_for_context(500_000, 64, 128), rel=1e-6)
     assert set(summary["ruler_before"]) == set(summary["ruler_after"]) == {"128", "192", "256"}
     assert all(0.0 <= v <= 1.0 for v in summary["ruler_after"].values())

@@ -79,3 +79,25 @@ def test_expected_tokens_per_round_is_the_sum_of_acceptance_powers():
         assert expected_tokens_per_round(a, k) == pytest.approx(sum(a ** i for i in range(k + 1)))
     with pytest.raises(ValueError):
         expected_tokens_per_round(1.5, 2)
+
+
+def test_greedy_continuations_are_plain_greedy_rows_and_batches_draw_whole_rows():
+    """Each continued row is its prompt followed by the target's greedy decoding of that prompt
+    alone (batched in parts smaller than the prompt count); batches are rows of the sequences,
+    inputs and targets shifted by one."""
+    from mmafm.inference.generate import generate
+    from mmafm.train.draft import greedy_continuations, sequence_batches
+
+    target = _target()
+    prompts = torch.randint(0, 200, (5, 4), generator=torch.Generator().manual_seed(2))  # (N, P)
+    sequences = greedy_continuations(target, prompts, 6, batch_size=2)  # (5, 10)
+    assert sequences.shape == (5, 10)
+    for row, prompt in enumerate(prompts.tolist()):
+        assert sequences[row].tolist() == prompt + generate(target, [prompt], 6)[0]
+    ids, targets = next(iter(sequence_batches(sequences, 8, seed=0)))  # (8, 9) each
+    assert ids.shape == targets.shape == (8, 9)
+    rows = {tuple(row) for row in sequences.tolist()}
+    for x, y in zip(ids.tolist(), targets.tolist()):
+        assert tuple(x + y[-1:]) in rows and x[1:] == y[:-1]
+    with pytest.raises(ValueError, match="new_tokens"):
+        greedy_continuations(target, prompts, 0)

@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
+from _stage_helpers import naive_greedy  # noqa: E402
 from mmafm.eval.harness import MMAFMLM, evaluate_tasks, results_table, task_scores  # noqa: E402
 from mmafm.eval.tasks import (  # noqa: E402
     CORE_TASKS,
@@ -91,17 +91,6 @@ def test_loglikelihood_rolling_and_edge_cases_equal_hf_backend(ours, hf_lm, text
         assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
 
 
-def _naive_greedy(model, ids: list[int], steps: int, stop: int) -> list[int]:
-    out = []
-    with torch.no_grad():
-        for _ in range(steps):
-            token = int(model(torch.tensor([ids + out]))[0, -1].argmax())
-            if token == stop:
-                break
-            out.append(token)
-    return out
-
-
 def test_generate_until_is_greedy_decode(ours, text_checkpoint):
     model, tokenizer = text_checkpoint["model"], text_checkpoint["tokenizer"]
     contexts = ["a red", "a blue square on the left and", "green"]
@@ -110,7 +99,7 @@ def test_generate_until_is_greedy_decode(ours, text_checkpoint):
                 for c in contexts]
     outputs = ours.generate_until(requests)
     for context, output in zip(contexts, outputs):
-        expected = tokenizer.decode(_naive_greedy(model, tokenizer.encode(context), 12, tokenizer.eos_id))
+        expected = tokenizer.decode(naive_greedy(model, tokenizer.encode(context), 12, tokenizer.eos_id))
         assert output == expected.split(until[0])[0]
 
 

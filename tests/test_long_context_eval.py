@@ -4,8 +4,8 @@ the lm-eval long-context tasks. References: an oracle that answers right only be
 the model's own answers, and the examples' own answers for the lm-eval items."""
 
 import pytest
-import torch
 
+from _stage_helpers import naive_greedy
 from mmafm.data.long_context import haystack_documents
 from mmafm.eval.long_context import (
     LM_EVAL_GEN_TOKENS,
@@ -42,17 +42,6 @@ def test_ladder_bookkeeping_with_an_oracle(text_checkpoint, documents):
         "| model | 256 | 1k |\n| --- | ---: | ---: |\n| before | 50.0 | 25.0 |\n| after | 100.0 | 75.0 |")
 
 
-def _naive_greedy(model, ids, steps, stop):
-    out = []
-    with torch.no_grad():
-        for _ in range(steps):
-            token = int(model(torch.tensor([ids + out]))[0, -1].argmax())
-            if token == stop:
-                break
-            out.append(token)
-    return out
-
-
 def test_model_answers_are_greedy_decodes(text_checkpoint, documents):
     model, tokenizer = text_checkpoint["model"], text_checkpoint["tokenizer"]
     result = evaluate_long_context(model, tokenizer, ("passkey",), (160,), count=2, documents=documents)
@@ -60,7 +49,7 @@ def test_model_answers_are_greedy_decodes(text_checkpoint, documents):
 
     for ex, record in zip(long_context_examples("passkey", 160, 2, documents, tokenizer), result["examples"]):
         budget = len(tokenizer.encode(" " + ex.answer)) + 2
-        expected = tokenizer.decode(_naive_greedy(model, tokenizer.encode(ex.prompt), budget, tokenizer.eos_id))
+        expected = tokenizer.decode(naive_greedy(model, tokenizer.encode(ex.prompt), budget, tokenizer.eos_id))
         assert record["prediction"] == expected
         assert record["correct"] == exact_match(expected, ex.answer)
     with pytest.raises(ValueError, match="exceed the model's context"):

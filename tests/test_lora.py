@@ -438,19 +438,134 @@ def test_decode_with_an_adapter_runs_in_the_kernels_and_equals_the_torch_path():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+MIXED_ROWS = ["b", None, "a", "c"]  # c adapts Q and O only; None = the base alone
+
+
+def prefilled(model, adapters, rows, ids: torch.Tensor, prompt: int):
+    """A cache holding ``ids[:, :prompt]`` (the module path) and the plan built on it, under
+    ``rows`` (a mixed batch, or one adapter name / None for every row)."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    model(ids[:, :prompt], cache=cache)
+    return cache, build_plan(model, cache)
+
+
+def decode_rest(plan, ids: torch.Tensor, prompt: int) -> torch.Tensor:  # (B, T - prompt, V)
+    return torch.stack([plan.step(ids[:, t]) for t in range(prompt, ids.shape[1])], dim=1)
+
+
 @needs_native
-def test_a_mixed_batch_decodes_on_the_module_path_like_each_adapter_alone():
+def test_a_mixed_batch_decodes_in_the_whole_step_kernel_like_the_module_path():
+    """The native step with per-row adapters (csrc/lora.c) against the module path (slot-major
+    LoRA in torch) and a float64 forward, step by step, on afm_2025_device_tiny: adapters on
+    q/k/v/o/gate/up/down (Q and O only in the KV-shared segment), one on Q/O only, one of lower
+    rank, a row without adapter; that row bit-identical to the plain step of the bare base."""
     model, adapters = three_adapters()
-    rows = ["b", "a"]
-    with torch.no_grad(), adapters.mixed(rows):
-        cache = model.new_cache(2, 20)
-        model(torch.tensor([p[:3] for p in PROMPTS]), cache=cache)
-        plan = build_plan(model, cache)
-        assert not plan.whole_step and "per-row adapters" in plan.layers[0].why
-        mixed = generate(model, PROMPTS, 8)
-    for row, name in enumerate(rows):
+    ids = torch.randint(0, model.config.vocab_size, (4, 14))
+    with torch.no_grad():
+        with adapters.mixed(MIXED_ROWS):
+            cache, plan = prefilled(model, adapters, MIXED_ROWS, ids, 4)
+            assert plan.whole_step and plan.mixed_adapters and "per-row LoRA" in plan.describe()
+            got = decode_rest(plan, ids, 4)
+            want = model(ids)[:, 4:]
+        adapters.set_adapter(None)
+        reference = model.double()(ids)[:, 4:]  # every row as the base
+        model.float()
+        _, bare_plan = prefilled(model, adapters, None, ids, 4)
+        assert bare_plan.whole_step and not bare_plan.mixed_adapters
+        bare = decode_rest(bare_plan, ids, 4)
+        with adapters.mixed(MIXED_ROWS):
+            mixed64 = model.double()(ids)[:, 4:]
+        model.float()
+    scale = float(want.abs().max())  # logits ~10: 1e-5 relative to them (float32 summation order)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(got, mixed64.float(), rtol=0, atol=1e-5 * scale)
+    assert torch.equal(got[1], bare[1])  # the base-only row: exactly the plain step
+    for row in (0, 2, 3):  # and the adapters matter
+        assert (got[row] - reference[row]).abs().max() > 100 * 1e-5 * scale
+
+
+@needs_native
+def test_a_mixed_batch_in_bfloat16_decodes_in_the_whole_step_kernel():
+    """bfloat16 weights and cache: the native mixed step against the float32 module path on the
+    same (bf16-rounded) weights, to the bf16 cache's rounding; the base-only row bit-identical
+    to the bf16 plain step."""
+    model, adapters = three_adapters()
+    model.to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (4, 10))
+    with torch.no_grad():
+        with adapters.mixed(MIXED_ROWS):
+            _, plan = prefilled(model, adapters, MIXED_ROWS, ids, 4)
+            assert plan.whole_step and plan.mixed_adapters
+            got = decode_rest(plan, ids, 4)
+            want = model.float()(ids)[:, 4:]
+        model.to(torch.bfloat16)
+        adapters.set_adapter(None)
+        _, bare_plan = prefilled(model, adapters, None, ids, 4)
+        bare = decode_rest(bare_plan, ids, 4)
+    tolerance = 0.03 * float(want.abs().max())  # the bf16 cache and prefill: ~0.2 on logits ~10
+    torch.testing.assert_close(got, want, rtol=0, atol=tolerance)
+    assert torch.equal(got[1], bare[1])
+    for row in (0, 2, 3):  # the adapters matter far beyond the tolerance
+        assert (got[row] - bare[row]).abs().max() > 5 * tolerance
+
+
+@needs_native
+def test_the_mixed_step_splits_large_adapters_over_threads_without_changing_a_bit():
+    """Adapters large enough for the kernels' thread pool (8 slots x rank 16 x 1024 inputs):
+    the same logits, bit for bit, on 1 and 3 threads, and equal to the module path."""
+    torch.manual_seed(0)
+    model = mmafm.create_model("afm_2024_device_tiny", vocab_size=96, dim=1024, n_layers=1, n_heads=8,
+                               n_kv_heads=2, head_dim=128, ffn_dim=1024, max_seq_len=32).eval()
+    adapters = attach_lora(model, rank=16, alpha=16.0, slots=8, name=None)
+    for index in range(8):
+        adapters.add(f"n{index}", seed=index)
+        randomize_adapter(adapters, f"n{index}", std=0.05, seed=index)
+    rows = ["n7", None, "n0", "n3", "n7"]
+    ids = torch.randint(0, 96, (5, 8))
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            with torch.no_grad(), adapters.mixed(rows):
+                _, plan = prefilled(model, adapters, rows, ids, 4)
+                assert plan.mixed_adapters
+                got[count] = decode_rest(plan, ids, 4)
+                want = model(ids)[:, 4:]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[1], got[3])
+    torch.testing.assert_close(got[1], want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+@needs_native
+def test_a_mixed_batch_generates_what_each_adapter_generates_alone():
+    """Greedy generation of a mixed batch (left-padded prompts, a row without adapter) through
+    the native step equals each row generated alone under its own adapter (the merged-weight
+    step), and the no-cache argmax loop of the module path under the mixed routing; the chunked
+    step (speculative verification) equals one step at a time."""
+    model, adapters = three_adapters()
+    prompts = PROMPTS + [[3, 1, 4, 1, 5], [7]]
+    with adapters.mixed(MIXED_ROWS):
+        mixed = generate(model, prompts, 8)
+        with kernels_disabled():
+            assert generate(model, prompts, 8) == mixed
+    for row, name in enumerate(MIXED_ROWS):
         adapters.set_adapter(name)
-        assert generate(model, [PROMPTS[row]], 8)[0] == mixed[row]
+        assert generate(model, [prompts[row]], 8)[0] == mixed[row]
+    adapters.set_adapter(None)
+    ids = torch.randint(0, model.config.vocab_size, (4, 12))
+    with torch.no_grad(), adapters.mixed(MIXED_ROWS):
+        _, plan = prefilled(model, adapters, MIXED_ROWS, ids, 4)
+        stepped = decode_rest(plan, ids, 4)
+        _, plan = prefilled(model, adapters, MIXED_ROWS, ids, 4)
+        chunked = plan.chunk(ids[:, 4:])
+        assert torch.equal(chunked, stepped)
+        with pytest.raises(ValueError, match="outside"):
+            plan._step.step(ids[:, 4], torch.zeros(4, dtype=torch.long), 4, adapter_rows=torch.tensor([0, 1, 2, 3]))
+    with torch.no_grad():  # leaving the mixed batch mid-call is refused, not computed wrongly
+        with pytest.raises(RuntimeError, match="left its mixed batch"):
+            plan.step(ids[:, 4])
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -511,6 +626,34 @@ def test_export_to_peft_gives_equal_logits(tmp_path):
     assert config["r"] == 2 and config["lora_alpha"] == 7.0
     assert sorted(config["target_modules"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj",
                                                 "model.layers.1.self_attn.q_proj"]
+
+
+@needs_native
+def test_a_mixed_batch_decoded_natively_equals_peft_mixed_batch(tmp_path):
+    """The native mixed-adapter step on the dense 2024 architecture against peft's own mixed
+    batch (``adapter_names=``) on the exported model, position by position, to 1e-5: an adapter
+    on all seven projections, one on two of them with another rank, a base-only row."""
+    peft = pytest.importorskip("peft")
+    from mmafm.interop.hf import to_hf
+    from mmafm.lora.peft import to_peft
+
+    model = dense_model()
+    adapters = attach_lora(model, rank=3, alpha=5.0, slots=3, name="x")
+    adapters.add("y", rank=2, alpha=7.0, targets=["attn.q_proj", "layers.1.ffn.w_up"], seed=4)
+    randomize_adapter(adapters, "x")
+    randomize_adapter(adapters, "y", seed=3)
+    peft_model = peft.PeftModel.from_pretrained(to_hf(model), str(to_peft(adapters, tmp_path / "x", "x")),
+                                                adapter_name="x").eval()
+    peft_model.load_adapter(str(to_peft(adapters, tmp_path / "y", "y")), adapter_name="y")
+    rows = ["y", None, "x", "y"]
+    ids = torch.randint(0, 96, (4, 14))
+    with torch.no_grad():
+        with adapters.mixed(rows):
+            _, plan = prefilled(model, adapters, rows, ids, 4)
+            assert plan.mixed_adapters
+            ours = decode_rest(plan, ids, 4)
+        theirs = peft_model(input_ids=ids, adapter_names=["__base__" if r is None else r for r in rows]).logits
+    torch.testing.assert_close(ours, theirs[:, 4:], rtol=0, atol=1e-5)
 
 
 def test_a_lora_trained_with_peft_imports_back(tmp_path):

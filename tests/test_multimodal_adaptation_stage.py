@@ -28,6 +28,7 @@ from mmafm.stages.multimodal_adaptation import (
     MixtureBatches,
     MultimodalAdaptationConfig,
     parse_mixture,
+    parse_mixture_list,
     rows_per_kind,
     run,
 )
@@ -282,11 +283,42 @@ def test_a_frozen_text_model_keeps_its_perplexity_exactly(tmp_path, upstream):
     assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
 
 
+def test_compare_mixtures_are_split_on_semicolons_and_checked():
+    assert parse_mixture_list("") == [] and parse_mixture_list(" ; ") == []
+    assert parse_mixture_list("text:0.9,pairs:0.1; pairs:1") == ["text:0.9,pairs:0.1", "pairs:1"]
+    with pytest.raises(ConfigError, match="key 'compare_mixtures': 'video:1'"):
+        parse_mixture_list("text:1;video:1")
+
+
+def test_mixture_comparison_starts_from_the_main_runs_start(tmp_path, upstream):
+    """Each compared mixture trains from the model the main run started from: the comparison of
+    the main run's own mixture, for as many steps, lands on the main run's held-out numbers; a
+    text-only mixture lands elsewhere. One point per mixture, and the trade-off figure."""
+    run(_cfg(tmp_path, upstream, eval_every=0, compare_mixtures=f"{TINY['mixture']};text:1", compare_steps=TINY["max_steps"]))
+    manifest = read_manifest(tmp_path / "out")
+    summary = manifest["summary"]
+    same, text_only = summary["mixture_comparison"]
+    assert same["mixture"] == summary["mixture"] and same["steps"] == summary["steps"] == TINY["max_steps"]
+    for key in ("text_ppl", "caption_ppl", "interleaved_ppl", "choice_accuracy", "text_ppl_change"):
+        assert same[key] == pytest.approx(summary[key], rel=1e-5, abs=1e-4), key
+    assert text_only["rows_per_batch"] == {"text": TINY["batch_size"], "pairs": 0, "interleaved": 0}
+    assert text_only["caption_ppl"] != pytest.approx(same["caption_ppl"], rel=1e-4)
+    assert summary["compare_steps"] == TINY["max_steps"]
+    assert "mixture_tradeoff.png" in {Path(f).name for f in manifest["figures"]}
+
+
+def test_a_compared_mixture_the_batch_cannot_hold_is_refused_before_training(tmp_path, upstream):
+    with pytest.raises(ConfigError, match="leaves no row"):
+        run(_cfg(tmp_path, upstream, compare_mixtures="text:0.01,pairs:1"))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_stage_notebook_runs_with_papermill(tmp_path, upstream):
     from mmafm.runner import run_stage
 
-    stage_dir = run_stage("06_multimodal_adaptation", params={**TINY, **upstream}, run_id="t", runs_dir=tmp_path)
+    compare = {"compare_mixtures": "text:1;pairs:1", "compare_steps": 1}  # the notebook's trade-off cell, briefly
+    stage_dir = run_stage("06_multimodal_adaptation", params={**TINY, **upstream, **compare}, run_id="t", runs_dir=tmp_path)
     manifest = read_manifest(stage_dir)
     outputs, summary = manifest["outputs"], manifest["summary"]
     assert outputs["preset"] == "afm_vl_tiny" and summary["image_tokens"] == 4
@@ -295,7 +327,11 @@ def test_stage_notebook_runs_with_papermill(tmp_path, upstream):
     assert summary["text_unchanged"] is False and summary["choice_chance"] == pytest.approx(1 / 3, abs=1e-3)
     for key in ("text_ppl", "interleaved_ppl", "caption_ppl", "choice_accuracy"):
         assert summary[f"{key}_before"] > 0 and summary[key] > 0
-    assert {Path(f).name for f in manifest["figures"]} == {"adaptation.png", "interleaved_example.png"}
+    assert {Path(f).name for f in manifest["figures"]} == {"adaptation.png", "interleaved_example.png", "mixture_tradeoff.png"}
+    assert [point["mixture"] for point in summary["mixture_comparison"]] == [
+        {"text": 1.0, "pairs": 0.0, "interleaved": 0.0}, {"text": 0.0, "pairs": 1.0, "interleaved": 0.0}]
+    executed = (stage_dir / "06_multimodal_adaptation.ipynb").read_text()
+    assert "each 1 steps from the same start" in executed  # the notebook read the comparison
     records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "ce_interleaved" in r] == [1, 2]
     assert [r["step"] for r in records if "eval/val_text_ppl" in r] == [1, 2]

@@ -122,8 +122,16 @@ def test_teacher_cost_curves_price_what_each_teacher_trained(larger_model):
 
     result, moe = compare_teacher_costs(larger_model["checkpoint"], larger_model["tokens_dir"], larger_model["tokens_dir"],
                                         moe_steps=3, dense_max_steps=4, eval_every=2, seq_len=32, batch_size=4,
-                                        lr=1e-3, num_experts=4, eval_batches=1)
+                                        lr=1e-3, num_experts=4, eval_batches=1, scratch_steps=2,
+                                        scratch_ffn_multiplier=2, base_flops=5e9, base_seconds=9.0)
     assert [p["step"] for p in result["moe"]] == [0, 2, 3] and [p["step"] for p in result["dense"]] == [0, 2, 4]
+    names = [row["name"] for row in result["arms"]]
+    assert names == ["upcycled MoE", "dense, more steps", "larger dense (2x FFN), from scratch"]
+    starts = [(row["start_flops"], row["start_seconds"]) for row in result["arms"]]
+    assert starts == [(5e9, 9.0), (5e9, 9.0), (0.0, 0.0)]  # the dense base is paid by the arms built on it
+    scratch = result["arms"][2]
+    assert [p["step"] for p in scratch["curve"]] == [0, 2]
+    assert scratch["params_M"] > result["dense_params_M"]  # a larger preset, its own fresh weights
     assert result["moe"][0]["val_loss"] == pytest.approx(result["dense"][0]["val_loss"], abs=1e-4)
     dense = mmafm.load_model(larger_model["checkpoint"])
     for name, model in (("moe", moe), ("dense", dense)):
@@ -137,6 +145,98 @@ def test_teacher_cost_curves_price_what_each_teacher_trained(larger_model):
     if result["flops_ratio"] is not None:
         assert result["flops_ratio"] == pytest.approx(cost_to_reach(result["moe"], result["target"])["flops"]
                                                       / cost_to_reach(result["dense"], result["target"])["flops"])
+
+
+def _closed_form_train_flops_per_token(config, seq_len: int) -> float:
+    """``6 x`` the matmul parameters one token uses, from the config alone (tied embedding once;
+    an MoE layer: its router and ``top_k`` experts), plus ``6 x n_layers x n_heads x head_dim x
+    (seq_len + 1)`` for the attention scores and values (Kaplan et al. 2020)."""
+    dim, head = config.dim, config.head_dim
+    attention = 2 * dim * config.n_heads * head + 2 * dim * config.n_kv_heads * head  # q, o; k, v
+    dense_ffn = 3 * dim * config.ffn_dim
+    moe_ffn = dim * config.num_experts + config.top_k * dense_ffn
+    layers = sum(attention + (moe_ffn if config.num_experts and index % config.moe_every == config.moe_every - 1
+                              else dense_ffn) for index in range(config.n_layers))
+    return 6.0 * (config.vocab_size * dim + layers) + 6.0 * config.n_layers * config.n_heads * head * (seq_len + 1)
+
+
+def test_cost_to_reach_interpolates_the_first_crossing():
+    """Hand-checked curves: linear between the two evaluations around the first crossing, the
+    start when already there, None when never reached (a later dip does not count twice)."""
+    from mmafm.stages.prune import cost_to_reach
+
+    def point(step, loss):
+        return {"step": step, "tokens": 10 * step, "flops": 100.0 * step, "seconds": 0.5 * step, "val_loss": loss}
+
+    curve = [point(0, 5.0), point(2, 3.0), point(4, 4.0), point(6, 2.0)]
+    # 3.5 is crossed first between steps 0 and 2, three quarters of the way down from 5.0: step 1.5
+    assert cost_to_reach(curve, 3.5) == pytest.approx({"step": 1.5, "tokens": 15, "flops": 150.0, "seconds": 0.75})
+    # 2.5: not before the 4.0 -> 2.0 segment, three quarters along it: step 5.5
+    assert cost_to_reach(curve, 2.5) == pytest.approx({"step": 5.5, "tokens": 55, "flops": 550.0, "seconds": 2.75})
+    assert cost_to_reach(curve, 5.0) == {"step": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0}
+    assert cost_to_reach(curve, 1.9) is None
+
+
+def test_teacher_cost_curves_count_flops_and_read_the_crossing(larger_model):
+    """A tiny instance of the cost-to-target comparison: every curve point costs the closed-form
+    training FLOPs per token x the tokens trained; each arm's cost is the linear interpolation
+    between the evaluations around its first crossing of the target; ratios are the reference's
+    cost over the arm's (plus starting costs in the "with start" ratios); an arm that never
+    reaches the target (LR 0: it never moves) gets only a bound, the reference's cost over its
+    whole run."""
+    import numpy as np
+
+    from mmafm.stages.prune import TeacherArm, teacher_cost_curves
+    from mmafm.stages.text_pretrain import held_out_batches
+    from mmafm.train.distill import upcycled_teacher
+
+    dense = mmafm.load_model(larger_model["checkpoint"])
+    config = dense.config
+    moe = upcycled_teacher(mmafm.load_model(larger_model["checkpoint"]), 4, 2, 2)
+    torch.manual_seed(0)
+    larger = mmafm.models.text.TextModel(dataclasses.replace(config, ffn_dim=2 * config.ffn_dim))
+    tokens = larger_model["tokens_dir"]
+    arms = [TeacherArm("moe", moe, tokens, 4, 3e-3, start_flops=1e9, start_seconds=7.0),
+            TeacherArm("dense", dense, tokens, 6, 3e-3, start_flops=1e9, start_seconds=7.0),
+            TeacherArm("scratch", larger, tokens, 4, 1e-2, schedule="cosine", warmup_steps=1),
+            TeacherArm("frozen", mmafm.load_model(larger_model["checkpoint"]), tokens, 2, 0.0)]
+    val_batches = held_out_batches(tokens, 32, 4, 1)
+    result = teacher_cost_curves(arms, val_batches, reference="moe", eval_every=1, seq_len=32, batch_size=4)
+    rows = {row["name"]: row for row in result["arms"]}
+    for arm in arms:
+        row = rows[arm.name]
+        closed_form = _closed_form_train_flops_per_token(arm.model.config, 32)
+        assert row["flops_per_token"] == pytest.approx(closed_form, rel=1e-12)
+        assert [p["step"] for p in row["curve"]] == list(range(arm.steps + 1))
+        for p in row["curve"]:
+            assert p["tokens"] == p["step"] * 4 * 32 and p["flops"] == pytest.approx(closed_form * p["tokens"])
+    start_loss = rows["moe"]["curve"][0]["val_loss"]
+    assert rows["frozen"]["curve"][-1]["val_loss"] == pytest.approx(start_loss, abs=1e-6)  # LR 0 never moves
+    assert result["target"] == min(p["val_loss"] for p in rows["moe"]["curve"][1:]) < start_loss
+    for row in result["arms"]:
+        losses = [p["val_loss"] for p in row["curve"]]
+        first = next((i for i, loss in enumerate(losses) if loss <= result["target"]), None)
+        if first is None:
+            assert row["cost"] is None and not row["reached"]
+            continue
+        # independent reading: np.interp over the bracketing pair, loss decreasing -> reverse it
+        before, after = row["curve"][max(first - 1, 0)], row["curve"][first]
+        expected = np.interp(result["target"], [after["val_loss"], before["val_loss"]], [after["flops"], before["flops"]])
+        assert row["cost"]["flops"] == pytest.approx(expected)
+    ref = rows["moe"]["cost"]
+    assert rows["dense"]["reached"] and rows["dense"]["cost"]["step"] != int(rows["dense"]["cost"]["step"])  # between evaluations
+    for row in result["arms"]:
+        if row["cost"] is not None:
+            assert row["ratio_flops"] == pytest.approx(ref["flops"] / row["cost"]["flops"])
+            assert row["ratio_seconds"] == pytest.approx(ref["seconds"] / row["cost"]["seconds"])
+            assert row["ratio_flops_with_start"] == pytest.approx((ref["flops"] + 1e9)
+                                                                  / (row["cost"]["flops"] + row["start_flops"]))
+            assert row["ratio_flops_bound"] is None
+    frozen = rows["frozen"]
+    assert frozen["ratio_flops"] is None
+    assert frozen["ratio_flops_bound"] == pytest.approx(ref["flops"] / frozen["curve"][-1]["flops"])
+    with pytest.raises(ValueError, match="nope"):
+        teacher_cost_curves(arms[:1], val_batches, reference="nope", eval_every=1, seq_len=32, batch_size=4)
 
 
 def test_table6_rows_hold_the_text_tasks(tmp_path, larger_model):
@@ -179,19 +279,21 @@ def test_reproduce_distillation_notebook_runs(tmp_path, larger_model):
         parameters=dict(checkpoint=larger_model["checkpoint"], tokens_dir=larger_model["tokens_dir"], out_dir=str(out),
                         seeds=2, steps=2, mask_steps=2, seq_len=32, batch_size=4, eval_batches=1, teacher_steps=2,
                         num_experts=4, threads=1, eval_tasks="mmafm_wordnet", eval_task_size=2, slice_tokens=1500,
-                        slice_min_tokens=4, dense_max_steps=3, teacher_eval_every=1),
+                        slice_min_tokens=4, dense_max_steps=3, teacher_eval_every=1, teacher_eval_batches=1,
+                        teacher_warmup_steps=1, scratch_steps=2, scratch_ffn_multiplier=2),
         kernel_name="mmafm", cwd=str(ROOT), progress_bar=False,
     )
     result = json.loads((out / "table6.json").read_text())
     variants = [r["variant"] for r in result["summary"]]
     assert variants == ["baseline", "pruned init", "distillation", "pruned + distillation",
                         "pruned + distillation (MoE teacher)"]
-    assert all(r["seeds"] == 2 for r in result["summary"]) and len(result["teachers"]) == 3
+    assert all(r["seeds"] == 2 for r in result["summary"]) and len(result["teachers"]) == 4  # 02's run + 3 arms
     assert (out / "table6.png").is_file() and "| baseline | 2 |" in (out / "table6.md").read_text()
     # the text task in every row and the table; the teachers' curves on the quality slice
     assert all("wordnet_acc" in r for r in result["rows"]) and "wordnet_acc (mean ± std)" in (out / "table6.md").read_text()
     cost, quality = result["teacher_cost"], result["quality_slice"]
     assert [p["step"] for p in cost["moe"]] == [0, 1, 2] and [p["step"] for p in cost["dense"]] == [0, 1, 2, 3]
+    assert [a["name"] for a in cost["arms"]][2] == "larger dense (2x FFN), from scratch"
     assert cost["moe"][0]["val_loss"] == pytest.approx(cost["dense"][0]["val_loss"], abs=1e-4)  # upcycling keeps the function
     assert quality["tokens_kept"] == (out / "quality_slice" / "train.bin").stat().st_size // 4 >= 1500
     assert (out / "teacher_cost.png").is_file()

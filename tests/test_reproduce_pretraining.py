@@ -8,8 +8,8 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 
+from _stage_helpers import write_data_stage, write_text_stage
 from mmafm.config import ConfigError, load_yaml
 from mmafm.train.reproduce import scaled_warmup, table5_summary, text_stage_config
 
@@ -50,31 +50,13 @@ def test_table5_summary_is_mean_and_sample_std():
 def tiny_recipe(tmp_path_factory):
     """A tiny 00_data stage and random-init 02 / 04 / 05 stage folders (seq_len 32 / 64 / 128,
     05 with its RoPE base raised), laid out as the stages leave them."""
-    import mmafm
-    from mmafm.data.shards import write_token_shards
-    from mmafm.data.text_sources import TEXT_SOURCES
     from mmafm.layers.rope import rope_base_for_context
-    from mmafm.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("recipe")
-    config = {"text_sources": "jargon,fortunes,wikipedia", "text_cap": 120, "seed": 0, "val_fraction": 0.2}
-    documents = [(f"{name}/{doc_id}", text) for name in config["text_sources"].split(",")
-                 for doc_id, text in TEXT_SOURCES[name].documents(config["text_cap"], 0)]
-    tokenizer = train_tokenizer([text for _, text in documents], root / "data" / "tokenizer" / "tokenizer", vocab_size=600)
-    write_token_shards(documents, tokenizer, root / "data" / "tokens", config["val_fraction"])
-    (root / "data" / "manifest.json").write_text(json.dumps({
-        "stage": "00_data", "status": "complete", "config": config,
-        "outputs": {"tokens_dir": str(root / "data" / "tokens"), "tokenizer": str(tokenizer.path),
-                    "data_dir": str(root / "data")}}))
+    tokenizer = write_data_stage(root, text_cap=120)
     for stage, seq_len, overrides in (("02", 32, {}), ("04", 64, {}),
                                       ("05", 128, {"rope_theta": rope_base_for_context(500_000, 64, 128)})):
-        torch.manual_seed(int(stage))
-        model = mmafm.create_model("afm_2024_device_tiny", vocab_size=tokenizer.vocab_size, **overrides)
-        checkpoint = mmafm.save_model(root / stage / "checkpoints" / "text_model", model,
-                                      {"tokenizer": str(tokenizer.path), "stage_config": {"seq_len": seq_len}})
-        (root / stage / "manifest.json").write_text(json.dumps({
-            "stage": stage, "status": "complete",
-            "outputs": {"checkpoint": str(checkpoint), "tokenizer": str(tokenizer.path)}}))
+        write_text_stage(root / stage, stage, tokenizer, seq_len=seq_len, seed=int(stage), **overrides)
     return {"root": root, "tokenizer": str(tokenizer.path)}
 
 

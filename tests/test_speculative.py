@@ -226,3 +226,24 @@ def test_batched_greedy_speculative_equals_plain_greedy_per_row(pair, max_seq_le
     stop = alone[1][5]
     results = speculative_generate_batch(target, drafts["near"], prompts, steps, k=3, stop_tokens=[stop])
     assert [r.tokens for r in results] == [a[: a.index(stop)] if stop in a else a for a in alone]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_one_row_greedy_path_matches_the_batched_path(pair, k):
+    """One greedy row takes a lean loop (``_Speculation._run_greedy_row``); the general batched
+    loop on two copies of the same prompt is its reference: the same tokens, rounds, proposals
+    and accepted counts per round, also with a stop token and a limit that cut a round short."""
+    from mmafm.inference.speculative import speculative_generate_batch
+
+    target, drafts = pair
+    generator = torch.Generator().manual_seed(7)
+    for index in range(4):
+        prompt = torch.randint(0, 512, (1 + 3 * index,), generator=generator).tolist()
+        plain = generate(target, [prompt], 24)[0]
+        for steps, stop in ((24, ()), (13, ()), (24, [plain[9]])):
+            one = speculative_generate(target, drafts["near"], prompt, steps, k=k, stop_tokens=stop)
+            both = speculative_generate_batch(target, drafts["near"], [prompt, prompt], steps, k=k, stop_tokens=stop)
+            for reference in both:
+                assert (one.tokens, one.rounds, one.proposed, one.accepted, one.per_round) == (
+                    reference.tokens, reference.rounds, reference.proposed, reference.accepted,
+                    reference.per_round), (index, steps, stop)

@@ -67,21 +67,28 @@ def test_inputs_are_checked(tmp_path, target_model):
     with pytest.raises(ConfigError, match="ks="):
         run(TrainDraftConfig(out_dir=str(tmp_path / "c"), **target_model, ks="1,x"))
     other = mmafm.save_model(tmp_path / "other", mmafm.create_model("afm_2024_device_tiny", vocab_size=64), {})
+    with pytest.raises(ConfigError, match="generation_prompts=1000000"):
+        run(TrainDraftConfig(out_dir=str(tmp_path / "e"), **target_model, generation_prompts=1_000_000))
+    with pytest.raises(ConfigError, match="prompt_len"):
+        run(TrainDraftConfig(out_dir=str(tmp_path / "f"), **target_model, seq_len=8, prompt_len=16, eval_tokens=8))
     with pytest.raises(ConfigError, match="64-token vocabulary"):
         run(TrainDraftConfig(out_dir=str(tmp_path / "d"), **{**target_model, "checkpoint": str(other)}))
 
 
-def test_distillation_raises_acceptance(tmp_path, target_model):
+@pytest.mark.parametrize("distill_data", ["text", "generations"])
+def test_distillation_raises_acceptance(tmp_path, target_model, distill_data):
     """The distilled draft's recorded acceptance is recomputed from the saved draft, and beats the
-    untrained truncated draft's; the KL to the target fell."""
+    untrained truncated draft's; the KL to the target fell (on either text)."""
     from mmafm.inference.speculative import acceptance_by_k
     from mmafm.stages.base import read_manifest
 
     out_dir = tmp_path / "13"
     outputs = run(TrainDraftConfig(out_dir=str(out_dir), **target_model, seq_len=32, batch_size=8, max_steps=40,
                                    ks="2,4", k=2, eval_prompts=4, prompt_len=8, eval_tokens=16, timing_repeats=1,
-                                   eval_batches=1, warmup_steps=2, log_every=5))
+                                   eval_batches=1, warmup_steps=2, log_every=5, distill_data=distill_data,
+                                   generation_prompts=64))
     summary = read_manifest(out_dir)["summary"]
+    assert summary["distill_data"] == distill_data
     assert summary["kl_last"] < 0.7 * summary["kl_first"]
     assert summary["acceptance_k2"] > summary["acceptance_k2_before"]
     target, draft = mmafm.load_model(outputs["checkpoint"]), mmafm.load_model(outputs["draft"])

@@ -10,13 +10,13 @@
 
 from mmafm.compress.bits import bits_per_weight, closed_form_bpw, compressed_megabytes
 from mmafm.compress.kmeans import kmeans_1d
-from mmafm.compress.packed import PackedEmbedding, PackedLinear, pack_codes, unpack_codes
+from mmafm.compress.packed import PackedEmbedding, PackedLinear, pack_codes, set_act_dtype, unpack_codes
 from mmafm.compress.palettize import compress_model, dequantized_copy, fit_lut, quantize_embedding
 from mmafm.compress.qat import QATEmbedding, QATLinear, convert_qat, fake_quantize, prepare_qat
 from mmafm.compress.storage import load_compressed, save_compressed
 
 __all__ = [
     "bits_per_weight", "closed_form_bpw", "compressed_megabytes", "kmeans_1d", "PackedLinear", "PackedEmbedding",
-    "pack_codes", "unpack_codes", "compress_model", "dequantized_copy", "fit_lut", "quantize_embedding",
+    "pack_codes", "unpack_codes", "set_act_dtype", "compress_model", "dequantized_copy", "fit_lut", "quantize_embedding",
     "QATLinear", "QATEmbedding", "prepare_qat", "convert_qat", "fake_quantize", "save_compressed", "load_compressed",
 ]

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BITS", "SCHEMES", "pack_codes", "unpack_codes", "balanced_grid", "Packed", "PackedLinear",
-           "PackedEmbedding"]
+__all__ = ["BITS", "SCHEMES", "ACT_DTYPES", "pack_codes", "unpack_codes", "balanced_grid", "Packed", "PackedLinear",
+           "PackedEmbedding", "set_act_dtype"]
 
 BITS = (2, 4, 8)
 SCHEMES = ("lut", "uniform")
+ACT_DTYPES = ("float32", "int8")  # what the packed decode step multiplies these weights with
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:  # (R, C) ints < 2^bits -> (R, ceil(C bits / 8)) uint8
@@ -96,6 +97,9 @@ class Packed(nn.Module):
         else:
             self.register_buffer("scale", torch.zeros(rows, dtype=torch.float16, device=device))
         self._table_cache: tuple | None = None
+        # decode-time choice, not stored in checkpoints: "int8" = the whole packed decode step reads
+        # this 2-/4-bit weight with Q8_0 activations and integer dot products (set_act_dtype)
+        self.act_dtype = "float32"
 
     def _apply(self, fn, recurse=True):
         """Moves keep the storage types: ``.to(bfloat16)`` of a model leaves codes uint8 and tables fp16."""
@@ -215,3 +219,18 @@ class PackedEmbedding(Packed):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise IndexError(f"token id outside [0, {self.num_embeddings})")
         return self.dequantize_rows(ids)
+
+
+def set_act_dtype(model: nn.Module, act_dtype: str) -> int:
+    """Choose what the packed decode step (``mmafm.inference.plan``, ``csrc/lut.c``) multiplies the
+    packed weights of ``model`` with: ``"float32"`` (default: the exact float path, logits equal to
+    the dequantized model's up to summation order) or ``"int8"`` (opt-in: each GEMV input quantized
+    to int8 per block of 32 with a float scale, like llama.cpp's Q8_0, and integer dot products
+    against int8 tables for 2-/4-bit weights, ``csrc/q8.c``; 8-bit and float matrices stay float).
+    Returns how many packed modules were set."""
+    if act_dtype not in ACT_DTYPES:
+        raise ValueError(f"act_dtype must be one of {ACT_DTYPES}, got {act_dtype!r}")
+    modules = [module for module in model.modules() if isinstance(module, Packed)]
+    for module in modules:
+        module.act_dtype = act_dtype
+    return len(modules)

@@ -17,6 +17,8 @@ streaming read gets, and each small torch op costs microseconds of dispatch. The
 - :func:`decode_step`: a whole step of a dense decoder (embedding to logits) in one call, for
   float32 or bfloat16 weights and cache. Python's per-op overhead is then gone, and a step costs
   about one read of the weights.
+  Built with LoRA factors (:func:`lora_layer`), it also runs a mixed-adapter batch: each row's
+  adapter ``s B A x`` added to every adapted projection inside the same call (``csrc/lora.c``).
 
 Which of these runs for which layer is decided by :mod:`mmafm.inference.plan`; this module only
 knows tensors. Every function here is for inference (no autograd, CPU, not under
@@ -74,6 +76,7 @@ __all__ = [
     "kernels_available",
     "kernels_unavailable_reason",
     "kernels_disabled",
+    "kernels_switched_off",
     "kernel_ready",
     "linear",
     "linears",
@@ -85,7 +88,14 @@ __all__ = [
     "DecodeStep",
     "decode_layer",
     "decode_step",
+    "LORA_PROJECTIONS",
+    "LoRAMatrix",
+    "LoRALayer",
+    "lora_layer",
     "lut_linear",
+    "int8_tables",
+    "q8_quantize",
+    "q8_linear",
     "PackedMatrix",
     "PackedDecodeLayer",
     "PackedDecodeStep",
@@ -110,12 +120,37 @@ class DecodeLayer(ctypes.Structure):
     )] + [(name, ctypes.c_long) for name in ("kv_batch_stride", "kv_head_stride", "slots", "ring", "rope", "hidden")]
 
 
+# the adapted projections of a layer, in the order of csrc/api.h's MMAFM_LORA_WQ ... MMAFM_LORA_W_DOWN
+LORA_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+class LoRAMatrix(ctypes.Structure):
+    """One projection's adapters for a mixed-adapter :class:`DecodeStep` (mirrors
+    ``mmafm_lora_matrix_t``): float32 ``A`` (S, r, in), ``B`` (S, out, r), ``scale`` (S,); A = NULL:
+    not adapted."""
+
+    _fields_ = [("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("rank", ctypes.c_long)]
+
+
+class LoRALayer(ctypes.Structure):
+    """One layer's :class:`LoRAMatrix` per :data:`LORA_PROJECTIONS` (mirrors ``mmafm_lora_layer_t``)."""
+
+    _fields_ = [("m", LoRAMatrix * len(LORA_PROJECTIONS))]
+
+
+class _LoRAStep(ctypes.Structure):
+    """The adapters of one call (mirrors ``mmafm_lora_t``): every layer's, each cache row's slot."""
+
+    _fields_ = [("layers", ctypes.c_void_p), ("row_slot", ctypes.c_void_p), ("slots", ctypes.c_long)]
+
+
 _P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 _GEMV3 = (None, [_P] * 5 + [_L] * 5 + [_I])
 _ATTENTION = (_I, [_P] * 3 + [_F] + [_P] * 10 + [_L] * 4 + [_P, _L] + [_L] * 5 + [_I])
 _SWIGLU = (_I, [_P] * 2 + [_F] + [_P] * 3 + [_L] * 3 + [_I])
 _STEP = (_I, [_P] * 5 + [_L] * 2 + [_P, _L] + [ctypes.POINTER(DecodeLayer), _L] + [_P] * 3 + [_L] * 6 + [_F, _I])
 _CHUNK = (_I, [_P] * 5 + [_L] * 3 + [_P, _L] + [ctypes.POINTER(DecodeLayer), _L] + [_P] * 3 + [_L] * 6 + [_F, _I])
+_LORA_STEP, _LORA_CHUNK = ((_I, argtypes[:-1] + [_P, _I]) for _, argtypes in (_STEP, _CHUNK))  # + the adapters
 # symbol -> (restype, argtypes): every function csrc/api.h declares, in its order (a test parses
 # api.h and checks the two agree)
 SYMBOLS: dict[str, tuple] = {
@@ -130,9 +165,15 @@ SYMBOLS: dict[str, tuple] = {
     "mmafm_decode_step_bf16": _STEP,
     "mmafm_decode_chunk_f32": _CHUNK,
     "mmafm_decode_chunk_bf16": _CHUNK,
+    "mmafm_lora_decode_step_f32": _LORA_STEP,  # csrc/lora.c: mixed-adapter batches
+    "mmafm_lora_decode_step_bf16": _LORA_STEP,
+    "mmafm_lora_decode_chunk_f32": _LORA_CHUNK,
+    "mmafm_lora_decode_chunk_bf16": _LORA_CHUNK,
     "mmafm_pool_helpers": (_I, []),
     "mmafm_lut_gemv_f32": (_I, [_P] * 4 + [_L] * 4 + [_I, _L, _I]),  # csrc/lut.c (mmafm.compress)
     "mmafm_lut_decode_step_f32": (_I, [_P] * 5 + [_L] * 2 + [_P, _L] + [_P, _L] + [_P] * 3 + [_L] * 6 + [_F, _I]),
+    "mmafm_q8_quantize": (None, [_P] * 3 + [_L] * 2),  # csrc/q8.c: the opt-in int8-activation path
+    "mmafm_q8_gemv_f32": (_I, [_P] * 6 + [_L] * 4 + [_I, _L, _I]),
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # storage type -> variant
 
@@ -169,14 +210,19 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def build_library(compiler: str | None = None, flags: Sequence[str] = FLAGS, cache_dir: str | Path | None = None) -> Path:
-    """Compile ``csrc/kernels.c`` into a shared library (once per source, flags, compiler and CPU).
+def build_library(compiler: str | None = None, flags: Sequence[str] = FLAGS, cache_dir: str | Path | None = None,
+                  source: str | Path | None = None) -> Path:
+    """Compile ``csrc/kernels.c`` (or ``source``) into a shared library (once per source, flags,
+    compiler and CPU).
 
     Args:
         compiler: executable name or path; default ``$MMAFM_CC``, else ``cc``, else ``gcc``.
         flags: compiler flags (``-shared -fPIC`` included).
         cache_dir: where built libraries are kept; default ``$MMAFM_CACHE_DIR/native`` or
             ``~/.cache/mmafm/native``.
+        source: another C file to build instead (e.g. ``mmafm/train/csrc/adastar.c``); it may
+            include this ``csrc/``'s headers (``pool.h``), and the cache key covers the ``.c`` /
+            ``.h`` files of both folders. The library is named after its stem.
 
     Returns:
         The path of the library.
@@ -189,21 +235,23 @@ def build_library(compiler: str | None = None, flags: Sequence[str] = FLAGS, cac
     resolved = shutil.which(name) if name else None
     if resolved is None:
         raise KernelBuildError(f"no C compiler: {name or 'cc/gcc'!r} not found (set MMAFM_CC or install cc)")
-    sources = "\0".join(path.read_text() for path in sorted(CSRC.glob("*.[ch]")))  # all the build reads
+    source = Path(source) if source is not None else CSRC / "kernels.c"
+    folders = [CSRC] if source.parent == CSRC else [source.parent, CSRC]
+    sources = "\0".join(path.read_text() for folder in folders for path in sorted(folder.glob("*.[ch]")))  # all the build reads
     key = hashlib.sha256("\0".join([sources, " ".join(flags), resolved, platform.node(), _cpu_id()]).encode())
     root = Path(cache_dir) if cache_dir else Path(os.environ.get("MMAFM_CACHE_DIR", Path.home() / ".cache" / "mmafm"))
-    library = root / "native" / f"kernels_{key.hexdigest()[:16]}.so"
+    library = root / "native" / f"{source.stem}_{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     with atomic_path(library) as built:  # concurrent builders all end with a whole file
-        command = [resolved, *flags, f"-I{CSRC}", str(CSRC / "kernels.c"), "-o", str(built), "-lm"]
+        command = [resolved, *flags, *(f"-I{folder}" for folder in folders), str(source), "-o", str(built), "-lm"]
         try:
             result = subprocess.run(command, capture_output=True, text=True)
         except (OSError, subprocess.SubprocessError) as error:
             raise KernelBuildError(f"running {resolved} failed: {error}") from error
         if result.returncode:
             raise KernelBuildError(
-                f"compiling {CSRC / 'kernels.c'} with {' '.join([resolved, *flags])} failed: "
+                f"compiling {source} with {' '.join([resolved, *flags])} failed: "
                 f"{result.stderr.strip()[:500]}"
             )
     return library
@@ -278,6 +326,12 @@ def kernels_disabled() -> Iterator[None]:
         yield
     finally:
         _switched_off = saved
+
+
+def kernels_switched_off() -> bool:
+    """Is :func:`kernels_disabled` in effect? (Other native code, e.g. AdaStar's update in
+    :mod:`mmafm.train.native_optim`, honours the same switch without building these kernels.)"""
+    return _switched_off
 
 
 # ----------------------------------------------------------------------------- eligibility
@@ -514,15 +568,28 @@ class DecodeStep:
     the cache. Weights and cache are float32, or bfloat16 (read at half the bytes, converted to
     float32 in registers: activations and sums stay float32). Built by :func:`decode_step` from
     validated tensors, which it keeps alive; the caller keeps the cache's bookkeeping (columns,
-    positions)."""
+    positions).
+
+    Built with LoRA adapters (``lora``, :func:`lora_layer` per layer), a call given
+    ``adapter_rows`` (one slot per cache row, -1 = none) adds each row's adapter to every adapted
+    projection inside the same native call (``csrc/lora.c``: a mixed-adapter batch); without
+    ``adapter_rows`` it runs the plain step, unchanged.
+    """
 
     def __init__(self, library: Kernels, layers: list[tuple[DecodeLayer, tuple]], embed: torch.Tensor,
                  final_norm: torch.Tensor, head: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
-                 heads: int, kv_heads: int, head_dim: int, eps: float):
+                 heads: int, kv_heads: int, head_dim: int, eps: float,
+                 lora: list[tuple[LoRALayer, tuple]] | None = None, lora_slots: int = 0):
         self._tensors = [t for _, kept in layers for t in kept] + [embed, final_norm, head, cos_table, sin_table]
         self._layers = (DecodeLayer * len(layers))(*(layer for layer, _ in layers))
         self._kernel = library.variant("decode_step", head.dtype)
         self._chunk_kernel = library.variant("decode_chunk", head.dtype)
+        self.lora_slots = lora_slots if lora else 0  # adapter slots the step holds (0: no adapters)
+        if lora:
+            self._tensors += [t for _, kept in lora for t in kept]
+            self._lora_layers = (LoRALayer * len(lora))(*(layer for layer, _ in lora))
+            self._lora_kernel = library.variant("lora_decode_step", head.dtype)
+            self._lora_chunk_kernel = library.variant("lora_decode_chunk", head.dtype)
         self.n_layers, self.dim = len(layers), embed.shape[1]
         self.embed, self.final_norm, self.head = embed, final_norm, head
         self.cos_table, self.sin_table = cos_table, sin_table
@@ -534,6 +601,7 @@ class DecodeStep:
         positions: torch.Tensor,  # (B,) int64 RoPE positions
         column: int,  # cache column of the new tokens
         key_valid: torch.Tensor | None = None,  # (B, >= column + 1) bool, False = padding column
+        adapter_rows: torch.Tensor | None = None,  # (B,) int64 adapter slot per row, -1 = none
     ) -> torch.Tensor:  # (B, V) float32 logits
         tokens, positions = tokens.contiguous(), positions.contiguous()
         if tokens.dtype != torch.int64 or positions.dtype != torch.int64 or tokens.dim() != 1 \
@@ -546,13 +614,18 @@ class DecodeStep:
                                           and key_valid.stride(1) == 1):
             raise ValueError(f"key_valid must be ({batch}, > {column}) bool with unit column stride")
         logits = torch.empty((batch, self.head.shape[0]), dtype=_F32)
-        failed = self._kernel(
+        arguments = (
             tokens.data_ptr(), self.embed.data_ptr(), positions.data_ptr(), self.cos_table.data_ptr(),
             self.sin_table.data_ptr(), self.cos_table.shape[0], column, _ptr(key_valid),
             0 if key_valid is None else key_valid.stride(0), self._layers, self.n_layers,
             self.final_norm.data_ptr(), self.head.data_ptr(), logits.data_ptr(), batch, self.dim, self.heads,
-            self.kv_heads, self.head_dim, self.head.shape[0], self.eps, torch.get_num_threads(),
+            self.kv_heads, self.head_dim, self.head.shape[0], self.eps,
         )
+        if adapter_rows is None:
+            failed = self._kernel(*arguments, torch.get_num_threads())
+        else:
+            rows = self._adapter_rows(adapter_rows, batch)
+            failed = self._lora_kernel(*arguments, ctypes.addressof(self._lora_step(rows)), torch.get_num_threads())
         if failed == 2:
             raise ValueError(f"decode step: a token outside [0, {self.head.shape[0]}) or a position outside "
                              f"[0, {self.cos_table.shape[0]})")
@@ -566,6 +639,7 @@ class DecodeStep:
         positions: torch.Tensor,  # (B, T) int64 RoPE positions
         column: int,  # cache column of each row's first new token (the t-th goes to column + t)
         key_valid: torch.Tensor | None = None,  # (B, >= column + T) bool, False = padding column
+        adapter_rows: torch.Tensor | None = None,  # (B,) int64 adapter slot per cache row, -1 = none
     ) -> torch.Tensor:  # (B, T, V) float32 logits
         """T new tokens per row in one call, each attending to the cache and to the tokens of its
         row before it (the verification forward of speculative decoding): the weights are read once
@@ -582,19 +656,70 @@ class DecodeStep:
             raise ValueError(f"key_valid must be ({batch}, >= {column + chunk}) bool with unit column stride")
         tokens, positions = tokens.contiguous(), positions.contiguous()
         logits = torch.empty((batch, chunk, self.head.shape[0]), dtype=_F32)
-        failed = self._chunk_kernel(
+        arguments = (
             tokens.data_ptr(), self.embed.data_ptr(), positions.data_ptr(), self.cos_table.data_ptr(),
             self.sin_table.data_ptr(), self.cos_table.shape[0], column, chunk, _ptr(key_valid),
             0 if key_valid is None else key_valid.stride(0), self._layers, self.n_layers,
             self.final_norm.data_ptr(), self.head.data_ptr(), logits.data_ptr(), batch * chunk, self.dim, self.heads,
-            self.kv_heads, self.head_dim, self.head.shape[0], self.eps, torch.get_num_threads(),
+            self.kv_heads, self.head_dim, self.head.shape[0], self.eps,
         )
+        if adapter_rows is None:
+            failed = self._chunk_kernel(*arguments, torch.get_num_threads())
+        else:
+            rows = self._adapter_rows(adapter_rows, batch)
+            failed = self._lora_chunk_kernel(*arguments, ctypes.addressof(self._lora_step(rows)),
+                                             torch.get_num_threads())
         if failed == 2:
             raise ValueError(f"decode chunk: a token outside [0, {self.head.shape[0]}), a position outside "
                              f"[0, {self.cos_table.shape[0]}), a ring cache or no room for {chunk} columns at {column}")
         if failed:
             raise MemoryError("decode chunk: out of memory in the native kernel")
         return logits
+
+    def _adapter_rows(self, adapter_rows: torch.Tensor, batch: int) -> torch.Tensor:  # (B,) int64
+        """``adapter_rows`` checked against this step: one slot per cache row in [-1, slots)."""
+        if not self.lora_slots:
+            raise ValueError("adapter_rows given to a decode step built without LoRA adapters")
+        if not (adapter_rows.dtype == torch.int64 and adapter_rows.shape == (batch,) and adapter_rows.is_cpu):
+            raise ValueError(f"adapter_rows must be ({batch},) int64 on the CPU, got {adapter_rows.dtype} "
+                             f"{tuple(adapter_rows.shape)} on {adapter_rows.device}")
+        if batch and not -1 <= int(adapter_rows.min()) <= int(adapter_rows.max()) < self.lora_slots:
+            raise ValueError(f"adapter_rows {adapter_rows.tolist()} outside [-1, {self.lora_slots})")
+        return adapter_rows.contiguous()
+
+    def _lora_step(self, rows: torch.Tensor) -> _LoRAStep:
+        """The ``mmafm_lora_t`` of one call (``rows`` must outlive it)."""
+        self._lora_call = _LoRAStep(ctypes.addressof(self._lora_layers), rows.data_ptr(), self.lora_slots)
+        return self._lora_call
+
+
+def lora_layer(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],  # name -> (A, B, scale)
+    shapes: dict[str, tuple[int, int]],  # name -> (out, in) of that projection's weight
+    slots: int,
+) -> tuple[LoRALayer, tuple] | None:
+    """One layer's adapters for a mixed-adapter :class:`DecodeStep`: for each name of
+    :data:`LORA_PROJECTIONS` in ``factors``, ``A`` (slots, r, in), ``B`` (slots, out, r) and
+    ``scale`` (slots,) as :class:`~mmafm.layers.lora.LoRALinear` holds them (any float dtype:
+    the kernel reads float32, so bfloat16 factors are copied, exactly; float32 ones are read in
+    place, so a slot rewritten later is seen). Projections not in ``factors`` have no adapter.
+    Returns ``(LoRALayer, tensors to keep alive)``, or None where the kernel cannot take them
+    (a shape, a device, a rank over 256)."""
+    matrices, kept = [LoRAMatrix() for _ in LORA_PROJECTIONS], []
+    for name, (lora_A, lora_B, scale) in factors.items():
+        if name not in LORA_PROJECTIONS or name not in shapes:
+            return None
+        out, in_features = shapes[name]
+        lora_A, lora_B, scale = (t.detach().float().contiguous() for t in (lora_A, lora_B, scale))
+        rank = lora_A.shape[1] if lora_A.dim() == 3 else 0
+        if not (kernel_ready(_F32, lora_A, lora_B, scale) and 1 <= rank <= 256
+                and lora_A.shape == (slots, rank, in_features) and lora_B.shape == (slots, out, rank)
+                and scale.shape == (slots,)):
+            return None
+        matrices[LORA_PROJECTIONS.index(name)] = LoRAMatrix(lora_A.data_ptr(), lora_B.data_ptr(), scale.data_ptr(),
+                                                            rank)
+        kept += [lora_A, lora_B, scale]
+    return LoRALayer((LoRAMatrix * len(LORA_PROJECTIONS))(*matrices)), tuple(kept)
 
 
 def _gain(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -643,10 +768,14 @@ def decode_layer(
 def decode_step(
     layers: list[tuple[DecodeLayer, tuple]], embed: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor,
     cos_table: torch.Tensor, sin_table: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float,
+    lora: list[tuple[LoRALayer, tuple]] | None = None, lora_slots: int = 0,
 ) -> DecodeStep | None:
     """A :class:`DecodeStep` over ``layers`` (from :func:`decode_layer`), or None without the
     kernels or with tensors they cannot take. ``embed`` (V, dim) and ``head`` (V', dim) in the
-    layers' storage type (float32 or bfloat16); RoPE tables float32."""
+    layers' storage type (float32 or bfloat16); RoPE tables float32. ``lora``: one
+    :func:`lora_layer` per layer, holding ``lora_slots`` adapters (a mixed-adapter batch)."""
+    if lora is not None and (len(lora) != len(layers) or lora_slots < 1):
+        return None
     library = kernels()
     dtype = embed.dtype
     if not (
@@ -660,7 +789,7 @@ def decode_step(
     ):
         return None
     return DecodeStep(library, layers, embed, _gain(final_norm), head, cos_table, sin_table, heads, kv_heads,
-                      head_dim, eps)
+                      head_dim, eps, lora, lora_slots)
 
 
 # ----------------------------------------------------------------------------- packed whole step (csrc/lut.c)
@@ -673,7 +802,8 @@ def decode_step(
 class PackedMatrix(ctypes.Structure):
     """One weight matrix of a :class:`PackedDecodeStep` (mirrors ``mmafm_matrix_t`` in ``csrc/api.h``)."""
 
-    _fields_ = [("data", _P), ("table", _P), ("row_scale", _P), ("code_stride", _L), ("group_rows", _L), ("bits", _L)]
+    _fields_ = [("data", _P), ("table", _P), ("row_scale", _P), ("code_stride", _L), ("group_rows", _L), ("bits", _L),
+                ("qtable", _P), ("qaffine", _P)]
 
 
 class PackedDecodeLayer(ctypes.Structure):
@@ -685,9 +815,66 @@ class PackedDecodeLayer(ctypes.Structure):
                 + [(name, _L) for name in ("kv_batch_stride", "kv_head_stride", "slots", "ring", "rope", "hidden")])
 
 
-def _matrix(operand, out: int, in_features: int) -> tuple[PackedMatrix, tuple] | None:
+def int8_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (G, L) -> (G, L) uint8, (G, 2)
+    """The tables of the int8-activation path (``csrc/q8.c``): each group's float32 entries as u8
+    codes ``u`` of an affine grid, ``table ~ offset + step * u`` with 255 steps from the group's
+    smallest entry to its largest (error <= step / 2; a constant table: step 0, u 0, exact).
+    Returns ``(u, affine)``, ``affine[g] = (offset, step)`` float32."""
+    table = table.float()
+    low, high = table.amin(1, keepdim=True), table.amax(1, keepdim=True)  # (G, 1)
+    step = (high - low) / 255
+    inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+    codes = torch.round((table - low) * inverse).clamp_(0, 255).to(torch.uint8)
+    return codes.contiguous(), torch.cat([low, step], 1).contiguous()
+
+
+def q8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # (N, in) -> (N, in), (N, ceil(in / 32))
+    """Q8_0 activations as the int8 path makes them (``csrc/q8.c``): blocks of 32 columns,
+    ``d = max|x| / 127``, ``q = rint(x * (1 / d))`` (ties to even). None without the kernels."""
+    library = kernels()
+    if library is None or x.dim() != 2 or not kernel_ready(_F32, x):
+        return None
+    rows, in_features = x.shape
+    q = torch.empty(rows, in_features, dtype=torch.int8)
+    d = torch.empty(rows, -(-in_features // 32), dtype=_F32)
+    library.q8_quantize(x.data_ptr(), q.data_ptr(), d.data_ptr(), rows, in_features)
+    return q, d
+
+
+def q8_linear(
+    x: torch.Tensor,  # (N <= MAX_ROWS, in) float32
+    codes: torch.Tensor,  # (out, code_stride) uint8, as lut_linear's
+    qtable: torch.Tensor,  # (groups, 2^bits) uint8: int8_tables' codes
+    qaffine: torch.Tensor,  # (groups, 2) float32: int8_tables' (offset, step)
+    bits: int,
+    group_rows: int,
+    row_scale: torch.Tensor | None = None,  # (out,) float32
+    threads: int | None = None,
+) -> torch.Tensor | None:  # (N, out) float32
+    """The int8-activation GEMV of a 2-/4-bit packed weight (``csrc/q8.c``, what a
+    :class:`PackedDecodeStep` built with ``int8_activations`` runs): x quantized to Q8_0, integer
+    dot products against the u8 tables; None where the kernel does not apply."""
+    library = kernels()
+    if library is None or x.dim() != 2 or not 0 < x.shape[0] <= MAX_ROWS or bits not in (2, 4):
+        return None
+    out, stride = codes.shape
+    if not (codes.dtype == torch.uint8 == qtable.dtype and kernel_ready(torch.uint8, codes, qtable)
+            and kernel_ready(_F32, x, qaffine, row_scale) and qtable.shape[1] == 1 << bits
+            and qaffine.shape == (qtable.shape[0], 2) and qtable.shape[0] * group_rows >= out):
+        return None
+    y = torch.empty(x.shape[0], out, dtype=_F32)
+    failed = library.q8_gemv_f32(x.data_ptr(), codes.data_ptr(), qtable.data_ptr(), qaffine.data_ptr(),
+                                 _ptr(row_scale), y.data_ptr(), x.shape[0], out, x.shape[1], stride, bits, group_rows,
+                                 torch.get_num_threads() if threads is None else threads)
+    if failed:
+        raise (MemoryError if failed == 1 else ValueError)(f"q8 GEMV failed ({failed})")
+    return y
+
+
+def _matrix(operand, out: int, in_features: int, int8_activations: bool = False) -> tuple[PackedMatrix, tuple] | None:
     """``(PackedMatrix, tensors to keep alive)`` for a float32 (out, in) weight or LUT operands of
-    that shape, or None where the kernel cannot read them."""
+    that shape, or None where the kernel cannot read them. ``int8_activations``: 2-/4-bit
+    matrices also carry :func:`int8_tables`, so the step reads them on the int8 path."""
     if isinstance(operand, torch.Tensor):
         if not (kernel_ready(_F32, operand) and operand.shape == (out, in_features)):
             return None
@@ -701,17 +888,23 @@ def _matrix(operand, out: int, in_features: int) -> tuple[PackedMatrix, tuple] |
     ):
         return None
     kept = (codes, table) + (() if row_scale is None else (row_scale,))
-    return PackedMatrix(codes.data_ptr(), table.data_ptr(), _ptr(row_scale), codes.shape[1], group_rows, bits), kept
+    qtable = qaffine = None
+    if int8_activations and bits in (2, 4):
+        qtable, qaffine = int8_tables(table)
+        kept += (qtable, qaffine)
+    return PackedMatrix(codes.data_ptr(), table.data_ptr(), _ptr(row_scale), codes.shape[1], group_rows, bits,
+                        _ptr(qtable), _ptr(qaffine)), kept
 
 
 def packed_decode_layer(
     attn_norm: torch.Tensor, wq, wk, wv, wo, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
     ffn_norm: torch.Tensor, w_gate, w_up, w_down, k_cache: torch.Tensor, v_cache: torch.Tensor, ring: bool,
-    rope: bool, heads: int, dim: int, hidden: int,
+    rope: bool, heads: int, dim: int, hidden: int, int8_activations: bool = False,
 ) -> tuple[PackedDecodeLayer, tuple] | None:
     """One layer of a :class:`PackedDecodeStep`, as :func:`decode_layer` but each matrix a float32
     tensor or LUT operands (see above); ``wk`` = ``wv`` = None: the layer shares K/V.
-    The cache is float32. None where the step cannot run it."""
+    The cache is float32. ``int8_activations``: its 2-/4-bit matrices run on the int8 path
+    (``csrc/q8.c``). None where the step cannot run it."""
     if k_cache.dim() != 4 or (wk is None) != (wv is None):
         return None
     _, kv_heads, slots, head_dim = k_cache.shape
@@ -724,7 +917,7 @@ def packed_decode_layer(
         if operand is None:
             matrices[name] = PackedMatrix()
             continue
-        made = _matrix(operand, out, in_features)
+        made = _matrix(operand, out, in_features, int8_activations)
         if made is None:
             return None
         matrices[name], held = made
@@ -750,11 +943,18 @@ class PackedDecodeStep:
     """A whole decode step of a dense decoder whose matrices are packed (2/4/8-bit codes + LUTs)
     or float32, in one native call (``mmafm_lut_decode_step_f32``): the embedding row, every layer
     (Q/K/V and gate/up as one GEMV each), final norm and head, the K/V written into the float32
-    cache. Called like :class:`DecodeStep`; built by :func:`packed_decode_step`."""
+    cache. Called like :class:`DecodeStep`; built by :func:`packed_decode_step`.
+
+    ``int8_activations`` (opt-in; default the float path, whose logits equal the dequantized
+    model's): every 2-/4-bit matrix built with it reads Q8_0-quantized inputs through
+    :func:`int8_tables` with integer dot products (``csrc/q8.c``), llama.cpp's kind of arithmetic;
+    its logits then follow that quantized math, not the dequantized model's."""
 
     def __init__(self, library: Kernels, layers: list[tuple[PackedDecodeLayer, tuple]], embed: tuple,
                  final_norm: torch.Tensor, head: tuple, vocab: int, dim: int, cos_table: torch.Tensor,
-                 sin_table: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float):
+                 sin_table: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float,
+                 int8_activations: bool = False):
+        self.int8_activations = int8_activations
         self._layers = (PackedDecodeLayer * len(layers))(*(layer for layer, _ in layers))
         self._embed, self._head = embed[0], head[0]
         self._tensors = [t for _, kept in layers for t in kept] + list(embed[1]) + list(head[1])
@@ -805,17 +1005,18 @@ class PackedDecodeStep:
 def packed_decode_step(
     layers: list[tuple[PackedDecodeLayer, tuple]], embed, final_norm: torch.Tensor, head, cos_table: torch.Tensor,
     sin_table: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float, vocab: int, dim: int,
+    int8_activations: bool = False,
 ) -> PackedDecodeStep | None:
-    """A :class:`PackedDecodeStep` over ``layers`` (from :func:`packed_decode_layer`); ``embed``
-    (vocab, dim) and ``head`` (vocab, dim) float32 tensors or LUT operands. None without the kernels
-    or with tensors they cannot take."""
+    """A :class:`PackedDecodeStep` over ``layers`` (from :func:`packed_decode_layer`, built with the
+    same ``int8_activations``); ``embed`` (vocab, dim) and ``head`` (vocab, dim) float32 tensors or
+    LUT operands. None without the kernels or with tensors they cannot take."""
     library = kernels()
     if library is None or not layers or not kernel_ready(_F32, cos_table, sin_table) or not final_norm.is_cpu \
             or final_norm.shape != (dim,) or cos_table.shape != sin_table.shape \
             or cos_table.shape[1:] != (head_dim,) or heads % kv_heads:
         return None
-    embed_matrix, head_matrix = _matrix(embed, vocab, dim), _matrix(head, vocab, dim)
+    embed_matrix, head_matrix = _matrix(embed, vocab, dim), _matrix(head, vocab, dim, int8_activations)
     if embed_matrix is None or head_matrix is None:
         return None
     return PackedDecodeStep(library, layers, embed_matrix, final_norm, head_matrix, vocab, dim, cos_table,
-                            sin_table, heads, kv_heads, head_dim, eps)
+                            sin_table, heads, kv_heads, head_dim, eps, int8_activations)

@@ -16,7 +16,10 @@ type checks, and decides per layer and half-layer:
 A :class:`~mmafm.layers.lora.LoRALinear` counts as a linear when one adapter (or none) runs on
 every row: the kernels then read its merged weight ``W + s B A`` (made once and cached by the
 module, :meth:`~mmafm.layers.lora.LoRALinear.decode_weight`), so a LoRA'd model decodes as fast
-as its base; with per-row adapters (a mixed batch) it takes the module path. Anything else the
+as its base. With per-row adapters (a mixed batch) the whole step still runs in one kernel call
+when everything else qualifies: it reads the base weights and every slot's factors, and adds each
+row's adapter inside the call (``csrc/lora.c``, the rows' slots read from the routing at each
+step); per-layer kernels do not take a mixed batch, so otherwise it takes the module path. Anything else the
 plan does not recognise (a hook, a quantized linear, an ``nn.Linear`` subclass, another norm, an
 MoE FFN, another trunk such as PT-MoE's tracks) makes that half, that layer or that model take
 the module path: its modules are called as they are. A packed linear of :mod:`mmafm.compress`
@@ -39,7 +42,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from mmafm.inference import kernels
 from mmafm.layers.kv_cache import KVCache
-from mmafm.layers.lora import LoRALinear
+from mmafm.layers.lora import AdapterRouting, LoRALinear
 from mmafm.layers.norm import RMSNorm
 from mmafm.layers.rope import rope_table
 from mmafm.layers.swiglu import SwiGLU
@@ -75,11 +78,19 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _linear_why(module: nn.Module | None, name: str) -> str:
+def _mixed_lora(module: nn.Module) -> bool:
+    """Is ``module`` a :class:`LoRALinear` routed per row (a mixed batch) at inference?"""
+    return type(module) is LoRALinear and module.routing.mode == "mixed" and not (
+        module.training and module.routing.dropout > 0.0)
+
+
+def _linear_why(module: nn.Module | None, name: str, mixed: bool = False) -> str:
     """"" when ``module`` is exactly a bias-free, hook-free ``nn.Linear`` (so ``x @ weight.T``
-    is all it does) or a :class:`LoRALinear` that one dense weight computes, else why not."""
+    is all it does) or a :class:`LoRALinear` that one dense weight computes (``mixed``: or one
+    routed per row, which the whole step's LoRA kernel computes from its base and factors), else
+    why not."""
     if type(module) is LoRALinear:
-        if module.decode_why():
+        if module.decode_why() and not (mixed and _mixed_lora(module)):
             return f"{name}: {module.decode_why()}"
     elif callable(getattr(module, "packed_linear", None)):  # mmafm.compress: packed codes + tables
         return f"{name} is packed ({type(module).__name__}): the module path runs its LUT GEMV"
@@ -91,8 +102,11 @@ def _linear_why(module: nn.Module | None, name: str) -> str:
 
 
 def _weight(linear: nn.Module) -> torch.Tensor:  # (out, in)
-    """The matrix a kernel multiplies by for a linear :func:`_linear_why` accepted."""
-    return linear.decode_weight() if type(linear) is LoRALinear else linear.weight
+    """The matrix a kernel multiplies by for a linear :func:`_linear_why` accepted (the base
+    weight of a LoRA linear routed per row: its adapters are added by the step)."""
+    if type(linear) is LoRALinear and not _mixed_lora(linear):
+        return linear.decode_weight()
+    return linear.weight
 
 
 def _packed_head(model: nn.Module) -> Callable | None:
@@ -127,8 +141,9 @@ def _block_why(block: nn.Module) -> str:
     return ""
 
 
-def _attention_why(block: Block) -> str:
-    """"" when the kernel may compute ``block``'s attention half from its weights."""
+def _attention_why(block: Block, mixed: bool = False) -> str:
+    """"" when the kernel may compute ``block``'s attention half from its weights (``mixed``:
+    and per-row LoRA adapters, :func:`_linear_why`)."""
     attn = block.attn
     if type(attn) is not Attention:
         return f"attn is {type(attn).__name__}, not Attention"
@@ -139,12 +154,13 @@ def _attention_why(block: Block) -> str:
         _norm_why(block.attn_norm, "attn_norm"),
         *(_norm_why(getattr(attn, name), f"attn.{name}") for name in ("q_norm", "k_norm")
           if getattr(attn, name) is not None),
-        *(_linear_why(getattr(attn, name), f"attn.{name}") for name in projections),
+        *(_linear_why(getattr(attn, name), f"attn.{name}", mixed) for name in projections),
     )
 
 
-def _ffn_why(block: Block) -> str:
-    """"" when the kernel may compute ``block``'s FFN half from its weights."""
+def _ffn_why(block: Block, mixed: bool = False) -> str:
+    """"" when the kernel may compute ``block``'s FFN half from its weights (``mixed`` as
+    :func:`_attention_why`)."""
     ffn = block.ffn
     if type(ffn) is not SwiGLU:
         return f"ffn is {type(ffn).__name__}, not SwiGLU"
@@ -152,7 +168,7 @@ def _ffn_why(block: Block) -> str:
         return "ffn has hooks"
     return _first(
         _norm_why(block.ffn_norm, "ffn_norm"),
-        *(_linear_why(getattr(ffn, name), f"ffn.{name}") for name in ("w_gate", "w_up", "w_down")),
+        *(_linear_why(getattr(ffn, name), f"ffn.{name}", mixed) for name in ("w_gate", "w_up", "w_down")),
     )
 
 
@@ -344,15 +360,26 @@ class _WholeStep:
     """A decode step in one :class:`~mmafm.inference.kernels.DecodeStep` call; the cache's
     bookkeeping (columns, positions, ring slots) stays in :meth:`KVCache.begin` / ``end``."""
 
-    def __init__(self, step: kernels.DecodeStep, cache: KVCache):
-        self.step, self.cache = step, cache
+    def __init__(self, step: kernels.DecodeStep, cache: KVCache, routing: AdapterRouting | None = None):
+        self.step, self.cache, self.routing = step, cache, routing
+
+    def _adapter_rows(self) -> torch.Tensor | None:  # (B,) int64 slots, or None without adapters
+        """Each row's adapter slot now (a mixed batch's routing), for a step built with LoRA."""
+        if self.routing is None:
+            return None
+        if self.routing.mode != "mixed" or self.routing.row_ids is None:
+            raise RuntimeError("the LoRA routing left its mixed batch during a decode call planned for it "
+                               f"(mode is now {self.routing.mode!r}); build a new plan")
+        return self.routing.row_ids
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, V) float32
         cache = self.cache
         column = cache.length
+        rows = self._adapter_rows()
         positions = cache.begin(1)  # (B, 1)
         try:
-            logits = self.step(tokens, positions.view(-1), column, cache.key_valid() if cache.has_padding else None)
+            logits = self.step(tokens, positions.view(-1), column, cache.key_valid() if cache.has_padding else None,
+                               **({} if rows is None else {"adapter_rows": rows}))
         except BaseException:
             cache.abort()
             raise
@@ -365,9 +392,11 @@ class _WholeStep:
         padding)."""
         cache = self.cache
         column = cache.length
+        rows = self._adapter_rows()
         positions = cache.begin(tokens.shape[1], attention_mask)  # (B, T)
         try:
-            logits = self.step.chunk(tokens, positions, column, cache.key_valid() if cache.has_padding else None)
+            logits = self.step.chunk(tokens, positions, column, cache.key_valid() if cache.has_padding else None,
+                                     **({} if rows is None else {"adapter_rows": rows}))
         except BaseException:
             cache.abort()
             raise
@@ -375,10 +404,46 @@ class _WholeStep:
         return logits
 
 
-def _whole_step(model: TextModel, cache: KVCache) -> kernels.DecodeStep | None:
+def _lora_factors(block: Block) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The per-row LoRA adapters of ``block``'s projections, by their names in the step
+    (:data:`~mmafm.inference.kernels.LORA_PROJECTIONS`): ``(A (S, r, in), B (S, out, r), scale (S,))``."""
+    attn, ffn = block.attn, block.ffn
+    modules = {"wq": attn.q_proj, "wo": attn.o_proj, "w_gate": ffn.w_gate, "w_up": ffn.w_up, "w_down": ffn.w_down}
+    if attn.owns_kv:
+        modules.update(wk=attn.k_proj, wv=attn.v_proj)
+    return {name: (m.lora_A, m.lora_B, m.scaling) for name, m in modules.items() if _mixed_lora(m)}
+
+
+def _lora_layers(model: TextModel) -> tuple[list, int] | None:
+    """``(one kernels.lora_layer per layer, slots)`` for a model routed per row, or None where
+    the kernel cannot take its adapters (slot counts that differ between modules, a rank > 256)."""
+    factors = [_lora_factors(block) for block in model.layers]
+    slots = {a.shape[0] for layer in factors for a, _, _ in layer.values()}
+    if len(slots) != 1:
+        return None
+    layers = []
+    for block, layer in zip(model.layers, factors):
+        attn, ffn = block.attn, block.ffn
+        shapes = {name: tuple(m.weight.shape) for name, m in (
+            ("wq", attn.q_proj), ("wk", getattr(attn, "k_proj", None)), ("wv", getattr(attn, "v_proj", None)),
+            ("wo", attn.o_proj), ("w_gate", ffn.w_gate), ("w_up", ffn.w_up), ("w_down", ffn.w_down)) if m is not None}
+        made = kernels.lora_layer(layer, shapes, next(iter(slots)))
+        if made is None:
+            return None
+        layers.append(made)
+    return layers, next(iter(slots))
+
+
+def _whole_step(model: TextModel, cache: KVCache, mixed: bool = False) -> kernels.DecodeStep | None:
     """The kernel step over every layer of ``model`` (all of them already recognised), or None
-    where the tensors do not fit it."""
+    where the tensors do not fit it. ``mixed``: with the model's per-row LoRA adapters."""
     config = model.config
+    lora, slots = None, 0
+    if mixed:
+        made = _lora_layers(model)
+        if made is None:
+            return None
+        lora, slots = made
     layers = []
     for index, block in enumerate(model.layers):
         attn, ffn = block.attn, block.ffn
@@ -399,7 +464,8 @@ def _whole_step(model: TextModel, cache: KVCache) -> kernels.DecodeStep | None:
     cos_table, sin_table = rope_table(config.max_seq_len, config.head_dim, config.rope_theta, cache.device)
     head = model.output_weight() if config.tie_embeddings else _weight(model.lm_head)
     return kernels.decode_step(layers, model.embed.weight, model.norm.weight, head, cos_table,
-                         sin_table, config.n_heads, config.n_kv_heads, config.head_dim, model.norm.eps)
+                         sin_table, config.n_heads, config.n_kv_heads, config.head_dim, model.norm.eps,
+                         lora, slots)
 
 
 def _matrix_operand(module: nn.Module) -> torch.Tensor | tuple | None:
@@ -417,9 +483,17 @@ def _matrix_operand(module: nn.Module) -> torch.Tensor | tuple | None:
 def _packed_step(model: TextModel, cache: KVCache) -> kernels.PackedDecodeStep | None:
     """The whole step over packed weights (``csrc/lut.c``) for a model with packed matrices whose
     layers are otherwise what the float step takes (its modules recognised as in
-    :func:`build_plan`, packed linears with groups along rows, a float32 cache); None otherwise."""
-    if not any(callable(getattr(m, "lut_operands", None)) for m in model.modules()):
+    :func:`build_plan`, packed linears with groups along rows, a float32 cache); None otherwise.
+    Packed modules set to ``act_dtype="int8"`` (:func:`mmafm.compress.set_act_dtype`, all or none)
+    make it the int8-activation step (``csrc/q8.c``)."""
+    packed = [m for m in model.modules() if callable(getattr(m, "lut_operands", None))]
+    if not packed:
         return None
+    act_dtypes = {getattr(m, "act_dtype", "float32") for m in packed}
+    if len(act_dtypes) > 1:
+        raise ValueError(f"packed modules with different act_dtype {sorted(act_dtypes)}: the packed decode step "
+                         "takes one for all (mmafm.compress.set_act_dtype)")
+    int8 = act_dtypes == {"int8"}
     config = model.config
     if cache.dtype != torch.float32 or cache.max_len > config.max_seq_len or _norm_why(model.norm, "norm"):
         return None
@@ -444,6 +518,7 @@ def _packed_step(model: TextModel, cache: KVCache) -> kernels.PackedDecodeStep |
             None if attn.k_norm is None else attn.k_norm.weight, block.ffn_norm.weight, operands["w_gate"],
             operands["w_up"], operands["w_down"], store.keys, store.values, ring=source.attn.window is not None,
             rope=attn.use_rope, heads=config.n_heads, dim=config.dim, hidden=ffn.w_gate.out_features,
+            int8_activations=int8,
         )
         if layer is None:
             return None
@@ -455,7 +530,7 @@ def _packed_step(model: TextModel, cache: KVCache) -> kernels.PackedDecodeStep |
     cos_table, sin_table = rope_table(config.max_seq_len, config.head_dim, config.rope_theta, cache.device)
     return kernels.packed_decode_step(layers, embed, model.norm.weight, head, cos_table, sin_table, config.n_heads,
                                       config.n_kv_heads, config.head_dim, model.norm.eps, config.vocab_size,
-                                      config.dim)
+                                      config.dim, int8_activations=int8)
 
 
 class DecodePlan:
@@ -470,11 +545,12 @@ class DecodePlan:
     """
 
     def __init__(self, model: nn.Module, cache: KVCache, layers: tuple[LayerPlan, ...], why: str,
-                 whole: kernels.DecodeStep | None):
+                 whole: kernels.DecodeStep | None, routing: AdapterRouting | None = None):
         self.model, self.cache, self.layers, self.why = model, cache, layers, why
         self.whole_step = whole is not None
+        self.mixed_adapters = whole is not None and routing is not None  # per-row LoRA inside the step
         if whole is not None:
-            self._step: Callable = _WholeStep(whole, cache)
+            self._step: Callable = _WholeStep(whole, cache, routing)
         elif any(KERNEL in (layer.attention, layer.ffn) for layer in layers):
             self._step = _LayeredStep(model, cache, layers)
         else:
@@ -510,6 +586,10 @@ class DecodePlan:
             head = "whole step in one kernel call"
             if isinstance(self._step.step, kernels.PackedDecodeStep):
                 head += " over packed weights (csrc/lut.c)"
+                if self._step.step.int8_activations:
+                    head += ", int8 activations (csrc/q8.c)"
+            if self.mixed_adapters:
+                head += " with per-row LoRA adapters (csrc/lora.c)"
         elif isinstance(self._step, _LayeredStep):
             head = f"layer by layer ({self.why})"
         else:
@@ -519,6 +599,11 @@ class DecodePlan:
             rows += ["", "| layer | attention | FFN | why |", "|---|---|---|---|"]
             rows += [f"| {layer.index} | {layer.attention} | {layer.ffn} | {layer.why} |" for layer in self.layers]
         return "\n".join(rows)
+
+
+def _mixed_routing(model: nn.Module) -> AdapterRouting | None:
+    """The shared routing of ``model``'s LoRA linears when it routes a mixed batch, else None."""
+    return next((m.routing for m in model.modules() if _mixed_lora(m)), None)
 
 
 def build_plan(model: nn.Module, cache: KVCache, whole_step: bool = True) -> DecodePlan:
@@ -541,6 +626,14 @@ def build_plan(model: nn.Module, cache: KVCache, whole_step: bool = True) -> Dec
     if packed is not None:
         return DecodePlan(model, cache, tuple(LayerPlan(i, KERNEL, KERNEL) for i in range(len(model.layers))), "",
                           packed)
+    routing = _mixed_routing(model)
+    if routing is not None and whole_step:  # a mixed batch: the whole step with its LoRA terms, if it fits
+        mixed_why = _first(*(_block_why(b) or _attention_why(b, True) or _cache_why(b, cache) or _ffn_why(b, True)
+                             for b in model.layers), _step_why(model, cache))
+        whole = None if mixed_why else _whole_step(model, cache, mixed=True)
+        if whole is not None:
+            return DecodePlan(model, cache, tuple(LayerPlan(i, KERNEL, KERNEL) for i in range(len(model.layers))),
+                              "", whole, routing)
     # what each half could run in, whatever the storage type
     candidates = []
     for index, block in enumerate(model.layers):

@@ -103,12 +103,18 @@ class MoEFeedForward(nn.Module):
             counts = [total // experts_ + (index < total % experts_) for index in range(experts_)]
         else:
             counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        # one view per expert, taken once: indexing w_gate[index] inside the loop makes autograd
+        # build a full (E, hidden, dim) gradient per expert and weight (E x the memory traffic);
+        # unbind's backward stacks the E gradients once (same values; 3.8-5.7x faster on CPU, benchmarks/bench_moe.py)
+        gates, ups, downs = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
         out = torch.zeros_like(tokens)
         start = 0
         for index, count in enumerate(counts):
             if count:
                 token_ids = slot_token[start : start + count]
-                expert_out = self.expert(index, tokens[token_ids])  # (count, dim)
+                chosen = tokens[token_ids]  # (count, dim)
+                hidden = F.silu(F.linear(chosen, gates[index])) * F.linear(chosen, ups[index])  # (count, hidden)
+                expert_out = F.linear(hidden, downs[index])  # (count, dim), = self.expert(index, chosen)
                 weighted = expert_out * slot_weight[start : start + count, None].to(expert_out.dtype)
                 out.index_add_(0, token_ids, weighted.to(out.dtype))
             start += count

@@ -17,7 +17,10 @@ each scheme of ``schemes`` this stage
    and measures its bits per weight and held-out loss;
 3. trains a rank-``rank`` LoRA over the frozen compressed base (its dequantized weights, bitwise
    the packed ones) on the same pretraining tokens, and measures the loss again: the share of
-   the float-to-compressed loss gap the adapter closes;
+   the float-to-compressed loss gap the adapter closes ("no gap to close" when the compressed
+   model is not worse than the float one). The adapter is kept only if it lowers the held-out
+   loss on selection batches disjoint from the reported ones (``{scheme}_recovery_kept``): a
+   recovery that makes the model worse is reported and dropped, not shipped silently;
 4. plots loss against bits per weight before and after recovery, and the recovery curves.
 
 >>> mmafm run 11_compression -p checkpoint=runs/tiny/02_text_pretrain -p tokens_dir=runs/tiny/00_data/tokens
@@ -25,7 +28,6 @@ each scheme of ``schemes`` this stage
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +41,7 @@ from mmafm.stages import register_stage
 from mmafm.stages.base import StageDir, TrainStageConfig
 from mmafm.train.trainer import setting
 
-__all__ = ["CompressionStageConfig", "SCHEME_NAMES", "parse_scheme", "run"]
+__all__ = ["CompressionStageConfig", "SCHEME_NAMES", "describe_recovery", "gap_closed", "parse_scheme", "run"]
 
 STAGE = "11_compression"
 SCHEME_NAMES = ("palettize4", "palettize2", "qat2", "qat4", "mixed", "astc")
@@ -85,6 +87,32 @@ def parse_scheme(name: str) -> tuple[str, int]:
         raise ConfigError(f"{STAGE}: unknown scheme {name!r}; choose from {', '.join(SCHEME_NAMES)}")
     method = name.rstrip("0123456789")
     return method, int(name[len(method):] or 0)
+
+
+def gap_closed(float_loss: float, loss_compressed: float, loss_recovered: float) -> float | None:
+    """Share of the float-to-compressed held-out loss gap that recovery closes (1 = back to the
+    float loss, negative = recovery made it worse); ``None`` when there is no gap to close (the
+    compressed model is not worse than the float one), where a ratio would divide by <= 0."""
+    gap = loss_compressed - float_loss
+    return (loss_compressed - loss_recovered) / gap if gap > 0 else None
+
+
+def describe_recovery(float_loss: float, loss_compressed: float, loss_trained: float, kept: bool) -> str:
+    """One line for the stage log: the recovery's effect on the gap in words, never ``nan``.
+
+    Args:
+        float_loss: held-out loss of the float base.
+        loss_compressed: held-out loss of the compressed base without an adapter.
+        loss_trained: held-out loss with the trained recovery adapter.
+        kept: whether the adapter was kept (it lowered the loss on the selection batches).
+    """
+    closed = gap_closed(float_loss, loss_compressed, loss_trained)
+    effect = ("no gap to close: the compressed loss is not above the float loss" if closed is None
+              else f"{closed:.0%} of the gap closed")
+    if kept:
+        return f"recovered {loss_trained:.4f}, {effect}"
+    return (f"recovery adapter not kept ({loss_trained:.4f} with it, {effect}; it did not lower the "
+            f"selection loss), the compressed model stands")
 
 
 def _schemes(cfg: CompressionStageConfig) -> list[str]:
@@ -138,6 +166,21 @@ def _train(cfg: CompressionStageConfig, model: nn.Module, val_batches: list, fol
     return records
 
 
+def _held_out_split(cfg: CompressionStageConfig) -> tuple[list, list]:
+    """The reported held-out batches (the first ``eval_batches`` of val) and the batches that pick
+    whether a recovery adapter is kept (the next ``eval_batches``), so the reported loss is not the
+    one the choice was made on. A val split too small for both selects on the reported batches."""
+    from mmafm.stages.text_pretrain import held_out_batches
+
+    batches = held_out_batches(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, 2 * cfg.eval_batches)
+    reported, selection = batches[:cfg.eval_batches], batches[cfg.eval_batches:]
+    if not selection:
+        print(f"[{STAGE}] val split holds {len(batches)} batch(es): the recovery adapters are kept or dropped "
+              "by the reported held-out batches")
+        selection = reported
+    return reported, selection
+
+
 def _compress(cfg: CompressionStageConfig, scheme: str, val_batches: list, stage_dir: StageDir) -> tuple[nn.Module, list]:
     """The base compressed by ``scheme`` (packed modules) and the QAT records (empty for PTQ)."""
     from mmafm.checkpoint import load_model
@@ -187,10 +230,16 @@ def _figures(stage_dir: StageDir, float_loss: float, rows: list[dict], curves: d
                       arrowprops={"arrowstyle": "->", "color": "gray"})
         left.plot([x], [row["loss_compressed"]], "o", color="tab:red")
         left.plot([x], [row["loss_recovered"]], "s", color="tab:green")
-        left.annotate(f"{row['scheme']}\n{row['gap_closed']:.0%} closed", (x, row["loss_compressed"]),
+        closed = "no gap" if row["gap_closed"] is None else f"{row['gap_closed']:.0%} closed"
+        if not row["recovery_kept"]:
+            left.plot([x], [row["loss_trained"]], "x", color="tab:gray")
+            closed += " (not kept)"
+        left.annotate(f"{row['scheme']}\n{closed}", (x, row["loss_compressed"]),
                       textcoords="offset points", xytext=(6, 4), fontsize=8)
     left.plot([], [], "o", color="tab:red", label="compressed")
-    left.plot([], [], "s", color="tab:green", label="+ recovery LoRA")
+    left.plot([], [], "s", color="tab:green", label="+ recovery LoRA (the kept model)")
+    if any(not row["recovery_kept"] for row in rows):
+        left.plot([], [], "x", color="tab:gray", label="recovery LoRA not kept (worse)")
     left.set(xlabel="bits per weight (embedding included)", ylabel="held-out loss (nats / token)",
              title="compression and accuracy recovery")
     left.legend(fontsize=8)
@@ -210,7 +259,6 @@ def run(cfg: CompressionStageConfig) -> dict[str, str]:
     from mmafm.compress import bits_per_weight, dequantized_copy, save_compressed
     from mmafm.compress.bits import matrix_bits
     from mmafm.lora import attach_lora
-    from mmafm.stages.text_pretrain import held_out_batches
 
     for name in ("checkpoint", "tokens_dir"):
         if not getattr(cfg, name):
@@ -224,7 +272,7 @@ def run(cfg: CompressionStageConfig) -> dict[str, str]:
     base = load_model(cfg.checkpoint, family="text")
     if cfg.seq_len > base.config.max_seq_len:
         raise ConfigError(f"{STAGE}: seq_len={cfg.seq_len} > the base's max_seq_len={base.config.max_seq_len}")
-    val_batches = held_out_batches(cfg.tokens_dir, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+    val_batches, selection_batches = _held_out_split(cfg)
     float_loss = _held_out(base, val_batches)["val_loss"]
     float_bpw = bits_per_weight(base)
     metadata = {"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}
@@ -241,22 +289,26 @@ def run(cfg: CompressionStageConfig) -> dict[str, str]:
         plain = dequantized_copy(compressed)
         adapters = attach_lora(plain, cfg.rank, cfg.alpha, slots=1, name=scheme, seed=cfg.seed)
         folder = StageDir(stage_dir.root / "recovery" / scheme, f"{STAGE}/recovery/{scheme}")
+        selection_before = _held_out(plain, selection_batches)["val_loss"]  # adapters start at zero
         records = _train(cfg, plain, val_batches, folder)
         curves[scheme] = records
-        loss_recovered = _held_out(plain, val_batches)["val_loss"]
+        loss_trained = _held_out(plain, val_batches)["val_loss"]
+        # keep the better of before / after on batches the reported losses do not use
+        kept = _held_out(plain, selection_batches)["val_loss"] < selection_before
         adapter_path = adapters.save(stage_dir.root / "recovery" / scheme / "adapter", scheme, dtype=torch.bfloat16,
-                                     metadata={"stage": STAGE, "scheme": scheme, "compressed": str(path)})
-        outputs[f"adapter_{scheme}"] = str(adapter_path)
-        gap = loss_compressed - float_loss
+                                     metadata={"stage": STAGE, "scheme": scheme, "compressed": str(path), "kept": kept})
+        if kept:  # a dropped adapter stays on disk for inspection but is not an output
+            outputs[f"adapter_{scheme}"] = str(adapter_path)
+        loss_recovered = loss_trained if kept else loss_compressed  # the model the stage hands on
         row = {"scheme": scheme, "bpw": bpw, "bpw_without_embedding": bpw_body, "megabytes": megabytes,
-               "loss_compressed": loss_compressed, "loss_recovered": loss_recovered,
-               "gap_closed": (loss_compressed - loss_recovered) / gap if gap > 0 else float("nan"),
+               "loss_compressed": loss_compressed, "loss_recovered": loss_recovered, "loss_trained": loss_trained,
+               "recovery_kept": kept, "gap_closed": gap_closed(float_loss, loss_compressed, loss_recovered),
                "qat_final_loss": next((r["ce"] for r in reversed(qat_records) if "ce" in r), None),
                "file_bytes": path.stat().st_size}
         rows.append(row)
         stage_dir.log({"scheme": scheme, **{k: v for k, v in row.items() if k != "scheme"}})
         print(f"[{STAGE}] {scheme}: {bpw:.3f} bpw, loss {float_loss:.4f} (float) -> {loss_compressed:.4f} "
-              f"(compressed) -> {loss_recovered:.4f} (recovered, {row['gap_closed']:.0%} of the gap)")
+              f"(compressed) -> {describe_recovery(float_loss, loss_compressed, loss_trained, kept)}")
     _figures(stage_dir, float_loss, rows, curves)
     summary: dict[str, Any] = {"float_loss": round(float_loss, 4), "float_bpw": float_bpw}
     for row in rows:
@@ -264,7 +316,8 @@ def run(cfg: CompressionStageConfig) -> dict[str, str]:
         summary.update({
             f"{scheme}_bpw": round(row["bpw"], 4), f"{scheme}_bpw_without_embedding": round(row["bpw_without_embedding"], 4),
             f"{scheme}_loss": round(row["loss_compressed"], 4), f"{scheme}_loss_recovered": round(row["loss_recovered"], 4),
-            f"{scheme}_gap_closed": None if math.isnan(row["gap_closed"]) else round(row["gap_closed"], 4),
+            f"{scheme}_gap_closed": None if row["gap_closed"] is None else round(row["gap_closed"], 4),
+            f"{scheme}_loss_trained": round(row["loss_trained"], 4), f"{scheme}_recovery_kept": row["recovery_kept"],
             f"{scheme}_file_bytes": row["file_bytes"],
         })
     summary.update({"rank": cfg.rank, "recovery_steps": cfg.max_steps, "qat_steps": cfg.qat_steps,

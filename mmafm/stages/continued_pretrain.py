@@ -39,6 +39,7 @@ from mmafm.stages import register_stage
 from mmafm.stages.base import StageDir, TrainStageConfig, read_manifest
 from mmafm.stages.text_pretrain import TEXT_FAMILIES, TextPretrainTask, held_out_batches
 from mmafm.train.trainer import setting
+from mmafm.train.vocab import extend_tokenizer, extend_vocabulary, tokens_per_byte
 
 __all__ = [
     "ContinuedPretrainConfig",
@@ -48,6 +49,8 @@ __all__ = [
     "data_stage_record",
     "load_text_model",
     "slice_perplexities",
+    "training_facts",
+    "save_text_stage",
     "run",
 ]
 
@@ -89,6 +92,11 @@ class ContinuedPretrainConfig(TrainStageConfig):
     eval_batches: int = field(default=2, metadata={"min": 1})  # held-out batches per slice per evaluation
     ckpt_every: int = setting("ckpt_every", 50)
     sample_tokens: int = field(default=24, metadata={"min": 1})  # greedy tokens per sample prompt, before and after
+    # --- vocabulary extension (mmafm.train.vocab) [paper 2025: 100k -> 150k during continued
+    # pretraining; open: how pieces are chosen (here the mixture's most frequent new BPE merges)
+    # and how rows start (here the mean of their sub-pieces' rows)]. 0 = keep the tokenizer (the
+    # tiny pipeline: later stages read 00's token shards, which name 00's vocabulary size).
+    extend_vocab_to: int = field(default=0, metadata={"min": 0})
 
 
 # ---------------------------------------------------------------------------------- the task
@@ -176,6 +184,45 @@ def load_text_model(source: str, vocab_size: int, seq_len: int, stage: str, **ov
     return model.float()
 
 
+def training_facts(weights: dict[str, float], trainer: Any, cfg: TrainStageConfig, seq_len: int, start: float,
+                   **after_mixture: Any) -> dict[str, Any]:
+    """The closing keys of a continued / long-context stage's summary: its ``mixture``, any
+    stage keys (``after_mixture``, in order), ``steps``, ``train_tokens`` (every rank's windows of
+    ``seq_len`` tokens) and wall ``seconds`` since ``start``."""
+    from mmafm.data.mixture import format_mixture
+
+    return {
+        "mixture": format_mixture(weights),
+        **after_mixture,
+        "steps": trainer.step,
+        "train_tokens": trainer.step * cfg.batch_size * seq_len * cfg.grad_accum_steps * trainer.world_size,
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+def save_text_stage(stage: str, cfg: TrainStageConfig, stage_dir: StageDir, model: nn.Module, step: int,
+                    summary: dict[str, Any], seq_len: int, extra_outputs: dict[str, str],
+                    tokenizer: str | None = None) -> dict[str, str]:
+    """Save a text stage's trained model (its summary and config, ``seq_len`` the context it
+    trained at, in the checkpoint's metadata) and write the stage manifest. Returns the outputs:
+    ``checkpoint``, ``preset``, ``tokenizer`` (``tokenizer`` if given, e.g. an extended one, else
+    ``cfg.tokenizer``), then ``extra_outputs``, then ``metrics``."""
+    tokenizer = tokenizer or cfg.tokenizer
+    checkpoint = save_model(stage_dir.checkpoint_dir / "text_model", model, {
+        "stage": stage, "tokenizer": tokenizer, "step": step, "summary": summary,
+        "stage_config": to_dict(cfg) | {"seq_len": seq_len},
+    })
+    outputs = {
+        "checkpoint": str(checkpoint),
+        "preset": getattr(getattr(model, "model_spec", None), "preset", None) or "",
+        "tokenizer": tokenizer,
+        **extra_outputs,
+        "metrics": str(stage_dir.metrics_path),
+    }
+    stage_dir.write_manifest(outputs, cfg, summary)
+    return outputs
+
+
 # --------------------------------------------------------------------------------- figures
 def _figures(stage_dir: StageDir, records: list[dict], shares: dict[str, dict[str, float]],
              before: dict[str, float], after: dict[str, float]) -> None:
@@ -229,7 +276,7 @@ def _samples(model: nn.Module, tokenizer: Any, tokens: int) -> list[str]:
 # ---------------------------------------------------------------------------------------- run
 def run(cfg: ContinuedPretrainConfig) -> dict[str, str]:
     """Continue pretraining ``init_checkpoint`` on the shifted mixture; returns the stage outputs."""
-    from mmafm.data.mixture import MixtureShards, data_stage_sources, format_mixture, parse_mixture, source_streams, stream_batches
+    from mmafm.data.mixture import MixtureShards, data_stage_sources, parse_mixture, source_streams, stream_batches
     from mmafm.data.shards import read_token_meta
     from mmafm.data.synthetic_text import GENERATED_TEXT_SOURCES
     from mmafm.tokenizer import Tokenizer
@@ -255,8 +302,16 @@ def run(cfg: ContinuedPretrainConfig) -> dict[str, str]:
     tokens_dir = data_outputs["tokens_dir"]
     if int(read_token_meta(tokens_dir)["vocab_size"]) != tokenizer.vocab_size:
         raise ConfigError(f"{STAGE}: {tokens_dir} was made with another tokenizer than {cfg.tokenizer}")
-    model = load_text_model(cfg.init_checkpoint, tokenizer.vocab_size, seq_len, STAGE)
+    base_tokenizer = tokenizer
+    vocab_facts: dict[str, Any] = {}
+    if cfg.extend_vocab_to:
+        tokenizer, vocab_facts = _extend_tokenizer(cfg, data_config, weights, base_tokenizer, stage_dir)
 
+    def start_model() -> nn.Module:  # 02's weights at the new context (and vocabulary)
+        model = load_text_model(cfg.init_checkpoint, base_tokenizer.vocab_size, seq_len, STAGE)
+        return extend_vocabulary(model, base_tokenizer, tokenizer) if cfg.extend_vocab_to else model
+
+    model = start_model()
     sources = allowed  # all of them: 02's shares are measured on the same streams
     streams, source_stats = source_streams(cfg.data_dir, data_config, tokenizer, sources, cfg.generated_documents)
     slices = {
@@ -274,7 +329,7 @@ def run(cfg: ContinuedPretrainConfig) -> dict[str, str]:
     weights_state = trainer.full_state_dict()
     if trainer.rank != 0:
         return {}
-    model = load_text_model(cfg.init_checkpoint, tokenizer.vocab_size, seq_len, STAGE)
+    model = start_model()
     model.load_state_dict(weights_state)
     after = {k[len("eval/"):]: v for k, v in [r for r in records if "eval/val_loss" in r][-1].items() if k.startswith("eval/")}
     samples_after = _samples(model, tokenizer, cfg.sample_tokens)
@@ -295,28 +350,41 @@ def run(cfg: ContinuedPretrainConfig) -> dict[str, str]:
         f"{name}_ppl_{when}": round(values[f"{name}_ppl"], 3)
         for name in SLICES for when, values in (("before", before), ("after", after))
     }
-    summary |= {
-        "seq_len": seq_len,
-        "trained_seq_len": trained,
-        "mixture": format_mixture(weights),
-        "steps": trainer.step,
-        "train_tokens": trainer.step * cfg.batch_size * seq_len * cfg.grad_accum_steps * trainer.world_size,
-        "seconds": round(time.time() - start, 1),
-    }
-    checkpoint = save_model(stage_dir.checkpoint_dir / "text_model", model, {
-        "stage": STAGE, "tokenizer": cfg.tokenizer, "step": trainer.step, "summary": summary,
-        "stage_config": to_dict(cfg) | {"seq_len": seq_len},
-    })
-    outputs = {
-        "checkpoint": str(checkpoint),
-        "preset": getattr(getattr(model, "model_spec", None), "preset", None) or "",
-        "tokenizer": cfg.tokenizer,
-        "data_dir": cfg.data_dir,
-        "samples": str(stage_dir.root / "samples.json"),
-        "metrics": str(stage_dir.metrics_path),
-    }
-    stage_dir.write_manifest(outputs, cfg, summary)
-    return outputs
+    summary |= {"seq_len": seq_len, "trained_seq_len": trained, **vocab_facts,
+                **training_facts(weights, trainer, cfg, seq_len, start)}
+    return save_text_stage(STAGE, cfg, stage_dir, model, trainer.step, summary, seq_len,
+                           {"data_dir": cfg.data_dir, "samples": str(stage_dir.root / "samples.json")},
+                           tokenizer=str(tokenizer.path))
+
+
+def _extend_tokenizer(cfg: ContinuedPretrainConfig, data_config: dict, weights: dict[str, float], base: Any,
+                      stage_dir: StageDir) -> tuple[Any, dict[str, Any]]:
+    """The base tokenizer grown to ``extend_vocab_to`` pieces on the train documents of the
+    mixture's sources (``<stage>/tokenizer/tokenizer.model``), and the summary facts: sizes and
+    tokens per byte of each source's val documents under both tokenizers."""
+    from mmafm.data.mixture import source_documents, split_of
+
+    if cfg.extend_vocab_to <= base.vocab_size:
+        raise ConfigError(f"{STAGE}: extend_vocab_to={cfg.extend_vocab_to} must exceed the tokenizer's "
+                          f"{base.vocab_size} pieces (0 keeps it)")
+    val_fraction = float(data_config.get("val_fraction", 0.05))
+    pairs_dir = Path(cfg.data_dir) / "pairs"
+    train_texts, val_texts = [], {}
+    for name in weights:
+        documents, _ = source_documents(name, data_config, pairs_dir, cfg.generated_documents)
+        train_texts += [text for key, text in documents if split_of(key, val_fraction) == "train"]
+        val_texts[name] = [text for key, text in documents if split_of(key, val_fraction) == "val"]
+    try:
+        extended = extend_tokenizer(base, train_texts, cfg.extend_vocab_to, stage_dir.root / "tokenizer" / "tokenizer",
+                                    seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"{STAGE}: {err}") from err
+    facts: dict[str, Any] = {"vocab_size_before": base.vocab_size, "vocab_size_after": extended.vocab_size}
+    for name, texts in val_texts.items():
+        if texts:
+            facts[f"{name}_tokens_per_byte_before"] = round(tokens_per_byte(base, texts), 4)
+            facts[f"{name}_tokens_per_byte_after"] = round(tokens_per_byte(extended, texts), 4)
+    return extended, facts
 
 
 register_stage(STAGE, ContinuedPretrainConfig, run)

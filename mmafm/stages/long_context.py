@@ -17,7 +17,10 @@ At tiny scale, on the shared trainer:
    generated long-context tasks (:mod:`mmafm.data.long_context`: passkey, needles, multi-key
    needles, variable tracking) in haystacks of the *train* split's documents, scored on their
    answer tokens only (``answer_only``: the documents' mean loss plus the answers' mean), and
-   optionally repeated-span rows that teach copying (``copy_examples``, :func:`copy_rows`);
+   optionally repeated-span rows that teach copying (``copy_examples``, :func:`copy_rows`); with
+   ``curriculum_steps``, those steps come first and use short rows only (``curriculum_len``: copy
+   rows, short task examples, document windows; :func:`curriculum_pool`), the LR flat through
+   them (:func:`curriculum_schedule`), because copying forms in steps, not tokens;
 3. before and after, the RULER-like ladder (:mod:`mmafm.eval.long_context`): greedy exact match
    of every task at every length of ``ladder`` on haystacks of the *held-out* documents, plus the
    answer's log-likelihood per token (teacher-forced; it moves long before greedy answers turn
@@ -32,27 +35,38 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
-from mmafm.checkpoint import save_model
-from mmafm.config import ConfigError, to_dict
+from mmafm.config import ConfigError
 from mmafm.io import atomic_write_json
 from mmafm.stages import register_stage
 from mmafm.stages.base import StageDir, TrainStageConfig
-from mmafm.stages.continued_pretrain import data_stage_record, load_text_model, trained_seq_len
+from mmafm.stages.continued_pretrain import (
+    data_stage_record,
+    load_text_model,
+    save_text_stage,
+    trained_seq_len,
+    training_facts,
+)
 from mmafm.stages.text_pretrain import TextPretrainTask
+from mmafm.train.schedule import WarmupConstant, WarmupCosine, build_scheduler
 from mmafm.train.trainer import setting
 
 __all__ = ["LongContextConfig", "LongContextRows", "LongContextTask", "answer_nll", "answer_only_targets", "answer_tokens",
-           "copy_rows", "parse_ladder", "run", "task_rows"]
+           "copy_rows", "CurriculumLR", "curriculum_batch_size", "document_rows", "curriculum_pool", "curriculum_schedule", "parse_ladder",
+           "run", "task_rows"]
 
 STAGE = "05_long_context"
 EVAL_SEED_OFFSET = 1_000_003  # evaluation examples never share a seed with training examples
 IGNORE = -100  # a target the loss skips (the text model's ignore_index)
+CURRICULUM_POOL = 4096  # curriculum rows built up front at most (a longer curriculum cycles through them)
+CURRICULUM_SEED_OFFSET = 2_000_003  # curriculum task examples differ from the long training examples
 
 
 @dataclass
@@ -75,8 +89,11 @@ class LongContextConfig(TrainStageConfig):
     haystack_sources: str = "wikipedia,jargon"  # the tasks' haystacks: data-stage text sources (train split for training, val for evaluation)
     task_examples: int = field(default=96, metadata={"min": 1})  # generated training examples (cycled through)
     copy_examples: int = field(default=0, metadata={"min": 0})  # repeated-span rows (copy_rows) added to the task rows' pool: they teach copying [open]
-    answer_only: bool = True  # a task row is scored on its answer tokens only (its own mean, added to the documents' loss) [open: as RULER-style Q&A tuning; false = on all its tokens]
+    answer_only: bool = True  # a task row is scored on its answer tokens and the EOS ending them only (their own mean, added to the documents' loss) [open: as RULER-style Q&A tuning; false = on all its tokens]
     digits: int = field(default=5, metadata={"min": 2, "max": 12})  # digits of every needle value [RULER: 7; tiny: 5, open]
+    curriculum_steps: int = field(default=0, metadata={"min": 0})  # the first steps train on short rows alone (curriculum_len tokens, a long step's tokens per step): repeated spans scored on the copy (copy_rows), short task examples and, for 1 - task_share of the rows, document windows; copying (induction) forms there in steps, not tokens [open: not in the report; 0 at tiny size: no setting measured gave nonzero exact match in the stage yet, docs/training.md]
+    curriculum_len: int = field(default=128, metadata={"min": 16})  # row length of the curriculum steps, in tokens [open]
+    curriculum_task_share: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # of the curriculum's non-document rows, the share that are task examples (of the tasks that fit curriculum_len), the rest copy rows [open]
     batch_size: int = field(default=4, metadata={"min": 1})  # rows of target_len per step per rank
     # --- optimization (shared trainer) [paper: 100B tokens; the 2024 recipe's continued-stage
     # settings carried over, open]
@@ -129,16 +146,30 @@ class LongContextRows:
     ``IGNORE`` everywhere but its answer: the model is scored on answering, not on the haystack.
     Draws are fixed by ``(seed, epoch, batch)``, so the trainer's exact resume holds; an epoch has
     ``len(documents)`` batches.
+
+    A curriculum (``curriculum``: ``(rows (M, t + 1), spans (M, 2))`` of short rows, ``t`` < ``T``,
+    and ``curriculum_batches`` > 0) comes first: the first ``curriculum_batches`` batches (counted
+    over epochs: ``epoch * len(self) + batch``) are ``(b, t)`` rows of that pool alone
+    (``b = curriculum_batch_size``, 0 = ``B``), every one scored on its span only; a row whose
+    span is the whole row (``(1, t + 1)``: a document window, :func:`document_rows`) is flagged a
+    document row, the others task rows. The long rows follow it.
     """
 
     def __init__(self, documents: Any, task_rows: np.ndarray, task_share: float, seed: int = 0,
-                 answer_spans: np.ndarray | None = None):
+                 answer_spans: np.ndarray | None = None,
+                 curriculum: tuple[np.ndarray, np.ndarray] | None = None, curriculum_batches: int = 0,
+                 curriculum_batch_size: int = 0):
         self.documents, self.task_rows, self.task_share, self.seed = documents, task_rows, task_share, seed
         if task_share > 0 and len(task_rows) == 0:
             raise ValueError("task_share > 0 needs at least one task row")
         if answer_spans is not None and np.shape(answer_spans) != (len(task_rows), 2):
             raise ValueError(f"answer_spans must be ({len(task_rows)}, 2), got {np.shape(answer_spans)}")
+        if curriculum_batches and (curriculum is None or len(curriculum[0]) == 0
+                                   or np.shape(curriculum[1]) != (len(curriculum[0]), 2)):
+            raise ValueError("curriculum_batches > 0 needs curriculum = (rows (M, t + 1), spans (M, 2)) with M >= 1")
         self.answer_spans = answer_spans
+        self.curriculum, self.curriculum_batches = curriculum, curriculum_batches
+        self.curriculum_batch_size = curriculum_batch_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -150,6 +181,9 @@ class LongContextRows:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for index, (inputs, targets) in enumerate(self.documents):
+            if self.epoch * len(self) + index < self.curriculum_batches:
+                yield self._curriculum_batch(self.curriculum_batch_size or inputs.shape[0], index)
+                continue
             rng = np.random.default_rng([self.seed, self.epoch, index, 5])
             use_task = rng.random(inputs.shape[0]) < self.task_share  # (B,)
             if use_task.any():
@@ -161,6 +195,21 @@ class LongContextRows:
                     for row, pick in zip(np.flatnonzero(use_task), picks):
                         targets[row] = answer_only_targets(targets[row], *self.answer_spans[pick])
             yield inputs, targets, torch.from_numpy(use_task)
+
+    def _curriculum_batch(self, batch_size: int, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``batch_size`` rows of the curriculum pool, drawn by ``(seed, epoch, index)``: inputs and
+        span-only targets ``(B, t)``, and which rows are task (copy) rows ``(B,)``."""
+        rows, spans = self.curriculum
+        picks = np.random.default_rng([self.seed, self.epoch, index, 6]).integers(0, len(rows), size=batch_size)
+        chosen = torch.from_numpy(rows[picks].astype(np.int64))  # (B, t + 1)
+        inputs, targets = chosen[:, :-1], chosen[:, 1:].clone()
+        is_task = torch.ones(batch_size, dtype=torch.bool)  # (B,)
+        for row, pick in enumerate(picks):
+            first, end = spans[pick]
+            if (first, end) == (1, rows.shape[1]):  # a span over the whole row: a document window
+                is_task[row] = False
+            targets[row] = answer_only_targets(targets[row], first, end)
+        return inputs, targets, is_task
 
 
 def answer_only_targets(targets: torch.Tensor, first: int, end: int) -> torch.Tensor:  # (T,)
@@ -188,7 +237,9 @@ def task_rows(examples: Sequence[Any], tokenizer: Any, filler: np.ndarray, seq_l
               ) -> tuple[np.ndarray, np.ndarray]:
     """``(rows (N, seq_len + 1), answer_spans (N, 2))``: each example's text (prompt and answer
     tokens as :func:`answer_tokens`), EOS, then a seeded window of ``filler``; ``answer_spans[i]``
-    the row positions ``[first, end)`` of example ``i``'s answer."""
+    the row positions ``[first, end)`` of example ``i``'s answer *and the EOS after it* (when the
+    row holds it): scored on it, the model learns to end its answer, which greedy exact match needs
+    (a model scored on the digits alone retrieves them, then repeats the last one: "1094999")."""
     rng = random.Random(f"task-rows-{seed}")
     rows = np.zeros((len(examples), seq_len + 1), dtype=np.int64)
     spans = np.zeros((len(examples), 2), dtype=np.int64)
@@ -201,7 +252,7 @@ def task_rows(examples: Sequence[Any], tokenizer: Any, filler: np.ndarray, seq_l
         rest = np.asarray(filler[start : start + seq_len + 1 - len(ids)], dtype=np.int64)
         rows[row, : len(ids)] = ids
         rows[row, len(ids) : len(ids) + len(rest)] = rest
-        spans[row] = (first, end)
+        spans[row] = (first, min(end + 1, seq_len + 1))  # the answer and its EOS
     return rows, spans
 
 
@@ -224,6 +275,73 @@ def copy_rows(filler: np.ndarray, count: int, seq_len: int, seed: int = 0) -> tu
         rows[row] = np.concatenate([window, window, np.asarray(filler[rest : rest + seq_len + 1 - 2 * length], dtype=np.int64)])
         spans[row] = (length + 1, 2 * length)
     return rows, spans
+
+
+def curriculum_batch_size(batch_size: int, seq_len: int, curriculum_len: int) -> int:
+    """Rows per curriculum batch: as many tokens as a batch of ``batch_size`` rows of ``seq_len``
+    (``batch_size * (seq_len // curriculum_len)``), so a curriculum step costs no more than a long
+    step and carries more rows (copying forms in steps, not tokens: docs/training.md)."""
+    return batch_size * max(1, seq_len // curriculum_len)
+
+
+@dataclass
+class CurriculumLR:
+    """LR multiplier: the warm-up and then the peak for the ``curriculum_steps`` (with a cosine over
+    the whole run the LR had fallen to a third of its peak before copying formed, docs/training.md),
+    then ``after(step - curriculum_steps)``: the stage's schedule over the remaining steps."""
+
+    curriculum_steps: int
+    warmup: WarmupConstant
+    after: Callable[[int], float]
+
+    def __call__(self, step: int) -> float:
+        return self.warmup(step) if step < self.curriculum_steps else self.after(step - self.curriculum_steps)
+
+
+def curriculum_schedule(optimizer: torch.optim.Optimizer, config: Any, curriculum_steps: int = 0) -> LambdaLR:
+    """The trainer's schedule (``config.schedule``: warm-up + cosine over ``max_steps`` or constant)
+    when ``curriculum_steps`` is 0; else :class:`CurriculumLR`: warm-up and flat through the
+    curriculum, then a second warm-up (the long rows are a new distribution: at the peak LR their
+    first steps undid the curriculum, docs/training.md) and the cosine or the constant over the
+    ``max_steps - curriculum_steps`` left."""
+    if not curriculum_steps:
+        return build_scheduler(optimizer, config)
+    after = (WarmupCosine(config.warmup_steps, max(1, config.max_steps - curriculum_steps), config.min_lr_ratio)
+             if getattr(config, "schedule", "cosine") == "cosine" else WarmupConstant(config.warmup_steps))
+    return LambdaLR(optimizer, CurriculumLR(curriculum_steps, WarmupConstant(config.warmup_steps), after))
+
+
+def document_rows(filler: np.ndarray, count: int, seq_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows (count, seq_len + 1), spans (count, 2))``: seeded windows of ``filler``, each span the
+    whole row ``(1, seq_len + 1)`` (every token scored, as a document row is)."""
+    if len(filler) < seq_len + 2:
+        raise ValueError(f"document rows need a filler of at least {seq_len + 2} tokens, got {len(filler)}")
+    starts = np.random.default_rng([seed, 9]).integers(0, len(filler) - seq_len - 1, size=count)
+    rows = np.stack([np.asarray(filler[s : s + seq_len + 1], dtype=np.int64) for s in starts]) if count else \
+        np.zeros((0, seq_len + 1), dtype=np.int64)
+    return rows, np.tile(np.array([[1, seq_len + 1]], dtype=np.int64), (count, 1))
+
+
+def curriculum_pool(tasks: tuple[np.ndarray, np.ndarray], copies: tuple[np.ndarray, np.ndarray], task_share: float,
+                    size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows (size, t + 1), spans (size, 2))``: ``round(task_share * size)`` rows of ``tasks``
+    (cycled in order) and the rest of ``copies`` (cycled), in a seeded order; each pool is a
+    ``(rows, spans)`` pair of rows of one length ``t + 1`` (:func:`task_rows`, :func:`copy_rows`)."""
+    if not 0.0 <= task_share <= 1.0 or size < 1:
+        raise ValueError(f"curriculum_pool: task_share in [0, 1] and size >= 1 expected, got {task_share}, {size}")
+    wanted = round(task_share * size)
+    parts = []
+    for (rows, spans), count, name in ((tasks, wanted, "tasks"), (copies, size - wanted, "copies")):
+        if count and len(rows) == 0:
+            raise ValueError(f"curriculum_pool: {count} rows of {name} asked for, but the {name} pool is empty")
+        if count:
+            parts.append((np.resize(rows, (count, rows.shape[1])), np.resize(spans, (count, 2))))
+    widths = {rows.shape[1] for rows, _ in parts}
+    if len(widths) != 1:
+        raise ValueError(f"curriculum_pool: task and copy rows differ in length ({sorted(widths)})")
+    rows, spans = np.concatenate([r for r, _ in parts]), np.concatenate([s for _, s in parts])
+    order = np.random.default_rng([seed, 8]).permutation(size)
+    return rows[order], spans[order]
 
 
 class LongContextTask(TextPretrainTask):
@@ -296,7 +414,7 @@ def ladder_scores(model: nn.Module, tokenizer: Any, tasks: Sequence[str], length
 
 
 def _figures(stage_dir: StageDir, before: dict, after: dict, marks: Mapping[str, int], records: list[dict],
-             batch_size: int) -> None:
+             batch_size: int, curriculum_steps: int = 0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,6 +472,8 @@ def _figures(stage_dir: StageDir, before: dict, after: dict, marks: Mapping[str,
     answers = [r for r in records if r.get("task_rows", 0) > 0]
     if answers:
         ax.plot([r["step"] for r in answers], [r["ce_answer"] for r in answers], label="task rows (answer tokens)")
+    if curriculum_steps:
+        ax.axvline(curriculum_steps, ls=":", c="grey", label="end of the short-row curriculum")
     ax.set(xlabel="step", ylabel="train cross-entropy (nats / token)", title=f"context lengthening at {marks['05 trained']} tokens")
     ax.legend(fontsize=8)
     stage_dir.save_figure(fig, "loss")
@@ -365,7 +485,7 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
     """Lengthen the context of ``init_checkpoint``; returns the stage outputs."""
     from mmafm.checkpoint import load_model
     from mmafm.data.long_context import TASKS, haystack_documents, make_example
-    from mmafm.data.mixture import MixtureShards, data_stage_sources, format_mixture, parse_mixture, source_streams
+    from mmafm.data.mixture import MixtureShards, data_stage_sources, parse_mixture, source_streams
     from mmafm.layers.rope import rope_base_for_context
     from mmafm.stages.text_pretrain import TEXT_FAMILIES, held_out_batches
     from mmafm.tokenizer import Tokenizer
@@ -389,6 +509,8 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
     target = cfg.target_len or 2 * trained
     if target <= trained:
         raise ConfigError(f"{STAGE}: target_len {target} must exceed trained_len {trained}")
+    if cfg.curriculum_steps and cfg.curriculum_len >= target:
+        raise ConfigError(f"{STAGE}: curriculum_len {cfg.curriculum_len} must be shorter than target_len {target}")
     start = time.time()
     stage_dir = StageDir(cfg.out_dir, STAGE)
     seed_everything(cfg.seed)
@@ -424,10 +546,16 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
     if cfg.copy_examples:  # repeated spans in the same pool of task rows
         copies, copy_spans = copy_rows(filler, cfg.copy_examples, target, cfg.seed)
         rows, spans = np.concatenate([rows, copies]), np.concatenate([spans, copy_spans])
+    curriculum, curriculum_tasks = None, []
+    if cfg.curriculum_steps:
+        curriculum, curriculum_tasks = _curriculum(cfg, tasks, train_haystack, tokenizer, filler, target)
     train_data = LongContextRows(documents, rows, cfg.task_share, seed=cfg.seed,
-                                 answer_spans=spans if cfg.answer_only else None)
+                                 answer_spans=spans if cfg.answer_only else None,
+                                 curriculum=curriculum, curriculum_batches=cfg.curriculum_steps,
+                                 curriculum_batch_size=curriculum_batch_size(cfg.batch_size, target, cfg.curriculum_len))
     val = held_out_batches(data_outputs["tokens_dir"], target, cfg.batch_size, cfg.eval_batches)
-    trainer = Trainer(LongContextTask(model, val), train_data, cfg.train_config(), stage_dir)
+    trainer = Trainer(LongContextTask(model, val), train_data, cfg.train_config(), stage_dir,
+                      scheduler_factory=partial(curriculum_schedule, curriculum_steps=cfg.curriculum_steps))
     records = trainer.fit()
     state = trainer.full_state_dict()
     if trainer.rank != 0:
@@ -437,7 +565,7 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
     after = ladder_scores(model, tokenizer, tasks, ladder, cfg.eval_examples, eval_haystack, eval_seed, cfg.digits)
 
     marks = {"04 trained": trained, "05 trained": target}
-    _figures(stage_dir, before, after, marks, records, cfg.batch_size)
+    _figures(stage_dir, before, after, marks, records, cfg.batch_size, cfg.curriculum_steps)
     final = [r for r in records if "eval/val_loss" in r][-1]
     atomic_write_json(stage_dir.root / "ladder.json", {
         "lengths": ladder, "trained_len": trained, "target_len": target,
@@ -456,25 +584,48 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
         "answer_nll_after": {str(n): round(v, 3) for n, v in after["nll_mean"].items()},
         "val_loss": round(final["eval/val_loss"], 4),
         "val_ppl": round(final["eval/val_ppl"], 3),
-        "mixture": format_mixture(weights),
-        "task_share": cfg.task_share,
-        "steps": trainer.step,
-        "train_tokens": trainer.step * cfg.batch_size * target * cfg.grad_accum_steps * trainer.world_size,
-        "seconds": round(time.time() - start, 1),
+        **training_facts(weights, trainer, cfg, target, start, task_share=cfg.task_share,
+                         curriculum_steps=cfg.curriculum_steps, curriculum_tasks=",".join(curriculum_tasks)),
     }
-    checkpoint = save_model(stage_dir.checkpoint_dir / "text_model", model, {
-        "stage": STAGE, "tokenizer": cfg.tokenizer, "step": trainer.step, "summary": summary,
-        "stage_config": to_dict(cfg) | {"seq_len": target},
-    })
-    outputs = {
-        "checkpoint": str(checkpoint),
-        "preset": getattr(getattr(model, "model_spec", None), "preset", None) or "",
-        "tokenizer": cfg.tokenizer,
-        "ladder": str(stage_dir.root / "ladder.json"),
-        "metrics": str(stage_dir.metrics_path),
-    }
-    stage_dir.write_manifest(outputs, cfg, summary)
-    return outputs
+    short = min(cfg.curriculum_steps, trainer.step)  # curriculum steps saw their own rows of curriculum_len
+    short_rows = curriculum_batch_size(cfg.batch_size, target, cfg.curriculum_len)
+    summary["train_tokens"] -= short * (cfg.batch_size * target - short_rows * cfg.curriculum_len) \
+        * cfg.grad_accum_steps * trainer.world_size
+    return save_text_stage(STAGE, cfg, stage_dir, model, trainer.step, summary, target,
+                           {"ladder": str(stage_dir.root / "ladder.json")})
+
+
+def _curriculum(cfg: LongContextConfig, tasks: Sequence[str], haystack: Sequence[str], tokenizer: Any,
+                filler: np.ndarray, target: int) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
+    """The curriculum pool (:func:`curriculum_pool`, one fresh row per curriculum row, at most
+    ``CURRICULUM_POOL`` rows) and the tasks in it: those whose needles and question fit
+    ``curriculum_len`` tokens, each example drawn at a length in [curriculum_len / 4, curriculum_len]."""
+    from mmafm.data.long_context import make_example
+
+    length = cfg.curriculum_len
+    fitting = []
+    for task in tasks:
+        try:
+            make_example(task, length, haystack, tokenizer, seed=cfg.seed, digits=cfg.digits)
+            fitting.append(task)
+        except ValueError:  # this task's needles and question alone exceed curriculum_len
+            continue
+    share = cfg.curriculum_task_share if fitting else 0.0
+    if cfg.curriculum_task_share and not fitting:
+        raise ConfigError(f"{STAGE}: curriculum_len {length}: no task of {list(tasks)} fits; raise it or set "
+                          "curriculum_task_share=0")
+    total = min(cfg.curriculum_steps * curriculum_batch_size(cfg.batch_size, target, length), CURRICULUM_POOL)
+    size = max(1, round(cfg.task_share * total))  # copy and task rows; the rest document windows, as in the long rows
+    count = round(share * size)
+    examples = [_train_example(fitting[i % len(fitting)], length, haystack, tokenizer, cfg.seed + CURRICULUM_SEED_OFFSET,
+                               i, cfg.digits) for i in range(count)]
+    empty = (np.zeros((0, length + 1), dtype=np.int64), np.zeros((0, 2), dtype=np.int64))
+    task_pool = task_rows(examples, tokenizer, filler, length, cfg.seed) if examples else empty
+    copy_pool = copy_rows(filler, size - count, length, cfg.seed) if size > count else empty
+    spans_rows = curriculum_pool(task_pool, copy_pool, share, size, cfg.seed)
+    documents = document_rows(filler, total - size, length, cfg.seed)
+    order = np.random.default_rng([cfg.seed, 10]).permutation(total)
+    return (np.concatenate([spans_rows[0], documents[0]])[order], np.concatenate([spans_rows[1], documents[1]])[order]), fitting
 
 
 def _train_example(task: str, length: int, haystack: Sequence[str], tokenizer: Any, seed: int, index: int, digits: int):

@@ -19,7 +19,11 @@ This stage does that at tiny scale:
 4. held-out evaluation *before and after*: the text model's perplexity on the data stage's
    ``val.bin`` (the report's claim: it should not get worse), 03's image-text metrics (caption
    perplexity, "pick the right caption" against chance and against a wrong image), and the
-   perplexity of held-out interleaved documents; a figure of the curves and the before/after bars.
+   perplexity of held-out interleaved documents; a figure of the curves and the before/after bars;
+5. optionally, the trade-off the knob sets (``compare_mixtures``): each listed mixture trained
+   ``compare_steps`` steps from the same start (the same fresh adapter, the same text model), then
+   its text perplexity change against its "pick the right caption" accuracy, one point per
+   mixture (figure ``mixture_tradeoff``, summary ``mixture_comparison``).
 
 What trains (fields ``train_vision`` / ``train_adapter`` / ``train_text``): the adapter (fresh:
 it must), the text model (continued pretraining changes it; the text-only share of the mixture is
@@ -32,6 +36,7 @@ text stages that follow), ``preset``, ``tokenizer``, ``mode``.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,6 +58,7 @@ __all__ = [
     "MultimodalAdaptationConfig",
     "KINDS",
     "parse_mixture",
+    "parse_mixture_list",
     "rows_per_kind",
     "MixtureRow",
     "collate_rows",
@@ -114,6 +120,9 @@ class MultimodalAdaptationConfig(TrainStageConfig):
     eval_pairs: int = field(default=128, metadata={"min": 2})  # held-out pairs (first N of the val split) for 03's metrics
     eval_documents: int = field(default=48, metadata={"min": 1})  # held-out interleaved documents (built from the val pairs)
     num_candidates: int = field(default=4, metadata={"min": 2})  # captions per image in "pick the right caption"
+    # --- optional: the text-vs-image trade-off over mixtures ---
+    compare_mixtures: str = ""  # mixtures separated by ";" (each as `mixture`), each trained compare_steps steps from the main run's start; "" = none (the tiny pipeline, for time)
+    compare_steps: int = field(default=40, metadata={"min": 1})  # steps per compared mixture (the main run's settings otherwise) [open]
 
 
 # ------------------------------------------------------------------------------------- mixture
@@ -128,6 +137,18 @@ def parse_mixture(text: str) -> dict[str, float]:
     except ValueError as err:
         raise ConfigError(f"{STAGE}: key 'mixture': {err}") from None
     return {kind: weights.get(kind, 0.0) for kind in KINDS}
+
+
+def parse_mixture_list(text: str) -> list[str]:
+    """``"text:0.9,pairs:0.1; text:0.1,pairs:0.9"`` -> the mixtures, each checked by
+    :func:`parse_mixture` (``";"`` separates them because a mixture holds commas); ``""`` -> []."""
+    mixtures = [part.strip() for part in text.split(";") if part.strip()]
+    for mixture in mixtures:
+        try:
+            parse_mixture(mixture)
+        except ConfigError as err:
+            raise ConfigError(f"{STAGE}: key 'compare_mixtures': {mixture!r}: {err}") from None
+    return mixtures
 
 
 def rows_per_kind(weights: dict[str, float], batch_size: int) -> dict[str, int]:
@@ -391,6 +412,28 @@ def _figures(stage_dir: StageDir, records: list[dict], before: dict, after: dict
     plt.close(fig)
 
 
+def _tradeoff_figure(stage_dir: StageDir, points: list[dict], steps: int, chance: float) -> None:
+    """Text perplexity change against caption accuracy, one point per compared mixture."""
+    from matplotlib.ticker import PercentFormatter
+
+    from mmafm.report import stage_figure
+
+    with stage_figure(stage_dir, "mixture_tradeoff", figsize=(6.5, 4.5)) as (_, ax):
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.axhline(0.0, color="black", linewidth=0.8, label="text perplexity unchanged")
+        ax.axvline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0%})")
+        for point in points:
+            shares = point["mixture"]
+            label = " / ".join(f"{kind[:5]} {shares[kind]:.2f}" for kind in KINDS if shares[kind] > 0)
+            (marker,) = ax.plot([point["choice_accuracy"]], [100 * point["text_ppl_change"]], "o", label=label)
+            ax.plot([point["choice_accuracy_wrong_image"]], [100 * point["text_ppl_change"]], "o", mfc="none",
+                    color=marker.get_color())
+        ax.set(xlabel="pick the right caption, held out (open circle: with a wrong image)",
+               ylabel="text perplexity change (%; + = worse)",
+               title=f"the mixture knob: each mixture {steps} steps from the same start")
+        ax.legend(fontsize=7)
+
+
 # ---------------------------------------------------------------------------------------- run
 def _check_inputs(cfg: MultimodalAdaptationConfig) -> None:
     from mmafm.stages.vl_alignment import check_tower_inputs
@@ -459,6 +502,36 @@ def _measure(model: MultimodalModel, tokenizer: Any, held: dict, cfg: Multimodal
             **captions}
 
 
+def _compare_mixtures(cfg: MultimodalAdaptationConfig, start: MultimodalModel, mixtures: list[str], data: dict,
+                      held: dict, tokenizer: Any, before: dict) -> list[dict]:
+    """Train a copy of ``start`` (the model before the main run's first step) for
+    ``compare_steps`` on each mixture, in memory, and measure it on the held-out sets."""
+    from mmafm.train import Trainer
+    from mmafm.train.optim import build_optimizer
+
+    points = []
+    for mixture in mixtures:
+        weights = parse_mixture(mixture)
+        rows = rows_per_kind(weights, cfg.batch_size)
+        model = copy.deepcopy(start)
+        batches = MixtureBatches(rows=rows, cfg=cfg, tokenizer=tokenizer, **data)
+        held_small = {"text": held["text"][:1], "pairs": held["pair_batches"][:1], "interleaved": held["interleaved"][:2]}
+        task = AdaptationTask(model, cfg.mode, rows, held_small, weights if cfg.loss_weighting == "kinds" else None)
+        settings = cfg.train_config(max_steps=cfg.compare_steps, warmup_steps=min(cfg.warmup_steps, cfg.compare_steps - 1),
+                                    eval_every=0, ckpt_every=0)
+        trainer = Trainer(task, batches, settings, None, optimizer_factory=lambda module, config: scale_text_lr(
+            build_optimizer(module, config), getattr(module, "module", module).text, cfg.text_lr_scale))
+        trainer.fit()
+        after = _measure(trainer.model, tokenizer, held, cfg)
+        points.append({"mixture": {k: round(v, 4) for k, v in weights.items()}, "rows_per_batch": rows,
+                       "steps": trainer.step, "text_ppl_change": round(after["text_ppl"] / before["text_ppl"] - 1.0, 4),
+                       **{k: round(after[k], 4) for k in ("text_ppl", "caption_ppl", "interleaved_ppl", "choice_accuracy",
+                                                          "choice_accuracy_wrong_image")}})
+        print(f"[{STAGE}] mixture {mixture}: text ppl {points[-1]['text_ppl_change']:+.1%}, "
+              f"pick the caption {after['choice_accuracy']:.0%} after {trainer.step} steps")
+    return points
+
+
 def run(cfg: MultimodalAdaptationConfig) -> dict[str, str]:
     """Adapt, evaluate before and after, plot and write the checkpoints later stages start from."""
     from mmafm.checkpoint import save_model
@@ -472,6 +545,9 @@ def run(cfg: MultimodalAdaptationConfig) -> dict[str, str]:
     start = time.time()
     _check_inputs(cfg)
     rows = rows_per_kind(parse_mixture(cfg.mixture), cfg.batch_size)
+    compared = parse_mixture_list(cfg.compare_mixtures)
+    for mixture in compared:  # refuse a mixture the batch cannot hold before the main run trains
+        rows_per_kind(parse_mixture(mixture), cfg.batch_size)
     stage_dir = StageDir(cfg.out_dir, STAGE)
     seed_everything(cfg.seed)
     tokenizer = Tokenizer.load(cfg.tokenizer)
@@ -485,11 +561,13 @@ def run(cfg: MultimodalAdaptationConfig) -> dict[str, str]:
     held = _held_out(cfg, tokenizer, image_size, tokenizer.pad_id)
     before = _measure(model, tokenizer, held, cfg)
     text_before = {name: p.detach().clone() for name, p in model.text.named_parameters()}
+    start_model = copy.deepcopy(model) if compared else None  # the comparison's common start
 
     pairs, skipped = load_sourced_pairs(cfg.pairs_dir, "train")
     image_pool = [image_to_tensor(p.image, image_size) for p in pairs]
     tokens = np.memmap(Path(cfg.tokens_dir) / "train.bin", dtype=TOKEN_DTYPE, mode="r")
-    batches = MixtureBatches(tokens=tokens, pairs=pairs, image_pool=image_pool, tokenizer=tokenizer, rows=rows, cfg=cfg)
+    data = {"tokens": tokens, "pairs": pairs, "image_pool": image_pool}
+    batches = MixtureBatches(rows=rows, cfg=cfg, tokenizer=tokenizer, **data)
     held_small = {"text": held["text"][:1], "pairs": held["pair_batches"][:1], "interleaved": held["interleaved"][:2]}
     task = AdaptationTask(model, cfg.mode, rows, held_small,
                           parse_mixture(cfg.mixture) if cfg.loss_weighting == "kinds" else None)
@@ -510,6 +588,11 @@ def run(cfg: MultimodalAdaptationConfig) -> dict[str, str]:
     example_doc = held["documents"][0]
     example = (example_doc, [held["pairs"][i].image for i in example_doc.images])
     _figures(stage_dir, [{"step": 0, **initial}, *records], before, after, example)
+    compare_start = time.time()
+    comparison = _compare_mixtures(cfg, start_model, compared, data, held, tokenizer, before) if compared else []
+    compare_seconds = time.time() - compare_start
+    if comparison:
+        _tradeoff_figure(stage_dir, comparison, cfg.compare_steps, after["choice_chance"])
 
     checkpoint = save_model(stage_dir.root / "mm_model", model, {
         "tokenizer": str(cfg.tokenizer), "step": trainer.step, "mode": cfg.mode, "metrics": after})
@@ -546,6 +629,9 @@ def run(cfg: MultimodalAdaptationConfig) -> dict[str, str]:
         "steps": trainer.step,
         "seconds": round(time.time() - start, 1),
     }
+    if comparison:
+        summary.update({"mixture_comparison": comparison, "compare_steps": cfg.compare_steps,
+                        "compare_seconds": round(compare_seconds, 1)})
     stage_dir.write_manifest(outputs, cfg, summary)
     return outputs
 

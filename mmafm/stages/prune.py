@@ -44,8 +44,8 @@ from mmafm.train.trainer import setting
 
 __all__ = ["PruneStageConfig", "MaskLearningTask", "mask_optimizer_factory", "run", "TABLE6_VARIANTS",
            "TABLE6_TASKS", "train_student", "reproduce_table6", "table6_task_metrics", "table6_summary",
-           "table6_figure", "train_loss_curve", "cost_to_reach", "curve_crossings", "compare_teacher_costs",
-           "teacher_cost_figure"]
+           "table6_figure", "train_loss_curve", "cost_to_reach", "curve_crossings", "TeacherArm",
+           "teacher_cost_curves", "compare_teacher_costs", "teacher_cost_figure"]
 
 STAGE = "12_prune"
 
@@ -499,9 +499,11 @@ def table6_figure(summary: list[dict], path: str) -> None:
 
 # ------------------------------------------------------------ the 2025 teacher's cost (-90% claim)
 def train_loss_curve(model: nn.Module, tokens_dir: str, val_batches: list, steps: int, *, eval_every: int,
-                     seq_len: int, batch_size: int, lr: float, seed: int = 0, warmup_steps: int = 2) -> list[dict]:
+                     seq_len: int, batch_size: int, lr: float, seed: int = 0, warmup_steps: int = 2,
+                     schedule: str = "constant") -> list[dict]:
     """Train ``model`` (plain next-token loss, AdamW, warm-up then a constant LR, so a longer run
-    is the same run continued) and return its held-out loss curve with the cost of getting there:
+    is the same run continued; ``schedule="cosine"`` for a from-scratch run, decaying over
+    ``steps`` as a pretraining run does) and return its held-out loss curve with the cost of getting there:
     ``[{"step", "tokens", "flops", "seconds", "val_loss"}]``, the first at step 0 (cost 0), then
     every ``eval_every`` steps and at the end. ``flops``: :func:`train_flops_per_token` x tokens;
     ``seconds``: measured training time only (the trainer's per-window throughput; evaluations
@@ -514,7 +516,7 @@ def train_loss_curve(model: nn.Module, tokens_dir: str, val_batches: list, steps
         raise ValueError(f"steps and eval_every must be >= 1, got {steps} and {eval_every}")
     seed_everything(seed)
     curve = [{"step": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": _held_out_loss(model, val_batches)}]
-    config = TrainConfig(max_steps=steps, lr=lr, schedule="constant", warmup_steps=min(warmup_steps, steps - 1),
+    config = TrainConfig(max_steps=steps, lr=lr, schedule=schedule, warmup_steps=min(warmup_steps, steps - 1),
                          seed=seed, log_every=eval_every, eval_every=eval_every)
     records = Trainer(TextPretrainTask(model.train(), val_batches), TokenShards(tokens_dir, seq_len, batch_size,
                                                                                 seed=seed), config).fit()
@@ -564,77 +566,185 @@ def curve_crossings(first: list[dict], second: list[dict], axis: str = "flops") 
     return sorted(crossings)
 
 
-def compare_teacher_costs(checkpoint: str, train_tokens_dir: str, val_tokens_dir: str, *, moe_steps: int,
-                          dense_max_steps: int, eval_every: int, seq_len: int = 128, batch_size: int = 8,
-                          lr: float = 2e-4, num_experts: int = 64, eval_batches: int = 4,
-                          seed: int = 0) -> tuple[dict, nn.Module]:
-    """The 2025 teacher-cost claim at small scale: from the same dense model (02's), train (a) its
-    sparse upcycling (``num_experts`` experts, top-2, every 2 layers) for ``moe_steps`` and (b) the
-    dense model itself for up to ``dense_max_steps`` ("more steps"), both on ``train_tokens_dir``
-    (the quality slice), same LR, batch and data order; held-out loss on ``val_tokens_dir``.
-    The target is the MoE teacher's best held-out loss over its run; each teacher's cost to reach
-    it (FLOPs, measured training seconds; :func:`cost_to_reach`) and their ratio. Costs count from
-    the shared dense model (its pretraining is paid by both).
+@dataclass
+class TeacherArm:
+    """One way to get a teacher, trained and priced by :func:`teacher_cost_curves`."""
+
+    name: str  # label in the table and the figure
+    model: nn.Module  # where this arm starts (trained in place)
+    tokens_dir: str  # the token folder it trains on
+    steps: int  # training steps: the most it may spend to reach the target
+    lr: float  # peak LR
+    schedule: str = "constant"  # "constant": a longer run is the same run continued; "cosine": a from-scratch pretraining run
+    warmup_steps: int = 2
+    # what its starting point already cost (FLOPs, seconds): the shared dense base's pretraining
+    # for the arms that start from it, 0 for a run from scratch; priced only in the "with start" ratios
+    start_flops: float = 0.0
+    start_seconds: float = 0.0
+    eval_every: int = 0  # held-out evaluations every this many steps; 0: the comparison's ``eval_every``
+
+
+def teacher_cost_curves(arms: list[TeacherArm], val_batches: list, *, reference: str, eval_every: int, seq_len: int,
+                        batch_size: int, seed: int = 0, target: float | None = None) -> dict:
+    """Cost-to-target curves: train every arm (:func:`train_loss_curve`, the same held-out batches,
+    batch and data seed) and price what each spends to reach a target held-out loss.
+
+    The target defaults to the ``reference`` arm's best held-out loss over its run (for the 2025
+    claim: the upcycled MoE's). Each arm's cost to reach it is read off its own curve
+    (:func:`cost_to_reach`, linear between evaluations), in FLOPs (``train_flops_per_token x
+    tokens``, i.e. ``6 N_active`` plus attention) and measured training seconds. Ratios are the
+    reference's cost over the arm's: ``ratio_flops`` counting the training runs only (a shared
+    starting point costs both the same), ``ratio_flops_with_start`` adding each arm's
+    ``start_flops`` (a dense base pretrained for the purpose is paid by the arms that start from
+    it, not by a run from scratch). An arm that never reaches the target within its steps has no
+    ratio, only ``ratio_flops_bound``: the reference's cost over the arm's whole run, an upper bound
+    on the true ratio (the arm would have had to spend more).
 
     Returns:
-        ``({"target", "improved", "moe", "dense", "moe_cost", "dense_cost", "flops_ratio",
-        "seconds_ratio", "crossings_flops", ...}, the trained MoE teacher)``; ``dense_cost`` and the
-        ratios are ``None`` when the dense model does not reach the target within
-        ``dense_max_steps``, and every cost is ``None`` when the MoE never got below its start
-        (``improved`` false: then only the curves say anything).
+        ``{"target", "reference", "improved", "arms": [{"name", "curve", "cost", "reached",
+        "flops_per_token", "params_M", "active_params_M", "start_flops", "start_seconds",
+        "ratio_flops", "ratio_seconds", "ratio_flops_with_start", "ratio_seconds_with_start",
+        "ratio_flops_bound", "ratio_seconds_bound"}]}``. ``improved`` is false when the reference
+        never got below its start; then no cost is read (every arm's ``cost`` is ``None``).
     """
+    from mmafm.train.distill import train_flops_per_token
+
+    names = [arm.name for arm in arms]
+    if reference not in names or len(set(names)) != len(names):
+        raise ValueError(f"reference {reference!r} must name exactly one of the arms {names}")
+    rows = []
+    for arm in arms:
+        curve = train_loss_curve(arm.model, arm.tokens_dir, val_batches, arm.steps, eval_every=arm.eval_every or eval_every,
+                                 seq_len=seq_len, batch_size=batch_size, lr=arm.lr, seed=seed,
+                                 warmup_steps=arm.warmup_steps, schedule=arm.schedule)
+        rows.append({"name": arm.name, "curve": curve, "flops_per_token": train_flops_per_token(arm.model, seq_len),
+                     "params_M": round(arm.model.num_params() / 1e6, 3),
+                     "active_params_M": round(arm.model.num_active_params() / 1e6, 3),
+                     "start_flops": float(arm.start_flops), "start_seconds": float(arm.start_seconds)})
+    ref_curve = rows[names.index(reference)]["curve"]
+    if target is None:
+        target = min(point["val_loss"] for point in ref_curve[1:])
+    improved = target < ref_curve[0]["val_loss"]  # else the reference never left its start: nothing to price
+    for row in rows:
+        row["cost"] = cost_to_reach(row["curve"], target) if improved else None
+        row["reached"] = row["cost"] is not None
+    ref = rows[names.index(reference)]
+    for row in rows:
+        for axis in ("flops", "seconds"):
+            mine = ref["cost"][axis] if ref["cost"] is not None else None  # the reference's cost to the target
+            theirs = row["cost"][axis] if row["cost"] is not None else None
+            row[f"ratio_{axis}"] = _ratio(mine, theirs)
+            row[f"ratio_{axis}_with_start"] = (_ratio(mine + ref[f"start_{axis}"], theirs + row[f"start_{axis}"])
+                                               if mine is not None and theirs is not None else None)
+            # not reached: it would have had to spend more than its whole run, so the ratio is below this
+            row[f"ratio_{axis}_bound"] = (_ratio(mine, row["curve"][-1][axis])
+                                          if mine is not None and theirs is None else None)
+    return {"target": target, "reference": reference, "improved": improved, "arms": rows}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, ``None`` when either is missing or the denominator is not positive."""
+    return numerator / denominator if numerator is not None and denominator is not None and denominator > 0 else None
+
+
+def compare_teacher_costs(checkpoint: str, train_tokens_dir: str, val_tokens_dir: str, *, moe_steps: int,
+                          dense_max_steps: int, eval_every: int, seq_len: int = 128, batch_size: int = 8,
+                          lr: float = 2e-4, num_experts: int = 64, eval_batches: int = 4, seed: int = 0,
+                          warmup_steps: int = 2, scratch_tokens_dir: str = "", scratch_steps: int = 0,
+                          scratch_lr: float = 2e-3, scratch_ffn_multiplier: int = 4, scratch_warmup_steps: int = 50,
+                          base_flops: float = 0.0, base_seconds: float = 0.0) -> tuple[dict, nn.Module]:
+    """The 2025 teacher-cost claim (-90%) at small scale: what each way of getting a better
+    teacher than the dense model ``checkpoint`` costs to reach the same held-out loss on
+    ``val_tokens_dir``'s ``val.bin`` (:func:`teacher_cost_curves`; target: the MoE's best loss).
+
+    The arms: (a) the dense model sparse-upcycled (``num_experts`` experts, top-2, every 2 layers)
+    and trained ``moe_steps`` on ``train_tokens_dir`` (the quality slice), the report's recipe;
+    (b) the dense model itself trained up to ``dense_max_steps`` more on the same slice, same LR,
+    batch and order ("more steps"); (c) with ``scratch_steps``, a larger dense model (the same
+    preset with ``scratch_ffn_multiplier x ffn_dim``, as the 2024 device model's larger parent
+    differs from it in FFN width) trained from scratch for ``scratch_steps`` on
+    ``scratch_tokens_dir`` (the whole pretraining pool: the slice is too small to pretrain on),
+    warm-up then cosine at ``scratch_lr``: the conventional dense teacher. (a) and (b) start from
+    the dense model, whose pretraining (``base_flops``, ``base_seconds``) enters only the "with
+    start" ratios.
+
+    Returns:
+        ``(costs, the trained MoE teacher)``: ``costs`` is :func:`teacher_cost_curves`'s result
+        plus, for the two-arm view, ``"moe"``, ``"dense"`` (curves), ``"moe_cost"``,
+        ``"dense_cost"``, ``"flops_ratio"``, ``"seconds_ratio"`` (MoE / dense more steps, ``None``
+        when not reached), ``"crossings_flops"``, ``"num_experts"``, ``"moe_params_M"``,
+        ``"dense_params_M"``.
+    """
+    import dataclasses
+
     from mmafm.checkpoint import load_model
+    from mmafm.models.text import TextModel
     from mmafm.train.distill import upcycled_teacher
 
     val_batches = held_out_batches(val_tokens_dir, seq_len, batch_size, eval_batches)
-    common = dict(eval_every=eval_every, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
     moe = upcycled_teacher(load_model(checkpoint, family="text", dtype=torch.float32), num_experts=num_experts,
                            top_k=2, moe_every=2)
-    moe_curve = train_loss_curve(moe, train_tokens_dir, val_batches, moe_steps, **common)
     dense = load_model(checkpoint, family="text", dtype=torch.float32)
-    dense_curve = train_loss_curve(dense, train_tokens_dir, val_batches, dense_max_steps, **common)
-    target = min(point["val_loss"] for point in moe_curve[1:])  # the MoE teacher's best held-out loss
-    improved = target < moe_curve[0]["val_loss"]  # else both start at the target: nothing to price
-    moe_cost = cost_to_reach(moe_curve, target) if improved else None
-    dense_cost = cost_to_reach(dense_curve, target) if improved else None
-    ratio = {key: (moe_cost[key] / dense_cost[key] if moe_cost and dense_cost and dense_cost[key] > 0 else None)
-             for key in ("flops", "seconds")}
-    return {"target": target, "improved": improved, "moe": moe_curve, "dense": dense_curve, "moe_cost": moe_cost,
-            "dense_cost": dense_cost,
-            "flops_ratio": ratio["flops"], "seconds_ratio": ratio["seconds"],
-            "crossings_flops": curve_crossings(moe_curve, dense_curve, "flops"),
-            "num_experts": num_experts, "moe_params_M": round(moe.num_params() / 1e6, 3),
-            "dense_params_M": round(dense.num_params() / 1e6, 3)}, moe
+    start = dict(start_flops=base_flops, start_seconds=base_seconds)
+    arms = [TeacherArm("upcycled MoE", moe, train_tokens_dir, moe_steps, lr, warmup_steps=warmup_steps, **start),
+            TeacherArm("dense, more steps", dense, train_tokens_dir, dense_max_steps, lr, warmup_steps=warmup_steps,
+                       **start)]
+    if scratch_steps:
+        torch.manual_seed(seed)
+        larger = TextModel(dataclasses.replace(dense.config, ffn_dim=scratch_ffn_multiplier * dense.config.ffn_dim))
+        arms.append(TeacherArm(f"larger dense ({scratch_ffn_multiplier}x FFN), from scratch", larger,
+                               scratch_tokens_dir or train_tokens_dir, scratch_steps, scratch_lr, schedule="cosine",
+                               warmup_steps=scratch_warmup_steps,
+                               eval_every=max(eval_every, scratch_steps // 15)))  # ~15 evaluations of a long run
+    result = teacher_cost_curves(arms, val_batches, reference="upcycled MoE", eval_every=eval_every, seq_len=seq_len,
+                                 batch_size=batch_size, seed=seed)
+    moe_row, dense_row = result["arms"][0], result["arms"][1]
+    result.update({"moe": moe_row["curve"], "dense": dense_row["curve"], "moe_cost": moe_row["cost"],
+                   "dense_cost": dense_row["cost"], "flops_ratio": dense_row["ratio_flops"],
+                   "seconds_ratio": dense_row["ratio_seconds"],
+                   "crossings_flops": curve_crossings(moe_row["curve"], dense_row["curve"], "flops"),
+                   "num_experts": num_experts, "moe_params_M": moe_row["params_M"],
+                   "dense_params_M": dense_row["params_M"]})
+    return result, moe
 
 
 def teacher_cost_figure(result: dict, path: str) -> None:
-    """Held-out loss against training FLOPs and against measured seconds for both teachers, the
-    target line and each one's cost to reach it."""
+    """Cost-to-target curves: held-out loss against cumulative training FLOPs (log scale: a run
+    from scratch spends orders of magnitude more) and against measured seconds, one line per
+    teacher (:func:`teacher_cost_curves`' arms), the target loss dashed and each arm's cost to
+    reach it dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = ["tab:purple", "tab:grey", "tab:orange", "tab:green", "tab:blue"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, axis, label in ((axes[0], "flops", "training FLOPs"), (axes[1], "seconds", "training seconds (measured)")):
-        for name, color in (("moe", "tab:purple"), ("dense", "tab:grey")):
-            curve = result[name]
-            title = f"upcycled MoE ({result['num_experts']} experts)" if name == "moe" else "dense, more steps"
-            ax.plot([p[axis] for p in curve], [p["val_loss"] for p in curve], "o-", color=color, label=title, ms=3)
-            cost = result[f"{name}_cost"]
-            if cost is not None:
-                ax.axvline(cost[axis], color=color, ls=":", lw=1)
-        ax.axhline(result["target"], color="k", ls="--", lw=1, label="target: the MoE's best loss")
-        ax.set(xlabel=label, ylabel="held-out nats / token")
+    for ax, axis, label in ((axes[0], "flops", "cumulative training FLOPs"),
+                            (axes[1], "seconds", "training seconds (measured)")):
+        for row, color in zip(result["arms"], colors):
+            points = [p for p in row["curve"] if p[axis] > 0]  # the start sits at 0: off a log axis
+            ax.plot([p[axis] for p in points], [p["val_loss"] for p in points], "o-", color=color, ms=3,
+                    label=f"{row['name']} ({row['active_params_M']}M active)")
+            if row["cost"] is not None and row["cost"][axis] > 0:
+                ax.axvline(row["cost"][axis], color=color, ls=":", lw=1)
+        ax.axhline(result["target"], color="k", ls="--", lw=1, label=f"target {result['target']:.4f}: the MoE's best")
+        # zoom on where the arms end up: a run from scratch starts nats above the others
+        bests = [min(p["val_loss"] for p in row["curve"]) for row in result["arms"]]
+        starts = [row["curve"][0]["val_loss"] for row in result["arms"] if row["start_flops"] > 0] or bests
+        low, high = min(bests), max(max(bests), max(starts))
+        ax.set_ylim(low - 0.1 * (high - low) - 1e-3, high + 0.3 * (high - low) + 1e-3)
+        ax.set(xlabel=label, ylabel="held-out nats / token", xscale="log", title="zoomed on where the arms end")
         ax.legend(fontsize=7)
-    ratio = result["flops_ratio"]
-    if ratio is not None:
-        verdict = f"MoE / dense = {ratio:.2f} in FLOPs, {result['seconds_ratio']:.2f} in seconds"
-    elif not result["improved"]:
-        verdict = "the MoE never got below its start: no cost to compare"
-    else:
-        verdict = "the dense model did not reach the target within its budget"
-    fig.suptitle(f"teacher cost to equal held-out loss: {verdict}", fontsize=10)
+    verdicts = []
+    for row in result["arms"][1:]:
+        if row["ratio_flops"] is not None:
+            verdicts.append(f"vs {row['name']}: {row['ratio_flops']:.2f}x FLOPs, {row['ratio_seconds']:.2f}x s")
+        elif row["ratio_flops_bound"] is not None:
+            verdicts.append(f"vs {row['name']}: < {row['ratio_flops_bound']:.3f}x FLOPs (not reached)")
+    if not result["improved"]:
+        verdicts = ["the MoE never got below its start: no cost to compare"]
+    fig.suptitle("MoE teacher's cost to equal held-out loss; " + ";\n".join(verdicts), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -108,12 +108,24 @@ def win_rate(contexts: list, first: list[str], second: list[str]) -> dict[str, i
 
 
 def _figures(stage_dir: StageDir, history: list[dict], before: dict, after: dict, wins: dict, reward: str) -> None:
-    import matplotlib
+    from mmafm.report import stage_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with stage_figure(stage_dir, "reward_kl", 1, 2, figsize=(10, 3.6)) as (fig, (left, right)):
+        _reward_kl(fig, left, right, history, reward)
+    families = list(before)
+    with stage_figure(stage_dir, "pass_win", 1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 1]}) as (_, (left, right)):
+        for offset, (label, rates) in enumerate((("SFT (07)", before), ("RLHF", after))):
+            bars = left.bar([i + 0.4 * offset for i in range(len(families))], [rates[f] for f in families], 0.4, label=label)
+            left.bar_label(bars, fmt="%.2f", fontsize=7)
+        left.set_xticks([i + 0.2 for i in range(len(families))], families, fontsize=8, rotation=20)
+        left.set(ylim=(0, 1.1), ylabel="checker pass rate (held out)", title="pass rate per family")
+        left.legend(fontsize=8)
+        right.bar(list(wins), list(wins.values()), color=["tab:green", "tab:grey", "tab:red"])
+        right.set(title="RLHF vs SFT (oracle)", ylabel="held-out prompts")
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+
+def _reward_kl(fig, left, right, history: list[dict], reward: str) -> None:
+    """Reward against KL to the SFT model per rollout batch (left), and both over the batches (right)."""
     kl = [h["kl_ref"] for h in history]
     left.scatter(kl, [h["reward"] for h in history], c=range(len(history)), cmap="viridis", label=f"reward ({reward})")
     for h in history:  # each rollout batch, numbered: the trajectory need not be monotone in KL
@@ -132,21 +144,6 @@ def _figures(stage_dir: StageDir, history: list[dict], before: dict, after: dict
     right.set(xlabel="rollout batch", title="per rollout batch")
     right.legend(fontsize=8)
     fig.subplots_adjust(wspace=0.45)
-    stage_dir.save_figure(fig, "reward_kl")
-    plt.close(fig)
-
-    families = list(before)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 1]})
-    for offset, (label, rates) in enumerate((("SFT (07)", before), ("RLHF", after))):
-        bars = left.bar([i + 0.4 * offset for i in range(len(families))], [rates[f] for f in families], 0.4, label=label)
-        left.bar_label(bars, fmt="%.2f", fontsize=7)
-    left.set_xticks([i + 0.2 for i in range(len(families))], families, fontsize=8, rotation=20)
-    left.set(ylim=(0, 1.1), ylabel="checker pass rate (held out)", title="pass rate per family")
-    left.legend(fontsize=8)
-    right.bar(list(wins), list(wins.values()), color=["tab:green", "tab:grey", "tab:red"])
-    right.set(title="RLHF vs SFT (oracle)", ylabel="held-out prompts")
-    stage_dir.save_figure(fig, "pass_win")
-    plt.close(fig)
 
 
 def _itec(cfg: RlhfStageConfig, stage_dir: StageDir, members: dict, prompts: list, reward_fn: Callable, tokenizer: Any,

@@ -14,9 +14,11 @@ target's tokenizer, made in one of two ways (:func:`make_draft`):
 full next-token distributions over text (:class:`mmafm.train.distill.DistillTask`, ``loss="kl"``,
 weight 1: the label's cross-entropy is not in the loss), the teacher running online. A draft
 only needs to agree with the target's argmax (greedy) or distribution (sampling), not with the
-data. ``train_embeddings=False`` freezes the (tied) embedding and head, which keeps the draft's
-vocabulary geometry the target's and saves the head's weight gradient (most of a small model's
-compute with a large vocabulary).
+data. The text is the pretraining tokens (``"text"``) or the target's own greedy continuations of
+prompts from them (``"generations"``, :func:`greedy_continuations`: what the draft meets when it
+drafts for greedy decoding) [open]. ``train_embeddings=False`` freezes the (tied) embedding and
+head, which keeps the draft's vocabulary geometry the target's and saves the head's weight gradient
+(most of a small model's compute with a large vocabulary).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DRAFT_INITS", "make_draft", "distill_draft", "text_windows", "fit_exit_draft", "smollm2_draft"]
+__all__ = ["DRAFT_INITS", "DISTILL_DATA", "make_draft", "distill_draft", "text_windows", "greedy_continuations",
+           "sequence_batches", "fit_exit_draft", "smollm2_draft"]
 
 DRAFT_INITS = ("truncated", "fresh")
+DISTILL_DATA = ("text", "generations")
 
 
 def make_draft(target: nn.Module, layers: int, init: str = "truncated", seed: int = 0) -> nn.Module:
@@ -122,6 +126,44 @@ def text_windows(token_ids: list[int], seq_len: int, batch_size: int, seed: int 
                 yield rows[:, :-1], rows[:, 1:]
 
     return _Windows()
+
+
+@torch.no_grad()
+def greedy_continuations(target: nn.Module, prompts: torch.Tensor, new_tokens: int,
+                         batch_size: int = 64) -> torch.Tensor:
+    """Each row of ``prompts`` (N, P) followed by ``new_tokens`` tokens of ``target``'s plain greedy
+    decoding (no stop token): (N, P + new_tokens). The text a draft sees when it drafts for greedy
+    decoding, so distilling on it (self-distillation on the target's own outputs, as Medusa /
+    EAGLE-style drafts are trained) raises the greedy acceptance rate more than the same steps on
+    the pretraining text."""
+    from mmafm.inference.generate import generate
+
+    if prompts.dim() != 2 or prompts.shape[0] < 1 or prompts.shape[1] < 1:
+        raise ValueError(f"prompts must be (N >= 1, P >= 1) token ids, got {tuple(prompts.shape)}")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    rows = []
+    for start in range(0, prompts.shape[0], batch_size):
+        part = prompts[start : start + batch_size]  # (b, P)
+        generated = generate(target, part, new_tokens)  # b lists of new_tokens ids
+        rows.append(torch.cat([part, torch.tensor(generated, dtype=torch.long)], dim=1))  # (b, P + new_tokens)
+    return torch.cat(rows)
+
+
+def sequence_batches(sequences: torch.Tensor, batch_size: int, seed: int = 0) -> Iterable:
+    """Endless ``(input_ids (B, T - 1), targets (B, T - 1))`` batches of random rows of
+    ``sequences`` (N, T) (for :func:`distill_draft` on :func:`greedy_continuations`)."""
+    if sequences.dim() != 2 or sequences.shape[1] < 2:
+        raise ValueError(f"sequences must be (N, T >= 2), got {tuple(sequences.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+
+    class _Rows:
+        def __iter__(self):
+            while True:
+                rows = sequences[torch.randint(0, sequences.shape[0], (batch_size,), generator=generator)]  # (B, T)
+                yield rows[:, :-1], rows[:, 1:]
+
+    return _Rows()
 
 
 @torch.no_grad()

@@ -46,6 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmafm.train import native_optim
+
 __all__ = [
     "AdaStar",
     "MUP_BASE_WIDTH",
@@ -186,9 +188,14 @@ def afm_param_groups(
 
 
 # ----------------------------------------------------------------------------------- AdaStar
+_PLAIN = (torch.Tensor, nn.Parameter)  # neither sharded nor wrapped
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a ``DTensor`` (its storage: in-place ops update the DTensor), or the
     tensor itself."""
+    if type(tensor) in _PLAIN:  # the common case, without the slow attribute miss on a tensor
+        return tensor
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
@@ -197,7 +204,7 @@ def _shard_groups(params: Sequence[torch.Tensor]) -> Iterator[tuple[list[int], A
     one pair per mesh dimension they are sharded on (FSDP2: one)."""
     buckets: dict[tuple[int, int], tuple[list[int], Any]] = {}
     for index, param in enumerate(params):
-        placements = getattr(param, "placements", None)
+        placements = None if type(param) in _PLAIN else getattr(param, "placements", None)
         if placements is None:
             continue
         mesh = param.device_mesh
@@ -219,7 +226,12 @@ def block_sum_squares(tensors: Sequence[torch.Tensor], params: Sequence[torch.Te
     """
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     norms = torch._foreach_norm(list(tensors))
-    sums = torch.stack(norms).to(dtype) ** 2  # (N,)
+    return all_reduce_block_sums(torch.stack(norms).to(dtype) ** 2, params)  # (N,)
+
+
+def all_reduce_block_sums(sums: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-block sums over the local shards of ``params`` (``sums``: (N,)), summed over the shard
+    dimensions of the sharded ones (one all-reduce per mesh dimension); plain tensors keep theirs."""
     for indices, group in _shard_groups(params):
         index = torch.tensor(indices, device=sums.device)
         part = sums.index_select(0, index)
@@ -257,10 +269,19 @@ class AdaStar(torch.optim.Optimizer):
         update_ema_debias: bias-correct the update EMA (AFM: no [code]).
         weight_decay: decoupled decay, not multiplied by the LR (AFM: 3.16e-4 [code + paper]).
         update_scale: default mu-param scale of a group.
-        foreach: ``None``/``True``: the multi-tensor path (``torch._foreach_*`` ops over each
-            group's parameters, one list per device and dtype, like AdamW's foreach path);
+        foreach: ``True`` (and ``None`` wherever the native kernel does not run, see ``fused``):
+            the multi-tensor path (``torch._foreach_*`` ops over each group's parameters, one
+            list per device and dtype, like AdamW's foreach path);
             ``False``: the per-parameter reference path (plain tensor ops, one parameter at a
             time; the same numbers to float rounding, ``tests/test_afm_optim.py``).
+        fused: the native CPU kernel (:mod:`mmafm.train.native_optim`, ``csrc/adastar.c``) for
+            float32 CPU parameters (local shards under FSDP2): two passes over each group's
+            tensors instead of a dozen foreach ops, the same numbers to float32 rounding
+            (``tests/test_afm_optim_native.py``). ``None`` (default): used where the parameters
+            qualify and the kernel builds, unless ``foreach`` is given (as ``torch.optim.AdamW``
+            does); everything else (CUDA, other dtypes, a failed build, ``kernels_disabled()``)
+            takes the foreach path. ``True``: required (an error where it cannot run);
+            ``False``: never.
     """
 
     def __init__(
@@ -280,7 +301,10 @@ class AdaStar(torch.optim.Optimizer):
         weight_decay: float = 3.16e-4,
         update_scale: float = 1.0,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
+        if fused and foreach is False:
+            raise ValueError("AdaStar: fused=True and foreach=False (the reference path) exclude each other")
         if not lr > 0.0:
             raise ValueError(f"AdaStar: lr must be > 0 (the peak learning rate), got {lr}")
         for name, decay in (("gradient_ema_decay", gradient_ema_decay), ("update_ema_decay", update_ema_decay),
@@ -299,7 +323,7 @@ class AdaStar(torch.optim.Optimizer):
             gradient_square_ema_debias=gradient_square_ema_debias, eps=eps, eps_square=eps_square,
             update_clip_threshold=update_clip_threshold, update_ema_decay=update_ema_decay,
             update_ema_debias=update_ema_debias, weight_decay=weight_decay, update_scale=update_scale,
-            foreach=foreach,
+            foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -342,7 +366,8 @@ class AdaStar(torch.optim.Optimizer):
             for param in params:  # foreach kernels want one device and dtype per list
                 buckets.setdefault((param.device, param.dtype), []).append(param)
             for bucket in buckets.values():
-                self._update(group, bucket)
+                if not self._update_native(group, bucket):
+                    self._update(group, bucket)
         return loss
 
     def _update_one(self, group: dict, param: torch.Tensor) -> None:
@@ -442,6 +467,68 @@ class AdaStar(torch.optim.Optimizer):
         if group["weight_decay"]:
             torch._foreach_mul_(locals_, 1.0 - schedule * group["weight_decay"])
         torch._foreach_add_(locals_, updates, alpha=-group["lr"] * group["update_scale"])
+
+    def _update_native(self, group: dict, params: list[torch.Tensor]) -> bool:
+        """The step of ``params`` (one device and dtype) by the native kernel
+        (:mod:`mmafm.train.native_optim`): the arithmetic of :meth:`_update`, fused into two
+        passes (one when there is no RMS clip), in one C call, or in two around the all-reduce of
+        the per-block sums where blocks are sharded. Returns False, having changed nothing, where
+        the group does not want it or it cannot run here (then :meth:`_update` does the step)."""
+        fused = group.get("fused")
+        if not (fused or (fused is None and group.get("foreach") is None)):
+            return False
+        states = [self._init_state(p, group) for p in params]
+        b1_grad, b1_update = group["gradient_ema_decay"], group["update_ema_decay"]
+        locals_ = [_local(p) for p in params]
+        grads = [_local(p.grad) for p in params]
+        square_emas = [_local(s["exp_avg_sq"]) for s in states]
+        grad_emas = [_local(s["exp_avg"]) for s in states] if b1_grad is not None else None
+        update_emas = [_local(s["update_ema"]) for s in states] if b1_update is not None else None
+        tensors = locals_ + grads + square_emas + (grad_emas or []) + (update_emas or [])
+        if not native_optim.native_ready(*tensors) or native_optim.adastar_kernels() is None:
+            if fused:
+                reason = native_optim.adastar_unavailable_reason() or (
+                    f"it takes contiguous float32 CPU tensors, got {params[0].dtype} on {params[0].device}")
+                raise RuntimeError(f"AdaStar(fused=True) cannot run: {reason}")
+            return False
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1.0)
+        counts = [int(t) for t in torch.stack(steps).tolist()]  # one host read, not one per block
+
+        b2 = group["gradient_square_ema_decay"]
+        # the same folding as _update: u = n / (sqrt(v + eps_sq * (1 - b2^t)) + eps * sqrt(c2)),
+        # times the block scale sqrt(c2) (divided by the gradient EMA's debias, by the RMS clip)
+        c2 = [1.0 - b2**t if group["gradient_square_ema_debias"] else 1.0 for t in counts]
+        under = [group["eps_square"] * (1.0 - b2**t) for t in counts]
+        over = [group["eps"] * math.sqrt(c) for c in c2]
+        block_scales = [math.sqrt(c) for c in c2]
+        grad_weight, update_weight, divisors = 0.0, 0.0, None
+        if b1_grad is not None:
+            grad_weight = 1.0 - b1_grad
+            if group["gradient_ema_debias"]:
+                block_scales = [s / (1.0 - b1_grad**t) for s, t in zip(block_scales, counts)]
+        if b1_update is not None:
+            update_weight = 1.0 - b1_update
+            if group["update_ema_debias"]:
+                divisors = [1.0 - b1_update**t for t in counts]
+        # p <- p - schedule * (lr * scale * m + wd * p), schedule = lr_now / peak_lr
+        schedule = group["lr"] / group["peak_lr"]
+        decay = 1.0 - schedule * group["weight_decay"] if group["weight_decay"] else 1.0
+        alphas = [-group["lr"] * group["update_scale"]] * len(params)
+        threshold = group["update_clip_threshold"]
+        if threshold is not None and next(_shard_groups(params), None) is None:  # one call: the blocks are whole
+            native_optim.step(locals_, grads, square_emas, grad_emas, update_emas, under, over, block_scales,
+                              threshold, divisors, alphas, b2, grad_weight, update_weight, decay)
+            return True
+        if threshold is not None:  # u / max(1, rms(u) / threshold), rms over the whole parameter
+            sums = native_optim.pass1(grads, square_emas, grad_emas, under, over, b2, grad_weight)  # (N,)
+            sums = all_reduce_block_sums(sums, params).tolist()
+            clips = [s * math.sqrt(total / (p.numel() or 1)) / threshold
+                     for s, total, p in zip(block_scales, sums, params)]  # as mmafm_adastar_step_f32 does
+            block_scales = [s if clip <= 1.0 else s / clip for s, clip in zip(block_scales, clips)]  # NaN stays NaN
+        native_optim.pass2(locals_, grads, square_emas, grad_emas, update_emas, under, over, block_scales, divisors,
+                           alphas, b2, grad_weight, update_weight, decay, update_state=threshold is None)
+        return True
 
 
 # ---------------------------------------------------------------------------------- factory

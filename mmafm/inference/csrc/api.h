@@ -88,6 +88,53 @@ int mmafm_decode_chunk_bf16(
     float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
     int nthreads);
 
+/* LoRA adapters of a whole decode step (csrc/lora.c; mirrored by LoRAMatrix / LoRALayer / _LoRAStep
+   in kernels.py): one adapted projection's factors for all `slots` adapters, float32, stacked as
+   mmafm.layers.lora.LoRALinear holds them: A (slots, rank, in), B (slots, out, rank), scale
+   (slots,); A = NULL: the projection has no adapter. */
+typedef struct {
+  const float *A, *B, *scale;
+  long rank;
+} mmafm_lora_matrix_t;
+enum { MMAFM_LORA_WQ, MMAFM_LORA_WK, MMAFM_LORA_WV, MMAFM_LORA_WO, MMAFM_LORA_W_GATE, MMAFM_LORA_W_UP,
+       MMAFM_LORA_W_DOWN, MMAFM_LORA_MATRICES };
+typedef struct {
+  mmafm_lora_matrix_t m[MMAFM_LORA_MATRICES]; /* indexed by MMAFM_LORA_WQ ... */
+} mmafm_lora_layer_t;
+typedef struct {
+  const mmafm_lora_layer_t* layers; /* one per layer of the step */
+  const long* row_slot;             /* (cache rows,) each row's adapter slot, -1 = the base alone */
+  long slots;
+} mmafm_lora_t;
+
+/* mmafm_decode_step / mmafm_decode_chunk with a mixed-adapter batch: every projection of layer l
+   adds scale[s] B_s A_s x for each row's slot s = lora->row_slot[row] (mmafm_lora_t). Returns as
+   they do; 2 also for a slot outside [-1, slots) or a rank outside [1, 256] (nothing written). */
+int mmafm_lora_decode_step_f32(
+    const long* tokens, const float* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const float* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    const mmafm_lora_t* lora, int nthreads);
+int mmafm_lora_decode_step_bf16(
+    const long* tokens, const bf16_t* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const bf16_t* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    const mmafm_lora_t* lora, int nthreads);
+int mmafm_lora_decode_chunk_f32(
+    const long* tokens, const float* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_layer_t* layers, long n_layers, const float* final_norm, const float* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    const mmafm_lora_t* lora, int nthreads);
+int mmafm_lora_decode_chunk_bf16(
+    const long* tokens, const bf16_t* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_layer_t* layers, long n_layers, const float* final_norm, const bf16_t* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    const mmafm_lora_t* lora, int nthreads);
+
 /* helper threads the kernels' thread pool (pool.h) has started so far: the calls above that take
    nthreads > 1 run on their caller plus up to nthreads - 1 of them */
 int mmafm_pool_helpers(void);
@@ -101,12 +148,16 @@ int mmafm_lut_gemv_f32(const float* x, const unsigned char* codes, const float* 
 /* One weight matrix of a packed decode step (mirrors PackedMatrix in kernels.py): bits = 2, 4 or 8,
    data the codes (as mmafm_lut_gemv_f32), table 2^bits float32 entries per group of group_rows
    rows, row_scale NULL or one float32 per row multiplying its sums; or bits = 32, data float32
-   rows (out, in) and the rest unused. */
+   rows (out, in) and the rest unused. qtable / qaffine, both NULL unless int8 activations are
+   asked for (q8.c; 2-/4-bit only): per group 2^bits u8 codes u and (offset, step) float32 with
+   table ~ offset + step * u; the step then reads this matrix through them. */
 typedef struct {
   const void* data;
   const float* table;
   const float* row_scale;
   long code_stride, group_rows, bits;
+  const unsigned char* qtable;
+  const float* qaffine;
 } mmafm_matrix_t;
 
 /* One decoder layer of mmafm_lut_decode_step (mirrors PackedDecodeLayer in kernels.py): as
@@ -120,7 +171,8 @@ typedef struct {
 } mmafm_lut_layer_t;
 
 /* mmafm_decode_step_f32 for a dense decoder whose embedding, head and layer matrices are each
-   packed or float32 (lut.c), batch <= 8 rows: Q/K/V and gate/up as one GEMV each. Returns 0;
+   packed or float32 (lut.c), batch <= 8 rows: Q/K/V and gate/up as one GEMV each; matrices with
+   qtable / qaffine take Q8_0-quantized inputs and integer dot products (q8.c). Returns 0;
    1 out of memory; 2 a bad matrix, token or position (nothing written). */
 int mmafm_lut_decode_step_f32(
     const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
@@ -128,5 +180,16 @@ int mmafm_lut_decode_step_f32(
     const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm, const mmafm_matrix_t* head,
     float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
     int nthreads);
+
+/* int8 activations (q8.c): x (rows, in) -> q (rows, in) int8 and d (rows, ceil(in / 32)) float32,
+   Q8_0 blocks of 32 columns, d = max|x| / 127, q = rint(x * (1 / d)), ties to even */
+void mmafm_q8_quantize(const float* x, signed char* q, float* d, long rows, long in);
+
+/* y (batch, out) = the Q8_0-quantized x against a 2-/4-bit matrix read through its int8 tables
+   (mmafm_matrix_t's qtable / qaffine), integer dot products per block; batch <= 8; 2 for bad
+   arguments, 1 out of memory */
+int mmafm_q8_gemv_f32(const float* x, const unsigned char* codes, const unsigned char* qtable, const float* qaffine,
+                      const float* row_scale, float* y, long batch, long out, long in, long code_stride, int bits,
+                      long group_rows, int nthreads);
 
 #endif /* MMAFM_API_H */

@@ -5,6 +5,9 @@
    K/V cache are made of. Exported names are declared in api.h. */
 #include "common.h"
 
+/* the LoRA terms of a mixed-adapter step, called by both variants below */
+#include "lora.c"
+
 /* float32 weights and cache (float32 models) */
 #define WEIGHT_T float
 #define LOAD_W(v) f32_load(v)
@@ -23,5 +26,7 @@
 #define STORAGE_SUFFIX bf16
 #include "kernels.h" /* undefines the storage macros at its end */
 
-/* the packed low-bit GEMV of mmafm.compress (shares this unit's thread pool) */
+/* the packed low-bit GEMV of mmafm.compress (shares this unit's thread pool), and its opt-in
+   int8-activation path (q8.c, called by lut.c) */
+#include "q8.c"
 #include "lut.c"

@@ -177,7 +177,8 @@ static int NAME(attention_rows)(
     const float* q_norm_w, const float* k_norm_w, const float* cos, const float* sin,
     CACHE_T* k_cache, CACHE_T* v_cache, long kv_batch_stride, long kv_head_stride, long write_slot, long keys,
     const unsigned char* valid, long valid_stride,
-    long batch, long dim, long heads, long kv_heads, long head_dim, long chunk, int nthreads) {
+    long batch, long dim, long heads, long kv_heads, long head_dim, long chunk, const lora_step_t* lora,
+    int nthreads) {
   const long q_width = heads * head_dim, kv_width = wk ? kv_heads * head_dim : 0;
   const long qkv_width = q_width + 2 * kv_width;
   const long most_keys = keys + chunk - 1;
@@ -190,6 +191,13 @@ static int NAME(attention_rows)(
   float* tmp = out + batch * dim;       /* (head_dim) */
   mmafm_rms_norm_f32(x, norm_w, xn, batch, dim, eps);
   NAME(mmafm_gemv3)(xn, wq, wk, wv, qkv, batch, q_width, kv_width, kv_width, dim, nthreads);
+  if (lora) {  /* a mixed-adapter step (lora.c): each row's adapter on Q/K/V */
+    lora_add(lora, MMAFM_LORA_WQ, xn, dim, qkv, qkv_width, batch, dim, q_width, nthreads);
+    if (wk) {
+      lora_add(lora, MMAFM_LORA_WK, xn, dim, qkv + q_width, qkv_width, batch, dim, kv_width, nthreads);
+      lora_add(lora, MMAFM_LORA_WV, xn, dim, qkv + q_width + kv_width, qkv_width, batch, dim, kv_width, nthreads);
+    }
+  }
   for (long b = 0; b < batch; ++b) {
     float* row = qkv + b * qkv_width;
     const float* cb = cos ? cos + b * head_dim : NULL;
@@ -214,6 +222,7 @@ static int NAME(attention_rows)(
   else
     NAME(attend_pairs)(&job, 0, pairs);
   NAME(mmafm_gemv3)(att, wo, NULL, NULL, out, batch, dim, 0, 0, q_width, nthreads);
+  if (lora) lora_add(lora, MMAFM_LORA_WO, att, q_width, out, dim, batch, q_width, dim, nthreads);
   for (long i = 0; i < batch * dim; ++i) y[i] = x[i] + out[i];
   free(xn);
   free(scores);
@@ -229,14 +238,14 @@ int NAME(mmafm_attention_decode)(
     long batch, long dim, long heads, long kv_heads, long head_dim, int nthreads) {
   return NAME(attention_rows)(x, y, norm_w, eps, wq, wk, wv, wo, q_norm_w, k_norm_w, cos, sin, k_cache, v_cache,
                               kv_batch_stride, kv_head_stride, write_slot, keys, valid, valid_stride, batch, dim,
-                              heads, kv_heads, head_dim, 1, nthreads);
+                              heads, kv_heads, head_dim, 1, NULL, nthreads);
 }
 
 /* x += w_down(silu(w_gate x_norm) * w_up x_norm), x_norm = rms_norm(x): the SwiGLU half of a
    pre-norm decoder layer, in place on (batch, dim). Returns 0, or 1 when out of memory. */
-int NAME(mmafm_swiglu_decode)(float* x, const float* norm_w, float eps, const WEIGHT_T* w_gate,
+static int NAME(swiglu_rows)(float* x, const float* norm_w, float eps, const WEIGHT_T* w_gate,
                             const WEIGHT_T* w_up, const WEIGHT_T* w_down, long batch, long dim, long hidden,
-                            int nthreads) {
+                            const lora_step_t* lora, int nthreads) {
   float* xn = malloc(sizeof(float) * batch * (dim + 2 * hidden + hidden + dim));
   if (!xn) return 1;
   float* gate_up = xn + batch * dim;          /* (batch, gate | up) */
@@ -244,15 +253,26 @@ int NAME(mmafm_swiglu_decode)(float* x, const float* norm_w, float eps, const WE
   float* out = act + batch * hidden;          /* (batch, dim) */
   mmafm_rms_norm_f32(x, norm_w, xn, batch, dim, eps);
   NAME(mmafm_gemv3)(xn, w_gate, w_up, NULL, gate_up, batch, hidden, hidden, 0, dim, nthreads);
+  if (lora) {  /* a mixed-adapter step (lora.c): each row's adapter on gate/up */
+    lora_add(lora, MMAFM_LORA_W_GATE, xn, dim, gate_up, 2 * hidden, batch, dim, hidden, nthreads);
+    lora_add(lora, MMAFM_LORA_W_UP, xn, dim, gate_up + hidden, 2 * hidden, batch, dim, hidden, nthreads);
+  }
   for (long b = 0; b < batch; ++b)
     for (long i = 0; i < hidden; ++i) {
       const float g = gate_up[b * 2 * hidden + i];
       act[b * hidden + i] = g / (1.0f + expf(-g)) * gate_up[b * 2 * hidden + hidden + i];
     }
   NAME(mmafm_gemv3)(act, w_down, NULL, NULL, out, batch, dim, 0, 0, hidden, nthreads);
+  if (lora) lora_add(lora, MMAFM_LORA_W_DOWN, act, hidden, out, dim, batch, hidden, dim, nthreads);
   for (long i = 0; i < batch * dim; ++i) x[i] += out[i];
   free(xn);
   return 0;
+}
+
+int NAME(mmafm_swiglu_decode)(float* x, const float* norm_w, float eps, const WEIGHT_T* w_gate,
+                            const WEIGHT_T* w_up, const WEIGHT_T* w_down, long batch, long dim, long hidden,
+                            int nthreads) {
+  return NAME(swiglu_rows)(x, norm_w, eps, w_gate, w_up, w_down, batch, dim, hidden, NULL, nthreads);
 }
 
 /* logits (batch, vocab) of one new token per row: embed, every layer (attention half, SwiGLU
@@ -261,20 +281,29 @@ int NAME(mmafm_swiglu_decode)(float* x, const float* norm_w, float eps, const WE
    sin_table (max_position, head_dim); valid: NULL or (batch, valid_stride) bytes, 0 = padding
    column (only with linear caches). Returns 0; 1 out of memory (this column of the cache may be
    part written); 2 a token outside the vocabulary or a position outside the table (nothing
-   written). */
+   written). lora: NULL, or the adapters of a mixed-adapter batch (lora.c; 2 when they do not
+   check out, nothing written). */
 static int NAME(decode_rows)(
     const long* tokens, const WEIGHT_T* embed, const long* positions, const float* cos_table,
     const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
     long valid_stride, const mmafm_layer_t* layers, long n_layers, const float* final_norm, const WEIGHT_T* head,
     float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
-    int nthreads) {
+    const mmafm_lora_t* lora, int nthreads) {
   if (chunk < 1 || batch % chunk) return 2;
   for (long b = 0; b < batch; ++b)
     if (tokens[b] < 0 || tokens[b] >= vocab || positions[b] < 0 || positions[b] >= max_position) return 2;
   for (long l = 0; l < n_layers && chunk > 1; ++l)  /* chunks: linear caches with room for them */
     if (layers[l].ring || column + chunk > layers[l].slots) return 2;
+  long* lora_slots = NULL;  /* (batch,) each row's slot */
+  float* lora_low = NULL;   /* (batch, LORA_MAX_RANK) scratch */
+  if (lora) {
+    lora_slots = malloc(sizeof(long) * batch);
+    lora_low = malloc(sizeof(float) * batch * LORA_MAX_RANK);
+    if (!lora_slots || !lora_low) { free(lora_slots); free(lora_low); return 1; }
+    if (lora_rows(lora, n_layers, batch, chunk, lora_slots)) { free(lora_slots); free(lora_low); return 2; }
+  }
   float* block = malloc(sizeof(float) * batch * (3 * dim + 2 * head_dim));
-  if (!block) return 1;
+  if (!block) { free(lora_slots); free(lora_low); return 1; }
   float* x = block;  /* the residual stream, ping-ponged with y */
   float* y = x + batch * dim;
   float* xn = y + batch * dim;
@@ -292,14 +321,16 @@ static int NAME(decode_rows)(
     const mmafm_layer_t* L = layers + l;
     const long num_keys = L->ring ? (column + 1 < L->slots ? column + 1 : L->slots) : column + 1;
     const long slot = L->ring ? column % L->slots : column;
+    const lora_step_t lora_layer = {lora ? lora->layers[l].m : NULL, lora_slots, lora ? lora->slots : 0, lora_low};
+    const lora_step_t* adapters = lora ? &lora_layer : NULL;
     failed = NAME(attention_rows)(
         x, y, L->attn_norm, eps, L->wq, L->wk, L->wv, L->wo, L->q_norm, L->k_norm,
         L->rope ? cos : NULL, L->rope ? sin : NULL, L->k_cache, L->v_cache, L->kv_batch_stride,
         L->kv_head_stride, slot, num_keys, L->ring ? NULL : valid, valid_stride,
-        batch, dim, heads, kv_heads, head_dim, chunk, nthreads);
+        batch, dim, heads, kv_heads, head_dim, chunk, adapters, nthreads);
     if (!failed)
-      failed = NAME(mmafm_swiglu_decode)(y, L->ffn_norm, eps, L->w_gate, L->w_up, L->w_down, batch, dim,
-                                       L->hidden, nthreads);
+      failed = NAME(swiglu_rows)(y, L->ffn_norm, eps, L->w_gate, L->w_up, L->w_down, batch, dim, L->hidden,
+                                 adapters, nthreads);
     float* swap = x; x = y; y = swap;
   }
   if (!failed) {
@@ -307,6 +338,8 @@ static int NAME(decode_rows)(
     NAME(mmafm_gemv3)(xn, head, NULL, NULL, logits, batch, vocab, 0, 0, dim, nthreads);
   }
   free(block);
+  free(lora_slots);
+  free(lora_low);
   return failed;
 }
 
@@ -318,7 +351,7 @@ int NAME(mmafm_decode_step)(
     int nthreads) {
   return NAME(decode_rows)(tokens, embed, positions, cos_table, sin_table, max_position, column, 1, valid,
                            valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
-                           head_dim, vocab, eps, nthreads);
+                           head_dim, vocab, eps, NULL, nthreads);
 }
 
 /* mmafm_decode_step over `chunk` new tokens per cache row (speculative verification: the last
@@ -333,7 +366,32 @@ int NAME(mmafm_decode_chunk)(
     int nthreads) {
   return NAME(decode_rows)(tokens, embed, positions, cos_table, sin_table, max_position, column, chunk, valid,
                            valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
-                           head_dim, vocab, eps, nthreads);
+                           head_dim, vocab, eps, NULL, nthreads);
+}
+
+/* mmafm_decode_step / mmafm_decode_chunk with the adapters of a mixed-adapter batch (lora.c) */
+int NAME(mmafm_lora_decode_step)(
+    const long* tokens, const WEIGHT_T* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_layer_t* layers, long n_layers, const float* final_norm, const WEIGHT_T* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    const mmafm_lora_t* lora, int nthreads) {
+  if (!lora) return 2;
+  return NAME(decode_rows)(tokens, embed, positions, cos_table, sin_table, max_position, column, 1, valid,
+                           valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
+                           head_dim, vocab, eps, lora, nthreads);
+}
+
+int NAME(mmafm_lora_decode_chunk)(
+    const long* tokens, const WEIGHT_T* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_layer_t* layers, long n_layers, const float* final_norm, const WEIGHT_T* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    const mmafm_lora_t* lora, int nthreads) {
+  if (!lora) return 2;
+  return NAME(decode_rows)(tokens, embed, positions, cos_table, sin_table, max_position, column, chunk, valid,
+                           valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
+                           head_dim, vocab, eps, lora, nthreads);
 }
 
 /* the storage macros are per inclusion: the next one defines its own */

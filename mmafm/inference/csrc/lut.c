@@ -173,6 +173,7 @@ typedef struct {
   const float *x, *xp;
   float* y;
   long batch, in, ystride;
+  const q8_input* q8; /* the input quantized (q8.c) for matrices with int8 tables; NULL: float path */
 } lut_multi_job;
 
 static void lut_multi_rows(void* ctx, long begin, long end) {  /* output columns [begin, end) */
@@ -183,7 +184,9 @@ static void lut_multi_rows(void* ctx, long begin, long end) {  /* output columns
     const long hi = end < offset + job->out[k] ? end : offset + job->out[k];
     if (lo >= hi) continue;
     const mmafm_matrix_t* m = job->m[k];
-    if (m->bits == 32) {  /* a float32 matrix: the float GEMV of kernels.h */
+    if (job->q8 && q8_applies(m)) {  /* int8 activations x int8 tables (q8.c) */
+      q8_rows(m, job->q8, job->y + offset, job->ystride, lo - offset, hi - offset);
+    } else if (m->bits == 32) {  /* a float32 matrix: the float GEMV of kernels.h */
       gemv_f32(job->x, (const float*)m->data + (lo - offset) * job->in, job->y + lo, job->batch, hi - lo, job->in,
                job->ystride);
     } else {
@@ -196,20 +199,28 @@ static void lut_multi_rows(void* ctx, long begin, long end) {  /* output columns
 static long lut_row_bytes(const mmafm_matrix_t* m, long in) { return m->bits == 32 ? in * 4 : m->code_stride; }
 
 /* y (batch, out0 + out1 + out2) = x against up to three matrices (count of them non-NULL first);
-   xp: scratch of batch * in floats for the permuted input */
-static void lut_multi_gemv(const float* x, float* xp, const mmafm_matrix_t* m0, const mmafm_matrix_t* m1,
-                           const mmafm_matrix_t* m2, long out0, long out1, long out2, float* y, long batch,
-                           long in, int nthreads) {
-  lut_multi_job job = {{m0, m1, m2}, {out0, m1 ? out1 : 0, m2 ? out2 : 0}, x, xp, y, batch, in, 0};
+   xp: scratch of batch * in floats for the permuted input; q8: scratch for the quantized input of
+   matrices with int8 tables (NULL: every matrix on the float path) */
+static void lut_multi_gemv(const float* x, float* xp, q8_input* q8, const mmafm_matrix_t* m0,
+                           const mmafm_matrix_t* m1, const mmafm_matrix_t* m2, long out0, long out1, long out2,
+                           float* y, long batch, long in, int nthreads) {
+  lut_multi_job job = {{m0, m1, m2}, {out0, m1 ? out1 : 0, m2 ? out2 : 0}, x, xp, y, batch, in, 0, NULL};
   job.ystride = job.out[0] + job.out[1] + job.out[2];
-  int needs_permuted = 0;
+  int needs_permuted = 0, needs_q8[2] = {0, 0};
   long bytes = 0;
   for (int k = 0; k < 3; ++k)
     if (job.m[k] && job.out[k]) {
-      needs_permuted |= job.m[k]->bits == 4;
+      const int int8 = q8 && q8_applies(job.m[k]);
+      needs_permuted |= job.m[k]->bits == 4 && !int8;
+      needs_q8[0] |= int8 && job.m[k]->bits == 4;
+      needs_q8[1] |= int8 && job.m[k]->bits == 2;
       bytes += lut_row_bytes(job.m[k], in) * job.out[k];
     }
   if (needs_permuted) lut_permute_x(x, xp, batch, in);
+  if (needs_q8[0] || needs_q8[1]) {
+    q8_quantize(q8, x, batch, in, needs_q8);
+    job.q8 = q8;
+  }
   if (nthreads <= 1 || job.ystride * in < PARALLEL_MIN_ELEMENTS) {
     lut_multi_rows(&job, 0, job.ystride);
     return;
@@ -234,7 +245,7 @@ int mmafm_lut_gemv_f32(const float* x, const unsigned char* codes, const float* 
   if (batch < 1 || batch > LUT_MAX_BATCH || bits == 32 || !lut_matrix_ok(&m, in)) return 2;
   float* xp = malloc(sizeof(float) * batch * in);
   if (!xp) return 1;
-  lut_multi_gemv(x, xp, &m, NULL, NULL, out, 0, 0, y, batch, in, nthreads);
+  lut_multi_gemv(x, xp, NULL, &m, NULL, NULL, out, 0, 0, y, batch, in, nthreads);
   free(xp);
   return 0;
 }
@@ -289,6 +300,20 @@ int mmafm_lut_decode_step_f32(
   float* work = sin + batch * head_dim;
   float* xp = work + batch * widest;
   float* tmp = xp + batch * widest;  /* (head_dim) */
+  q8_input q8_store, *q8 = NULL;  /* the quantized GEMV inputs, when a matrix has int8 tables */
+  int int8 = q8_applies(head);
+  for (long l = 0; l < n_layers && !int8; ++l) {
+    const mmafm_lut_layer_t* L = layers + l;
+    int8 = q8_applies(&L->wq) || q8_applies(&L->wk) || q8_applies(&L->wv) || q8_applies(&L->wo)
+           || q8_applies(&L->w_gate) || q8_applies(&L->w_up) || q8_applies(&L->w_down);
+  }
+  if (int8) {
+    if (q8_alloc(&q8_store, batch, widest)) {
+      free(block);
+      return 1;
+    }
+    q8 = &q8_store;
+  }
   for (long b = 0; b < batch; ++b) {
     lut_matrix_row(embed, tokens[b], dim, x + b * dim);
     memcpy(cos + b * head_dim, cos_table + positions[b] * head_dim, sizeof(float) * head_dim);
@@ -305,7 +330,7 @@ int mmafm_lut_decode_step_f32(
     float* att = qkv + batch * qkv_width;  /* (batch, heads, head_dim) */
     float* scores = att + batch * q_width; /* (batch, heads, keys) */
     mmafm_rms_norm_f32(x, L->attn_norm, xn, batch, dim, eps);
-    lut_multi_gemv(xn, xp, &L->wq, kv_width ? &L->wk : NULL, kv_width ? &L->wv : NULL, q_width, kv_width, kv_width,
+    lut_multi_gemv(xn, xp, q8, &L->wq, kv_width ? &L->wk : NULL, kv_width ? &L->wv : NULL, q_width, kv_width, kv_width,
                    qkv, batch, dim, nthreads);
     for (long b = 0; b < batch; ++b) {
       float* row = qkv + b * qkv_width;
@@ -331,23 +356,24 @@ int mmafm_lut_decode_step_f32(
       pool_run(attend_pairs_f32, &job, pairs, 1, nthreads);
     else
       attend_pairs_f32(&job, 0, pairs);
-    lut_multi_gemv(att, xp, &L->wo, NULL, NULL, dim, 0, 0, out, batch, q_width, nthreads);
+    lut_multi_gemv(att, xp, q8, &L->wo, NULL, NULL, dim, 0, 0, out, batch, q_width, nthreads);
     for (long i = 0; i < batch * dim; ++i) y[i] = x[i] + out[i];
     /* SwiGLU half: gate | up in one GEMV, silu(gate) * up, down */
     float* gate_up = work;                        /* (batch, 2 hidden) */
     float* act = gate_up + batch * 2 * L->hidden; /* (batch, hidden) */
     mmafm_rms_norm_f32(y, L->ffn_norm, xn, batch, dim, eps);
-    lut_multi_gemv(xn, xp, &L->w_gate, &L->w_up, NULL, L->hidden, L->hidden, 0, gate_up, batch, dim, nthreads);
+    lut_multi_gemv(xn, xp, q8, &L->w_gate, &L->w_up, NULL, L->hidden, L->hidden, 0, gate_up, batch, dim, nthreads);
     for (long b = 0; b < batch; ++b)
       for (long i = 0; i < L->hidden; ++i) {
         const float g = gate_up[b * 2 * L->hidden + i];
         act[b * L->hidden + i] = g / (1.0f + expf(-g)) * gate_up[b * 2 * L->hidden + L->hidden + i];
       }
-    lut_multi_gemv(act, xp, &L->w_down, NULL, NULL, dim, 0, 0, out, batch, L->hidden, nthreads);
+    lut_multi_gemv(act, xp, q8, &L->w_down, NULL, NULL, dim, 0, 0, out, batch, L->hidden, nthreads);
     for (long i = 0; i < batch * dim; ++i) x[i] = y[i] + out[i];
   }
   mmafm_rms_norm_f32(x, final_norm, xn, batch, dim, eps);
-  lut_multi_gemv(xn, xp, head, NULL, NULL, vocab, 0, 0, logits, batch, dim, nthreads);
+  lut_multi_gemv(xn, xp, q8, head, NULL, NULL, vocab, 0, 0, logits, batch, dim, nthreads);
+  if (q8) q8_free(q8);
   free(block);
   return 0;
 }
