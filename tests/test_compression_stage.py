@@ -101,6 +101,29 @@ def test_stage_notebook_compresses_and_recovers(tmp_path, text_checkpoint, token
         assert Path(outputs[f"adapter_{scheme}"]).is_file()
 
 
+def test_per_channel_scale_reaches_the_compressed_model(tmp_path, text_checkpoint, token_shards):
+    """per_channel_scale=True: the palettize scheme's linears carry fp16 row scales (+16 bits a
+    row over the same scheme without them), and its stored checkpoint keeps them."""
+    from mmafm.compress import bits_per_weight
+    from mmafm.compress.packed import PackedLinear
+    from mmafm.stages.compression import _compress
+
+    def compressed(scale):
+        cfg = CompressionStageConfig(out_dir=str(tmp_path / str(scale)), checkpoint=str(text_checkpoint["checkpoint"]),
+                                     tokens_dir=str(token_shards), schemes="palettize4", per_channel_scale=scale)
+        return _compress(cfg, "palettize4", [], None)[0]
+
+    plain, scaled = compressed(False), compressed(True)
+    q_proj = scaled.layers[0].attn.q_proj
+    assert q_proj.per_channel_scale and q_proj.row_scale.dtype == torch.float16
+    packed = [m for m in scaled.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.per_channel_scale for m in packed)
+    assert not any(m.per_channel_scale for m in plain.modules() if isinstance(m, PackedLinear))
+    weights = sum(m.rows * m.cols for m in packed)
+    extra = bits_per_weight(scaled, include_embedding=False) - bits_per_weight(plain, include_embedding=False)
+    assert extra == pytest.approx(16 * sum(m.rows for m in packed) / weights, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_stage_mixed_and_astc_schemes(tmp_path, text_checkpoint, token_shards):
     import mmafm
