@@ -1,4 +1,4 @@
-"""Regenerate the golden-loss files ``tests/golden/{text,clip}_pretrain.json`` (torchtitan style).
+"""Regenerate the golden-loss files ``tests/golden/{text_pretrain,clip_pretrain,vl_alignment}.json`` (torchtitan style).
 
 Run it only when a change of the training numerics is intended (a new init, loss, optimizer
 default, data order...), and say so in the commit::
@@ -7,13 +7,14 @@ default, data order...), and say so in the commit::
 
 It builds a tiny data set with the data stage (built-in synthetic pairs and their captions only,
 no Debian package, plus a small fake Fashion-MNIST written here for the CLIP evaluation), runs a
-tiny text-pretrain and a tiny CLIP-pretrain stage for ``GOLDEN_STEPS`` steps with ``log_every=1``
+tiny text-pretrain, a tiny CLIP-pretrain and a tiny vision-language alignment stage (fresh towers)
+for ``GOLDEN_STEPS`` steps with ``log_every=1``
 on ``THREADS`` torch thread(s), and stores each stage's per-step losses from its
 ``metrics.jsonl`` with the config, the torch version and the thread count.
 ``tests/test_golden.py`` imports :func:`golden_run` from this file and demands the same losses.
 
 The stages are found by their name's suffix (``*_data``, ``*_text_pretrain``,
-``*_clip_pretrain``) and configured through :func:`mmafm.stages.make_config`, so the script runs
+``*_clip_pretrain``, ``*_vl_alignment``) and configured through :func:`mmafm.stages.make_config`, so the script runs
 against the library as it is on ``PYTHONPATH``: the golden files of a change are made from the
 code before it with ``cd <clean checkout> && PYTHONPATH=. python <this repo>/scripts/regen_golden.py
 --out <this repo>/tests/golden``. The step count is passed as ``max_steps``, or as ``steps`` where a
@@ -55,6 +56,11 @@ PARAMS: dict[str, dict[str, Any]] = {
     "clip_pretrain": dict(
         image_size=32, batch_size=16, max_steps=GOLDEN_STEPS, warmup_steps=2, num_workers=0,
         threads=THREADS, eval_pairs=12, fmnist_images=FMNIST_IMAGES, ckpt_every=0, log_every=1, seed=0,
+    ),
+    # fresh towers (no upstream checkpoints), so the run needs only the data stage's pairs
+    "vl_alignment": dict(
+        image_size=32, image_tokens=4, batch_size=8, max_steps=GOLDEN_STEPS, warmup_steps=2, eval_every=10,
+        eval_pairs=8, num_candidates=2, show_images=1, max_new_tokens=4, ckpt_every=0, log_every=1, seed=0,
     ),
 }
 
@@ -111,6 +117,8 @@ def build_data(root: Path) -> dict[str, str]:
 def _inputs(kind: str, data: dict[str, str]) -> dict[str, str]:
     if kind == "text_pretrain":
         return {"tokens_dir": data["tokens_dir"], "tokenizer": data["tokenizer"]}
+    if kind == "vl_alignment":
+        return {"pairs_dir": data["pairs_dir"], "tokenizer": data["tokenizer"]}
     return {"pairs_dir": data["pairs_dir"], "tokenizer": data["tokenizer"], "fashion_mnist": data["fashion_mnist"]}
 
 
@@ -124,7 +132,7 @@ def read_losses(metrics_path: Path) -> list[float]:
 
 
 def golden_run(kind: str, data: dict[str, str], out_dir: Path) -> dict[str, Any]:
-    """Run stage ``kind`` ("text_pretrain" / "clip_pretrain") on ``data`` into ``out_dir`` with
+    """Run stage ``kind`` (a key of ``PARAMS``) on ``data`` into ``out_dir`` with
     ``THREADS`` torch threads; returns the golden record (config, losses, versions)."""
     stage = find_stage(kind)
     config = stage_config(stage, {**PARAMS[kind], **_inputs(kind, data), "out_dir": str(out_dir)})
@@ -149,7 +157,7 @@ def golden_run(kind: str, data: dict[str, str], out_dir: Path) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for text_pretrain.json and clip_pretrain.json")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the <kind>.json files")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the tiny runs go (default: a temp folder)")
     args = parser.parse_args(argv)
 

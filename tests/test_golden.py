@@ -1,5 +1,6 @@
-"""Golden losses (torchtitan style): the first 20 training losses of a tiny text-pretrain and a
-tiny CLIP-pretrain stage run must equal the stored ones in ``tests/golden/*.json``.
+"""Golden losses (torchtitan style): the first 20 training losses of a tiny text-pretrain, a
+tiny CLIP-pretrain and a tiny vision-language alignment stage run must equal the stored ones in
+``tests/golden/*.json``.
 
 A refactor that keeps the numerics passes; any change of init, loss, data order, optimizer or
 schedule fails here, with the per-step drift. If the change is intended, regenerate the files
