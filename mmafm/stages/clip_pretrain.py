@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from mmafm.checkpoint import save_model
@@ -81,7 +82,7 @@ class ClipPretrainConfig(TrainStageConfig):
     warmup_steps: int = setting("warmup_steps", 50)  # linear warm-up
     min_lr_ratio: float = setting("min_lr_ratio", 0.05)  # final LR / peak (cosine) [open]
     weight_decay: float = setting("weight_decay", 0.1)  # AdamW decoupled decay [open; CLIP: 0.2]
-    parallel: str = setting("parallel", "none", choices=("none", "ddp"))  # "ddp" under torchrun (losses gather features across ranks); no FSDP
+    parallel: str = setting("parallel", "none", choices=("none", "ddp", "fsdp"))  # under torchrun: "ddp", or "fsdp" (FSDP2 on every tower block, for ViT-g); the loss gathers features across ranks
     # --- evaluation and checkpoints
     eval_every: int = setting("eval_every", 0)  # steps between evaluations; 0 = once per epoch (and always at the end)
     eval_pairs: int = field(default=500, metadata={"min": 2})  # held-out pairs for retrieval (the first N of the val shards)
@@ -179,14 +180,28 @@ class ClipTask:
             images = random_grayscale(images, self.grayscale_prob)
         out = self.model(images, tokens)
         loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
-        metrics = {"logit_scale": out["logit_scale"].detach()}
+        metrics = {"logit_scale": out["logit_scale"].detach().reshape(())}  # (1,) under FSDP2: scalars_as_vectors
         if "logit_bias" in out:
-            metrics["logit_bias"] = out["logit_bias"].detach()
+            metrics["logit_bias"] = out["logit_bias"].detach().reshape(())
         return {"contrastive": loss}, metrics
 
     def evaluate(self) -> dict[str, float]:
         """Zero-shot Fashion-MNIST and held-out retrieval (:func:`mmafm.eval.clip.evaluate_clip`)."""
         return evaluate_clip(self.clip, self.held_out)[0]
+
+
+def scalars_as_vectors(model: nn.Module) -> list[str]:
+    """Turn every 0-dim parameter (CLIP's ``logit_scale``, SigLIP's ``logit_bias``) into a
+    1-element vector in place, values kept: FSDP2's ``fully_shard`` refuses scalar parameters.
+    The loss broadcasts either shape; saved weights are reshaped back to the model's own.
+    Returns the names changed."""
+    changed = []
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() == 0:
+                setattr(module, name, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+                changed.append(f"{module_name}.{name}" if module_name else name)
+    return changed
 
 
 def _held_out(cfg: ClipPretrainConfig, tokenizer: CaptionTokenizer) -> dict[str, Any]:
@@ -342,15 +357,29 @@ def _run(cfg: ClipPretrainConfig, stage_dir: StageDir) -> dict[str, str]:
 
     # CLIP's AdamW betas/eps (Radford et al. 2021); evaluation once per epoch unless asked otherwise
     train_config = cfg.train_config(betas=(0.9, 0.98), eps=1e-6, eval_every=cfg.eval_every or steps_per_epoch)
+    if train_config.parallel == "fsdp":
+        scalars_as_vectors(model)
     task = ClipTask(model, cfg.loss, held_out, grayscale_prob=cfg.grayscale_prob)
     trainer = Trainer(task, batches, train_config, stage_dir)
     task.set_distributed(trainer.rank, trainer.world_size)
-    records = trainer.fit()
+    sharded = train_config.parallel == "fsdp" and trainer.world_size > 1
+    if sharded:  # evaluation calls the towers' encoders, not forward: FSDP2 must gather for them too
+        from torch.distributed.fsdp import register_fsdp_forward_method
 
-    metrics, details = evaluate_clip(task.clip, held_out)
+        for method in ("encode_image", "encode_text"):
+            register_fsdp_forward_method(model, method)
+    records = trainer.fit()
+    if sharded:  # the full weights (a collective; rank 0 gets them) in a plain copy to evaluate and save
+        weights = trainer.full_state_dict()
+        task.clip = build_model(cfg, tokenizer)
+        if trainer.rank == 0:
+            shapes = {name: tensor.shape for name, tensor in task.clip.state_dict().items()}
+            task.clip.load_state_dict({name: tensor.reshape(shapes[name]) for name, tensor in weights.items()})
+
     skipped = sum_counts_over_ranks(dataset.skipped)  # each rank reads its own shards
     outputs: dict[str, str] = {}
     if trainer.rank == 0:
+        metrics, details = evaluate_clip(task.clip, held_out)
         clip_path = save_model(stage_dir.root / "clip", task.clip, {"step": trainer.step, "metrics": metrics})
         tower_path = save_image_tower(task.clip, stage_dir.root / "image_tower")
         _figures(stage_dir, records, details, held_out)
