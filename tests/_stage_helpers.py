@@ -1,6 +1,6 @@
 """Test helpers shared by several test files (imported as ``from _stage_helpers import ...``):
-upstream stage folders laid out as the stages leave them, and a plain greedy decode to compare
-fast decoding paths against."""
+upstream stage folders laid out as the stages leave them, toy notebooks in a throwaway workspace
+for the runner's tests, and a plain greedy decode to compare fast decoding paths against."""
 
 from __future__ import annotations
 
@@ -45,6 +45,38 @@ def write_text_stage(folder: Path, stage: str, tokenizer: Any, seq_len: int, see
         "stage": stage, "status": "complete",
         "outputs": {"checkpoint": str(checkpoint), "tokenizer": str(tokenizer.path)}}))
     return checkpoint
+
+
+def toy_notebook(parameters: str, code: str, title: str = "") -> Any:
+    """A notebook for the ``mmafm`` Jupyter kernel: a code cell tagged ``parameters`` (where
+    papermill injects its values) holding ``parameters``, then one code cell ``code``; with
+    ``title``, a markdown heading cell ``# title`` before them."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "mmafm", "display_name": "mmafm", "language": "python"}
+    params = nbformat.v4.new_code_cell(parameters)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = ([nbformat.v4.new_markdown_cell(f"# {title}")] if title else []) + [params, nbformat.v4.new_code_cell(code)]
+    return nb
+
+
+def toy_workspace(root: Path, monkeypatch: Any, notebooks: dict[str, Any], stage_config: type | None = None) -> Path:
+    """``root`` made the workspace (``MMAFM_ROOT``, set through ``monkeypatch``) with each of
+    ``notebooks`` written to ``root / "notebooks" / f"{name}.ipynb"``; with ``stage_config``, each
+    name is also registered as a stage of that config (its in-process runner does nothing).
+    Returns ``root``."""
+    import nbformat
+
+    from mmafm.stages import register_stage
+
+    (root / "notebooks").mkdir()
+    for name, notebook in notebooks.items():
+        if stage_config is not None:
+            register_stage(name, stage_config, lambda cfg: {})
+        nbformat.write(notebook, root / "notebooks" / f"{name}.ipynb")
+    monkeypatch.setenv("MMAFM_ROOT", str(root))
+    return root
 
 
 def naive_greedy(model: torch.nn.Module, ids: list[int], steps: int, stop: int) -> list[int]:

@@ -79,6 +79,28 @@ def _random_problem(steps: int, seed: int = 0):
     return params, grads
 
 
+def _run_adastar(params, grads, scales, schedule, dtype, **settings) -> tuple[dict[str, nn.Parameter], AdaStar]:
+    """Train ``params`` ({name: array}) as ``dtype`` parameters with AdaStar(``settings``) on
+    ``grads`` (a list of {name: array}), one step each, the LR following ``schedule``; the names in
+    ``scales`` form one group with their (shared) mu-param scale, the rest another.
+
+    Returns:
+        The trained parameters by name, and the optimizer (for its state).
+    """
+    (update_scale,) = set(scales.values())
+    tensors = {k: nn.Parameter(torch.tensor(v, dtype=dtype)) for k, v in params.items()}
+    groups = [{"params": [tensors[k] for k in scales], "update_scale": update_scale},
+              {"params": [t for k, t in tensors.items() if k not in scales]}]
+    optimizer = AdaStar(groups, **settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    for step_grads in grads:
+        for name, tensor in tensors.items():
+            tensor.grad = torch.tensor(step_grads[name], dtype=dtype)
+        optimizer.step()
+        scheduler.step()
+    return tensors, optimizer
+
+
 def test_adastar_matches_numpy_transcription_for_50_steps():
     steps, lr = 50, 1e-2
     params, grads = _random_problem(steps)
@@ -87,16 +109,7 @@ def test_adastar_matches_numpy_transcription_for_50_steps():
     want, want_v, want_m, clipped = numpy_adastar(params, grads, lr, [schedule(s) for s in range(steps)], scales, AFM)
     assert clipped > 5  # the clip is exercised
 
-    tensors = {k: nn.Parameter(torch.tensor(v, dtype=torch.float64)) for k, v in params.items()}
-    groups = [{"params": [tensors[k] for k in scales], "update_scale": 0.25},
-              {"params": [t for k, t in tensors.items() if k not in scales]}]
-    optimizer = AdaStar(groups, lr=lr)  # the AFM defaults
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    for step_grads in grads:
-        for name, tensor in tensors.items():
-            tensor.grad = torch.tensor(step_grads[name], dtype=torch.float64)
-        optimizer.step()
-        scheduler.step()
+    tensors, optimizer = _run_adastar(params, grads, scales, schedule, torch.float64, lr=lr)  # the AFM defaults
     for name, tensor in tensors.items():
         np.testing.assert_allclose(tensor.detach().numpy(), want[name], rtol=1e-6, atol=1e-12, err_msg=name)
         state = optimizer.state[tensor]
@@ -216,15 +229,18 @@ def test_foreach_path_equals_the_reference_path(settings):
     assert fast_optimizer.state[fast[0]]["step"].item() == 39
 
 
-def test_foreach_path_equals_the_reference_path_on_the_tiny_model():
+def _train_tiny_model_twins(foreach_pair: tuple[bool | None, bool | None], steps: int = 5) -> list[AdaStar]:
+    """Two copies of the tiny AFM model, each trained ``steps`` steps on the same random gradients
+    by AdaStar (AFM groups, mu-param width 3072) with its own ``foreach``; asserts that their
+    parameters end equal (rtol 1e-5) and returns the two optimizers."""
     import mmafm
 
     models = [mmafm.create_model("afm_2024_device_tiny") for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [AdaStar(afm_param_groups(model, 3.16e-4, width=3072), lr=1e-2, foreach=foreach)
-                  for model, foreach in zip(models, (True, False))]
+                  for model, foreach in zip(models, foreach_pair)]
     generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
+    for _ in range(steps):
         grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in models[0].parameters()]
         for model, optimizer in zip(models, optimizers):
             for param, grad in zip(model.parameters(), grads):
@@ -232,6 +248,11 @@ def test_foreach_path_equals_the_reference_path_on_the_tiny_model():
             optimizer.step()
     for (name, got), want in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
+    return optimizers
+
+
+def test_foreach_path_equals_the_reference_path_on_the_tiny_model():
+    _train_tiny_model_twins((True, False))
 
 
 # ---------------------------------------------------------------------------------- mu-param

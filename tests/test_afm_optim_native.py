@@ -29,7 +29,9 @@ from mmafm.train.optim import AdaStar
 from mmafm.train.schedule import WarmupCosine
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_afm_optim import AFM, _bad, _random_problem, _train_paths, _trainer, numpy_adastar, tiny  # noqa: E402
+from test_afm_optim import (  # noqa: E402
+    AFM, _bad, _random_problem, _run_adastar, _train_paths, _train_tiny_model_twins, _trainer, numpy_adastar, tiny,
+)
 
 pytestmark = pytest.mark.skipif(native_optim.adastar_kernels() is None,
                                 reason=f"no native AdaStar kernel: {native_optim.adastar_unavailable_reason()}")
@@ -68,17 +70,9 @@ def test_native_matches_numpy_transcription_for_50_steps(native_calls, update_em
     want, want_v, want_m, clipped = numpy_adastar(params, grads, lr, [schedule(s) for s in range(steps)], scales, cfg)
     assert (clipped > 5) == clip  # the clip acts in the runs that have it
 
-    tensors = {k: nn.Parameter(torch.tensor(v, dtype=torch.float32)) for k, v in params.items()}
-    groups = [{"params": [tensors[k] for k in scales], "update_scale": 0.25},
-              {"params": [t for k, t in tensors.items() if k not in scales]}]
-    optimizer = AdaStar(groups, lr=lr, weight_decay=weight_decay, update_ema_decay=0.95 if update_ema else None,
-                        update_clip_threshold=1.0 if clip else None, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    for step_grads in grads:
-        for name, tensor in tensors.items():
-            tensor.grad = torch.tensor(step_grads[name], dtype=torch.float32)
-        optimizer.step()
-        scheduler.step()
+    tensors, optimizer = _run_adastar(params, grads, scales, schedule, torch.float32, lr=lr, weight_decay=weight_decay,
+                                      update_ema_decay=0.95 if update_ema else None,
+                                      update_clip_threshold=1.0 if clip else None, fused=True)
     # two groups a step: the whole step in one call with the clip, the one-pass form without it
     assert native_calls == ["step" if clip else "pass2"] * 2 * steps
     # float32 arithmetic against float64 over 50 steps: 2e-6 relative on the parameters (1e-6
@@ -119,23 +113,8 @@ def test_native_path_equals_the_foreach_path(native_calls, settings):
 
 
 def test_native_path_equals_the_foreach_path_on_the_tiny_model(native_calls):
-    import mmafm
-    from mmafm.train.optim import afm_param_groups
-
-    models = [mmafm.create_model("afm_2024_device_tiny") for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    optimizers = [AdaStar(afm_param_groups(model, 3.16e-4, width=3072), lr=1e-2, foreach=foreach)
-                  for model, foreach in zip(models, (None, True))]
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in models[0].parameters()]
-        for model, optimizer in zip(models, optimizers):
-            for param, grad in zip(model.parameters(), grads):
-                param.grad = grad.clone()
-            optimizer.step()
-    assert native_calls.count("step") == 5 * len(optimizers[0].param_groups)
-    for (name, got), want in zip(models[0].named_parameters(), models[1].parameters()):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
+    native_optimizer, _ = _train_tiny_model_twins((None, True), steps=5)
+    assert native_calls.count("step") == 5 * len(native_optimizer.param_groups)
 
 
 def test_the_sharded_form_equals_the_one_call_step(native_calls, monkeypatch):

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import papermill
 import pytest
 import torch
@@ -24,7 +23,7 @@ from mmafm.cli import main as cli_main
 from mmafm.config import ConfigError, dump_yaml
 from mmafm.report import mean_std, render_seeds, seed_report_path, write_seed_report
 from mmafm.runner import parse_seeds, plan_pipeline, run_pipeline, run_stage
-from mmafm.stages import injected_parameter_names, make_config, register_stage
+from mmafm.stages import injected_parameter_names, make_config
 from mmafm.stages.base import (
     ManifestError,
     ResumeMismatch,
@@ -35,6 +34,8 @@ from mmafm.stages.base import (
     read_manifest,
 )
 from mmafm.train.trainer import Trainer
+
+from _stage_helpers import toy_notebook, toy_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,23 +66,10 @@ stage.write_manifest({"result": cfg.out_dir, "rank": cfg.rank},
 PARAMETERS = '# Parameters (toy)\nout_dir = ""\nseed = 0\nlr = 0.003\nmax_steps = 3\ninit = ""\ndata = ""\nrank = 0'
 
 
-def _notebook(path: Path, name: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "mmafm", "display_name": "mmafm", "language": "python"}
-    params = nbformat.v4.new_code_cell(PARAMETERS)
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(NOTEBOOK_CODE.replace("NAME", name))]
-    nbformat.write(nb, path)
-
-
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    (tmp_path / "notebooks").mkdir()
-    for name in ("rel_a", "rel_b"):
-        register_stage(name, RelToyConfig, lambda cfg: {})
-        _notebook(tmp_path / "notebooks" / f"{name}.ipynb", name)
-    monkeypatch.setenv("MMAFM_ROOT", str(tmp_path))
-    return tmp_path
+    notebooks = {name: toy_notebook(PARAMETERS, NOTEBOOK_CODE.replace("NAME", name)) for name in ("rel_a", "rel_b")}
+    return toy_workspace(tmp_path, monkeypatch, notebooks, RelToyConfig)
 
 
 def _pipeline(workspace: Path, second_stage: str = "") -> Path:

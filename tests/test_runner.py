@@ -8,15 +8,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
 import pytest
 import yaml
 
 from mmafm.cli import main as cli_main
 from mmafm.config import ConfigError
 from mmafm.runner import StageFailed, load_pipeline, run_pipeline, run_stage
-from mmafm.stages import register_stage
 from mmafm.stages.base import StageConfig, read_manifest
+
+from _stage_helpers import toy_notebook, toy_workspace
 
 TOY_CODE = """
 import matplotlib
@@ -41,23 +41,13 @@ class ToyConfig(StageConfig):
     upstream: str = ""
 
 
-def _toy_notebook(path, name):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "mmafm", "display_name": "mmafm", "language": "python"}
-    params = nbformat.v4.new_code_cell('out_dir = ""\nseed = 0\nscale = 1.0\nfail = False\nupstream = ""')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(TOY_CODE.format(name=name))]
-    nbformat.write(nb, path)
+TOY_PARAMETERS = 'out_dir = ""\nseed = 0\nscale = 1.0\nfail = False\nupstream = ""'
 
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    (tmp_path / "notebooks").mkdir()
-    for name in ("toy_a", "toy_b"):
-        register_stage(name, ToyConfig, lambda cfg: {})
-        _toy_notebook(tmp_path / "notebooks" / f"{name}.ipynb", name)
-    monkeypatch.setenv("MMAFM_ROOT", str(tmp_path))
-    return tmp_path
+    notebooks = {name: toy_notebook(TOY_PARAMETERS, TOY_CODE.format(name=name)) for name in ("toy_a", "toy_b")}
+    return toy_workspace(tmp_path, monkeypatch, notebooks, ToyConfig)
 
 
 @pytest.mark.slow

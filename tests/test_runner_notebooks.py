@@ -8,7 +8,6 @@ configs/pipelines/reproduce.yaml is plan-checked (every entry resolves) without 
 import json
 from pathlib import Path
 
-import nbformat
 import pytest
 import yaml
 
@@ -23,6 +22,8 @@ from mmafm.runner import (
     run_pipeline,
 )
 from mmafm.stages.base import read_manifest
+
+from _stage_helpers import toy_notebook, toy_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,25 +45,14 @@ fig, ax = plt.subplots(); ax.plot([0, 1], [0, scale]); fig.savefig(out / "line.p
 """
 
 
-def _toy_notebook(path: Path) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "mmafm", "display_name": "mmafm", "language": "python"}
-    params = nbformat.v4.new_code_cell(
-        '# Parameters (papermill overrides these)\nupstream = "runs/x/summary.json"  # an input\n'
-        'out_dir = "runs/toy"\nscale = 1.5\nsteps = 2\nlabel = "a"\nfail = False'
-    )
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell("# toy"), params, nbformat.v4.new_code_cell(TOY_CODE)]
-    nbformat.write(nb, path)
+TOY_PARAMETERS = ('# Parameters (papermill overrides these)\nupstream = "runs/x/summary.json"  # an input\n'
+                  'out_dir = "runs/toy"\nscale = 1.5\nsteps = 2\nlabel = "a"\nfail = False')
 
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    (tmp_path / "notebooks").mkdir()
-    _toy_notebook(tmp_path / "notebooks" / "toy_nb.ipynb")
-    _toy_notebook(tmp_path / "notebooks" / "toy_nb2.ipynb")
-    monkeypatch.setenv("MMAFM_ROOT", str(tmp_path))
-    return tmp_path
+    notebooks = {name: toy_notebook(TOY_PARAMETERS, TOY_CODE, title="toy") for name in ("toy_nb", "toy_nb2")}
+    return toy_workspace(tmp_path, monkeypatch, notebooks)
 
 
 def _pipeline(workspace: Path, first: str = "params: {steps: 3}", second: str = "params: {}") -> Path:

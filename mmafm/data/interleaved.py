@@ -23,7 +23,6 @@ tokens. Building is deterministic: document ``i`` of a seed is drawn from
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -31,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from mmafm.data.images import to_rgb
-from mmafm.data.shards import expand_shards, iter_tar_samples
+from mmafm.data.shards import decode_pair_sample, expand_shards, iter_tar_samples
 from mmafm.tokenizer import IMAGE_TOKEN
 
 __all__ = [
@@ -106,18 +104,13 @@ def load_sourced_pairs(pairs_dir: str | Path, split: str, limit: int = 0) -> tup
     skipped = {"empty caption or no image": 0, "undecodable image": 0}
     for shard in expand_shards(pairs_dir, split):
         for sample in iter_tar_samples(shard):
-            caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
-            if not caption or "png" not in sample:
-                skipped["empty caption or no image"] += 1
+            decoded = decode_pair_sample(sample)
+            if isinstance(decoded, str):
+                skipped[decoded] += 1
+                if decoded == "undecodable image":
+                    log.warning("skipping sample %s of %s: undecodable image", sample["__key__"], shard)
                 continue
-            try:
-                with Image.open(io.BytesIO(sample["png"])) as raw:
-                    image = to_rgb(raw)
-                    image.load()
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-                skipped["undecodable image"] += 1
-                log.warning("skipping sample %s of %s: undecodable image", sample["__key__"], shard)
-                continue
+            image, caption = decoded
             try:
                 source = str(json.loads(sample.get("json", b"{}")).get("source", "unknown"))
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):

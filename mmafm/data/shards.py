@@ -42,6 +42,8 @@ __all__ = [
     "ShardReadError",
     "iter_tar_samples",
     "expand_shards",
+    "decode_image",
+    "decode_pair_sample",
     "SKIP_REASONS",
     "SkipCounts",
     "ImageTextShards",
@@ -251,6 +253,28 @@ def expand_shards(paths_or_glob: str | Path | Sequence[str | Path], split: str |
     return found
 
 
+def decode_image(data: bytes) -> Image.Image | None:
+    """A sample's PNG bytes as a fully read RGB image, or None where PIL cannot decode them."""
+    try:
+        with Image.open(io.BytesIO(data)) as raw:
+            image = to_rgb(raw)
+            image.load()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return None
+    return image
+
+
+def decode_pair_sample(sample: dict[str, Any]) -> tuple[Image.Image, str] | str:
+    """``(RGB image, caption)`` of a pair shard sample for evaluation (a caption that is not
+    UTF-8 is read with replacement characters), or why it is skipped: ``"empty caption or no
+    image"`` or ``"undecodable image"``."""
+    caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+    if not caption or "png" not in sample:
+        return "empty caption or no image"
+    image = decode_image(sample["png"])
+    return "undecodable image" if image is None else (image, caption)
+
+
 def swap_left_right(caption: str) -> str:
     """Swap the words left/right: a horizontally flipped image's caption must follow it."""
     swap = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
@@ -435,11 +459,8 @@ class ImageTextShards(IterableDataset):
         if not caption:
             self._skip("empty caption", where)
             return None
-        try:
-            with Image.open(io.BytesIO(sample["png"])) as raw:
-                image = to_rgb(raw)
-                image.load()
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        image = decode_image(sample["png"])
+        if image is None:
             self._skip("undecodable image", where)
             return None
         if self.train:
@@ -503,18 +524,11 @@ def load_pairs(
     pairs: list[tuple[Image.Image, str]] = []
     for shard in expand_shards(pairs_dir, split):
         for sample in iter_tar_samples(shard):
-            caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
-            if not caption or "png" not in sample:
-                log.warning("skipping sample %s of %s: empty caption or no image", sample["__key__"], shard)
+            decoded = decode_pair_sample(sample)
+            if isinstance(decoded, str):
+                log.warning("skipping sample %s of %s: %s", sample["__key__"], shard, decoded)
                 continue
-            try:
-                with Image.open(io.BytesIO(sample["png"])) as raw:
-                    image = to_rgb(raw)
-                    image.load()
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-                log.warning("skipping sample %s of %s: undecodable image", sample["__key__"], shard)
-                continue
-            pairs.append((image, caption))
+            pairs.append(decoded)
             if limit is not None and len(pairs) >= limit:
                 return pairs
     return pairs

@@ -69,6 +69,18 @@ _GLOBAL_NAMES = {
 }
 _OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# (TextConfig field, transformers config field) that carry the same number under two names
+_CONFIG_NAMES = (
+    ("vocab_size", "vocab_size"),
+    ("dim", "hidden_size"),
+    ("ffn_dim", "intermediate_size"),
+    ("n_layers", "num_hidden_layers"),
+    ("n_heads", "num_attention_heads"),
+    ("n_kv_heads", "num_key_value_heads"),
+    ("max_seq_len", "max_position_embeddings"),
+    ("norm_eps", "rms_norm_eps"),
+    ("tie_embeddings", "tie_word_embeddings"),
+)
 
 
 # (TextConfig field, value) a plain dense decoder has; anything else has no transformers layout
@@ -123,19 +135,11 @@ def hf_config(config: Any, layout: str | None = None, **extra: Any):
     from transformers import LlamaConfig, Qwen3Config
 
     layout = check_dense(config, layout)
-    common = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
+    common = {hf_name: getattr(config, name) for name, hf_name in _CONFIG_NAMES}
+    common.update(
         head_dim=config.head_dim,
         hidden_act="silu",
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
-        tie_word_embeddings=config.tie_embeddings,
         attention_bias=False,
         attention_dropout=0.0,
     )
@@ -167,32 +171,46 @@ def text_config_from_hf(hf_cfg: Any, **overrides: Any):
         raise InteropError(f"{model_type} config has rope_type={rope.get('rope_type')!r}; expected 'default'")
     rope_theta = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", None))
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-    values = dict(
-        vocab_size=hf_cfg.vocab_size,
-        dim=hf_cfg.hidden_size,
-        n_layers=hf_cfg.num_hidden_layers,
-        n_heads=hf_cfg.num_attention_heads,
-        n_kv_heads=hf_cfg.num_key_value_heads,
+    values = {name: getattr(hf_cfg, hf_name) for name, hf_name in _CONFIG_NAMES}
+    values.update(
         head_dim=head_dim,
-        ffn_dim=hf_cfg.intermediate_size,
         norm_eps=float(hf_cfg.rms_norm_eps),
         rope_theta=float(rope_theta),
         qk_norm=model_type == "qwen3",
         tie_embeddings=bool(hf_cfg.tie_word_embeddings),
-        max_seq_len=hf_cfg.max_position_embeddings,
     )
     values.update(overrides)
     return TextConfig(**values)
 
 
-def _rename(name: str, layer_table: dict[str, str], global_table: dict[str, str],
-            layer_re: re.Pattern, layer_prefix: str) -> str | None:
-    """``name`` in the other convention, or None if it has no counterpart."""
-    match = layer_re.match(name)
+_HF_LAYER_NAMES = {hf: ours for ours, hf in _LAYER_NAMES.items()}  # transformers -> ours
+_HF_GLOBAL_NAMES = {hf: ours for ours, hf in _GLOBAL_NAMES.items()}
+
+
+def _renamed(name: str, to_hf: bool, kind: str, suffix: str = "") -> str:
+    """``name`` in the other convention: ours -> transformers with ``to_hf``, else back.
+
+    One renaming for tensors and modules alike: a module path is renamed as its ``suffix``
+    tensor (``.weight``), which is then cut off again.
+
+    Raises:
+        InteropError: ``name`` (a ``kind``, e.g. "tensor") has no counterpart in the other layout.
+    """
+    if to_hf:
+        layer_table, global_table, layer_re, layer_prefix = _LAYER_NAMES, _GLOBAL_NAMES, _OURS_LAYER, "model.layers."
+        source, target = "TextModel", "the transformers layout"
+    else:
+        layer_table, global_table, layer_re, layer_prefix = _HF_LAYER_NAMES, _HF_GLOBAL_NAMES, _HF_LAYER, "layers."
+        source, target = "transformers", "TextModel"
+    match = layer_re.match(name + suffix)
     if match:
         index, rest = match.groups()
-        return f"{layer_prefix}{index}.{layer_table[rest]}" if rest in layer_table else None
-    return global_table.get(name)
+        other = f"{layer_prefix}{index}.{layer_table[rest]}" if rest in layer_table else None
+    else:
+        other = global_table.get(name + suffix)
+    if other is None:
+        raise InteropError(f"{source} {kind} {name!r} has no counterpart in {target}")
+    return other[: len(other) - len(suffix)]
 
 
 def hf_module_name(name: str) -> str:
@@ -202,20 +220,12 @@ def hf_module_name(name: str) -> str:
     Raises:
         InteropError: a module with no transformers counterpart.
     """
-    hf_name = _rename(f"{name}.weight", _LAYER_NAMES, _GLOBAL_NAMES, _OURS_LAYER, "model.layers.")
-    if hf_name is None:
-        raise InteropError(f"TextModel module {name!r} has no counterpart in the transformers layout")
-    return hf_name[: -len(".weight")]
+    return _renamed(name, True, "module", ".weight")
 
 
 def module_name_from_hf(hf_name: str) -> str:
     """The inverse of :func:`hf_module_name` (``model.layers.3.mlp.up_proj`` -> ``layers.3.ffn.w_up``)."""
-    inverse_layer = {hf: ours for ours, hf in _LAYER_NAMES.items()}
-    inverse_global = {hf: ours for ours, hf in _GLOBAL_NAMES.items()}
-    name = _rename(f"{hf_name}.weight", inverse_layer, inverse_global, _HF_LAYER, "layers.")
-    if name is None:
-        raise InteropError(f"transformers module {hf_name!r} has no counterpart in TextModel")
-    return name[: -len(".weight")]
+    return _renamed(hf_name, False, "module", ".weight")
 
 
 def state_dict_to_hf(state_dict: dict[str, torch.Tensor], config: Any, layout: str | None = None) -> dict[str, torch.Tensor]:
@@ -225,15 +235,8 @@ def state_dict_to_hf(state_dict: dict[str, torch.Tensor], config: Any, layout: s
         InteropError: a tensor that has no place in the layout (e.g. QK-norm in llama layout).
     """
     check_dense(config, layout)
-    out = {}
-    for name, tensor in state_dict.items():
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue
-        hf_name = _rename(name, _LAYER_NAMES, _GLOBAL_NAMES, _OURS_LAYER, "model.layers.")
-        if hf_name is None:
-            raise InteropError(f"TextModel tensor {name!r} has no counterpart in the transformers layout")
-        out[hf_name] = tensor
-    return out
+    return {_renamed(name, True, "tensor"): tensor for name, tensor in state_dict.items()
+            if not (name == "lm_head.weight" and config.tie_embeddings)}
 
 
 def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
@@ -242,17 +245,8 @@ def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], config: Any) -> d
     Rotary ``inv_freq`` buffers are dropped (TextModel computes its own from ``rope_theta``);
     with tied embeddings ``lm_head.weight`` is dropped too.
     """
-    inverse_layer = {hf: ours for ours, hf in _LAYER_NAMES.items()}
-    inverse_global = {hf: ours for ours, hf in _GLOBAL_NAMES.items()}
-    out = {}
-    for name, tensor in hf_state_dict.items():
-        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
-            continue
-        ours = _rename(name, inverse_layer, inverse_global, _HF_LAYER, "layers.")
-        if ours is None:
-            raise InteropError(f"transformers tensor {name!r} has no counterpart in TextModel")
-        out[ours] = tensor
-    return out
+    return {_renamed(name, False, "tensor"): tensor for name, tensor in hf_state_dict.items()
+            if not (name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings))}
 
 
 def _load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:

@@ -18,6 +18,7 @@ CLIP towers), :func:`vision_encoder_summary` (params, tokens, FLOPs per resoluti
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -139,6 +140,37 @@ class TimmInterface:
         """Tokens the blocks see for an unmasked ``height x width`` image (patches + prefix)."""
         patch = self.config.patch_size
         return (height // patch) * (width // patch) + self.num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _collect_intermediates(
+        self,
+        tokens: torch.Tensor,
+        taken: list[int],
+        stop_early: bool,
+        scales: tuple[float, ...] | list[float] | None,
+        run_block: Callable[[int, torch.Tensor], torch.Tensor],
+        take: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The block loop of ``forward_intermediates``, written once for both families.
+
+        Runs ``run_block(index, tokens)`` over the blocks (up to ``taken[-1]`` when
+        ``stop_early``), keeps ``take(tokens)`` after each block in ``taken`` and, with
+        ``scales``, resamples each kept map by its factor (a simple feature pyramid).
+
+        Returns:
+            The tokens after the last block run, and the kept intermediates.
+        """
+        last = taken[-1] if stop_early else len(self.blocks) - 1
+        intermediates = []
+        for index in range(last + 1):
+            tokens = run_block(index, tokens)
+            if index in taken:
+                intermediates.append(take(tokens))
+        if scales is not None:
+            intermediates = [resample_feature_map(m, s) for m, s in zip(intermediates, scales)]
+        return tokens, intermediates
 
 
 class VisionTransformer(TimmInterface, nn.Module):
@@ -262,9 +294,6 @@ class VisionTransformer(TimmInterface, nn.Module):
             pooled = x[:, self.num_prefix_tokens :].mean(dim=1)
         return pooled if pre_logits else self.head(pooled)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -301,18 +330,17 @@ class VisionTransformer(TimmInterface, nn.Module):
             )
         tokens, grid = self._embed(x)
         tokens = self.norm_pre(self._add_prefix(tokens))
-        last = taken[-1] if stop_early and intermediates_only else len(self.blocks) - 1
-        intermediates = []
-        for index in range(last + 1):
-            tokens = self._block(index, tokens)
-            if index in taken:
-                out = self.norm(tokens) if norm else tokens
-                out = out[:, self.num_prefix_tokens :]  # (B, N, C)
-                if output_fmt == "NCHW":
-                    out = out.reshape(out.shape[0], *grid, -1).permute(0, 3, 1, 2)  # (B, C, Gh, Gw)
-                intermediates.append(out)
-        if scales is not None:
-            intermediates = [resample_feature_map(m, s) for m, s in zip(intermediates, scales)]
+
+        def take(tokens: torch.Tensor) -> torch.Tensor:
+            out = self.norm(tokens) if norm else tokens
+            out = out[:, self.num_prefix_tokens :]  # (B, N, C)
+            if output_fmt == "NCHW":
+                out = out.reshape(out.shape[0], *grid, -1).permute(0, 3, 1, 2)  # (B, C, Gh, Gw)
+            return out
+
+        tokens, intermediates = self._collect_intermediates(
+            tokens, taken, stop_early and intermediates_only, scales, self._block, take
+        )
         if intermediates_only:
             return intermediates
         return self.norm(tokens), intermediates

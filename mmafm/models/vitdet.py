@@ -38,7 +38,7 @@ from torch import nn
 
 from mmafm.interop.timm_weights import register_timm_entrypoint
 from mmafm.layers.mlp import Mlp
-from mmafm.layers.patch import PatchEmbed, resample_feature_map, resample_pos_embed, take_indices
+from mmafm.layers.patch import PatchEmbed, resample_pos_embed, take_indices
 from mmafm.layers.vision_attention import Attention, decomposed_rel_pos_bias
 from mmafm.layers.window import (
     REGISTER_MERGES,
@@ -290,9 +290,6 @@ class VisionTransformerDet(TimmInterface, nn.Module):
         pooled = x.mean(dim=(2, 3))
         return pooled if pre_logits else self.head(pooled)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -327,15 +324,19 @@ class VisionTransformerDet(TimmInterface, nn.Module):
                 f"scales needs one factor per returned block ({len(taken)}), got {list(scales)}"
             )
         tokens, grid = self._embed(x)
-        last = taken[-1] if stop_early and intermediates_only else len(self.blocks) - 1
-        intermediates = []
-        for index in range(last + 1):
-            tokens = self._block(index, tokens, grid)
-            if index in taken:
-                feature = self._to_map(tokens, grid)
-                intermediates.append(self.neck(feature) if norm else feature)
-        if scales is not None:
-            intermediates = [resample_feature_map(m, s) for m, s in zip(intermediates, scales)]
+
+        def take(tokens: torch.Tensor) -> torch.Tensor:
+            feature = self._to_map(tokens, grid)  # (B, C, Gh, Gw)
+            return self.neck(feature) if norm else feature
+
+        tokens, intermediates = self._collect_intermediates(
+            tokens,
+            taken,
+            stop_early and intermediates_only,
+            scales,
+            lambda index, tokens: self._block(index, tokens, grid),
+            take,
+        )
         if intermediates_only:
             return intermediates
         return self.neck(self._to_map(tokens, grid)), intermediates

@@ -120,9 +120,13 @@ def _sizes(tensors: Sequence[torch.Tensor]) -> array.array:
     return array.array(_LONG_CODE, [t.numel() for t in tensors])
 
 
-def _call(function, *args) -> int:
-    """``function`` with the array arguments passed by address (the arrays live until it returns)."""
-    return function(*[_address(a) if isinstance(a, array.array) or a is None else a for a in args])
+def _call(symbol: str, *args) -> None:
+    """The kernel function ``symbol`` with the array arguments passed by address (the arrays live
+    until it returns); its nonzero status (it could not allocate its work plan) raises."""
+    function = getattr(adastar_kernels(), symbol)
+    status = function(*[_address(a) if isinstance(a, array.array) or a is None else a for a in args])
+    if status:
+        raise MemoryError(f"{symbol}: out of memory for its work plan")
 
 
 def pass1(
@@ -146,11 +150,9 @@ def pass1(
         (N,) float64: the sums of squares of the raw updates (this process's elements).
     """
     sums = torch.zeros(len(grads), dtype=torch.float64)  # (N,)
-    status = _call(
-        adastar_kernels().mmafm_adastar_pass1_f32, len(grads), _sizes(grads), _pointers(grads), _pointers(square_emas), _pointers(grad_emas),
+    _call(
+        "mmafm_adastar_pass1_f32", len(grads), _sizes(grads), _pointers(grads), _pointers(square_emas), _pointers(grad_emas),
         _floats(under_sqrt), _floats(over_sqrt), b2, grad_ema_weight, sums.data_ptr(), torch.get_num_threads())
-    if status:
-        raise MemoryError("mmafm_adastar_pass1_f32: out of memory for its work plan")
     return sums
 
 
@@ -179,13 +181,11 @@ def pass2(
     the parameters, update EMAs, each block's scale ``s``, EMA divisor ``d`` (None: 1) and
     ``alpha`` (``-lr * mu-param scale``), the update EMA's lerp weight and ``decay``.
     """
-    status = _call(
-        adastar_kernels().mmafm_adastar_pass2_f32, len(params), _sizes(params), _pointers(params), _pointers(grads), _pointers(square_emas),
+    _call(
+        "mmafm_adastar_pass2_f32", len(params), _sizes(params), _pointers(params), _pointers(grads), _pointers(square_emas),
         _pointers(grad_emas), _pointers(update_emas), _floats(under_sqrt), _floats(over_sqrt), _floats(block_scales),
         _floats(update_divisors), _floats(alphas), b2, grad_ema_weight, update_ema_weight, decay, int(update_state),
         torch.get_num_threads())
-    if status:
-        raise MemoryError("mmafm_adastar_pass2_f32: out of memory for its work plan")
 
 
 def step(
@@ -210,10 +210,8 @@ def step(
     block's own elements, in float64 as :meth:`AdaStar._update_native` computes it), pass 2; a
     cache-sized batch of blocks at a time. Arguments as :func:`pass2`; ``base_scales`` are the
     block scales before the clip."""
-    status = _call(
-        adastar_kernels().mmafm_adastar_step_f32, len(params), _sizes(params), _pointers(params), _pointers(grads), _pointers(square_emas),
+    _call(
+        "mmafm_adastar_step_f32", len(params), _sizes(params), _pointers(params), _pointers(grads), _pointers(square_emas),
         _pointers(grad_emas), _pointers(update_emas), _floats(under_sqrt), _floats(over_sqrt),
         array.array("d", base_scales), threshold, _floats(update_divisors), _floats(alphas),
         b2, grad_ema_weight, update_ema_weight, decay, torch.get_num_threads())
-    if status:
-        raise MemoryError("mmafm_adastar_step_f32: out of memory for its work plan")

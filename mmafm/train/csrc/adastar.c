@@ -74,6 +74,19 @@ static long block_of(const job_t* job, long c) {
   return lo;
 }
 
+/* the element range [start, stop) of chunk c within its block b */
+static inline void chunk_range(const job_t* job, long c, long b, long* start, long* stop) {
+  *start = (c - job->first[b]) * CHUNK;
+  *stop = *start + CHUNK < job->sizes[b] ? *start + CHUNK : job->sizes[b];
+}
+
+/* pass 1's sum of u^2 over block b: its chunks' float32 sums added in float64, in chunk order */
+static double block_sum(const job_t* job, long b) {
+  double sum = 0.0;
+  for (long c = job->first[b]; c < job->first[b + 1]; ++c) sum += job->partial[c];
+  return sum;
+}
+
 /* v[i] <- b2 v[i] + (1 - b2) g[i]^2; m[i] <- lerp(m[i], g[i], wg) when m; returns the numerator
    (m[i] or g[i]) */
 static inline float state_step(float b2, float wg, float* restrict v, float* restrict m, const float* restrict g,
@@ -88,8 +101,8 @@ static void pass1_chunks(void* ctx, long begin, long end) {
   const job_t* job = ctx;
   for (long k = begin; k < end; ++k) {
     const long c = chunk_of(job, k), b = block_of(job, c);
-    const long start = (c - job->first[b]) * CHUNK;
-    const long stop = start + CHUNK < job->sizes[b] ? start + CHUNK : job->sizes[b];
+    long start, stop;
+    chunk_range(job, c, b, &start, &stop);
     float* restrict v = job->v[b];
     float* restrict m = job->m ? job->m[b] : NULL;
     const float* restrict g = job->grads[b];
@@ -117,8 +130,8 @@ static void pass2_chunks(void* ctx, long begin, long end) {
   const job_t* job = ctx;
   for (long k = begin; k < end; ++k) {
     const long c = chunk_of(job, k), b = block_of(job, c);
-    const long start = (c - job->first[b]) * CHUNK;
-    const long stop = start + CHUNK < job->sizes[b] ? start + CHUNK : job->sizes[b];
+    long start, stop;
+    chunk_range(job, c, b, &start, &stop);
     float* restrict p = job->params[b];
     float* restrict v = job->v[b];
     float* restrict m = job->m ? job->m[b] : NULL;
@@ -171,11 +184,7 @@ int mmafm_adastar_pass1_f32(long n, const long* sizes, float* const* grads, floa
   if (!job.partial) { free(job.first); return 1; }
   job.count = chunks;
   pool_run(pass1_chunks, &job, chunks, 1, total < PARALLEL_MIN_TOTAL ? 1 : nthreads);
-  for (long b = 0; b < n; ++b) {
-    double sum = 0.0;
-    for (long c = job.first[b]; c < job.first[b + 1]; ++c) sum += job.partial[c];
-    sums[b] = sum;
-  }
+  for (long b = 0; b < n; ++b) sums[b] = block_sum(&job, b);
   free(job.partial);
   free(job.first);
   return 0;
@@ -225,8 +234,7 @@ int mmafm_adastar_step_f32(long n, const long* sizes, float* const* params, floa
     job.reverse = 0;
     pool_run(pass1_chunks, &job, job.count, 1, threads);
     for (long b = b0; b < b1; ++b) {  /* u / max(1, rms(u) / threshold), as AdaStar._update_native */
-      double sum = 0.0;
-      for (long c = job.first[b]; c < job.first[b + 1]; ++c) sum += job.partial[c];
+      const double sum = block_sum(&job, b);
       const double clip = sizes[b] ? base_scales[b] * sqrt(sum / (double)sizes[b]) / threshold : 0.0;
       scales[b] = (float)(clip <= 1.0 ? base_scales[b] : base_scales[b] / clip);  /* NaN stays NaN */
     }

@@ -4,50 +4,11 @@ import sys, time, copy, os
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, "/work/main")
-import mmafm
-from mmafm.interop.smollm2 import load_smollm2
-from mmafm.compress import dequantized_copy
-from pathlib import Path
+from common import load_models, load_seq, logit_scorer, q4_0, q4_1, q8_0
 
-cache = Path(os.environ.get("MMAFM_CACHE_DIR", Path.home() / ".cache" / "mmafm")) / "bench_compress"
-fp = load_smollm2().eval()
-q = mmafm.load_model(cache / "smollm2_lut4_emb4").eval()
-dq = dequantized_copy(q).eval()
-d = torch.load("scripts/experiments/smollm2_4bit_investigation/seq.pt"); seq, P = d["seq"], d["plen"]
-with torch.no_grad():
-    ref = fp(seq)[0]
-
-def score(m, name):
-    with torch.no_grad():
-        lg = m(seq)[0]
-    out = []
-    for sl in (slice(P - 1, seq.shape[1] - 1), slice(0, P - 1)):
-        a, b = lg[sl], ref[sl]
-        out += [float((a.argmax(-1) == b.argmax(-1)).float().mean()), float(((a - b).norm(dim=-1) / b.norm(dim=-1)).mean())]
-    print(f"{name:55s} reply top1 {out[0]:.3f} err {out[1]:.3f} | prompt top1 {out[2]:.3f} err {out[3]:.3f}", flush=True)
-
-def q4_1(w, g=32):  # affine RTN per group of g along the input dim (llama.cpp Q4_1 math)
-    r, c = w.shape
-    x = w.reshape(r, c // g, g)
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    s = ((hi - lo) / 15).clamp_min(1e-12)
-    return (torch.round((x - lo) / s).clamp(0, 15) * s + lo).reshape(r, c)
-
-def q4_0(w, g=32):  # llama.cpp Q4_0: d = signed absmax / -8, q = clamp(round(x/d) + 8, 0, 15)
-    r, c = w.shape
-    x = w.reshape(r, c // g, g)
-    idx = x.abs().argmax(-1, keepdim=True)
-    mx = x.gather(-1, idx)
-    dd = mx / -8
-    inv = torch.where(dd != 0, 1 / dd, torch.zeros_like(dd))
-    qq = torch.clamp(torch.trunc(x * inv + 8.5), 0, 15)
-    return ((qq - 8) * dd).reshape(r, c)
-
-def q8_0(w, g=32):
-    r, c = w.shape
-    x = w.reshape(r, c // g, g)
-    dd = x.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(x / dd.clamp_min(1e-30)) * dd).reshape(r, c)
+fp, q, dq = load_models()
+seq, P = load_seq()
+score = logit_scorer(fp, seq, P)
 
 def perrow4(w, clip=1.0):  # ours, independently: balanced grid s*(c-7.5), s = max|w|/7.5
     s = (clip * w.abs().amax(1, keepdim=True) / 7.5)

@@ -5,19 +5,14 @@ import numpy as np
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, "/work/main")
-import mmafm
-from mmafm.interop.smollm2 import load_smollm2
-from mmafm.compress import dequantized_copy, set_act_dtype
+from mmafm.compress import set_act_dtype
 from mmafm.compress import kmeans
 from mmafm.compress.palettize import fit_lut
 from mmafm.inference.plan import build_plan
-from pathlib import Path
+from common import load_models, load_seq
 
-cache = Path(os.environ.get("MMAFM_CACHE_DIR", Path.home() / ".cache" / "mmafm")) / "bench_compress"
-fp = load_smollm2().eval()
-q = mmafm.load_model(cache / "smollm2_lut4_emb4").eval()
-dq = dequantized_copy(q).eval()
-d = torch.load("scripts/experiments/smollm2_4bit_investigation/seq.pt"); seq, P = d["seq"], d["plen"]
+fp, q, dq = load_models()
+seq, P = load_seq()
 set_act_dtype(q, "float32")
 with torch.no_grad():
     ref = dq(seq)[0]

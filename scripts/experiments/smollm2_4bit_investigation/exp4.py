@@ -5,24 +5,9 @@ import numpy as np
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, "/work/main")
-sys.path.insert(0, "scripts/experiments/smollm2_4bit_investigation")
-import mmafm
-from mmafm.interop.smollm2 import load_smollm2
-from mmafm.compress import dequantized_copy
-from pathlib import Path
-cache = Path(os.environ.get("MMAFM_CACHE_DIR", Path.home() / ".cache" / "mmafm")) / "bench_compress"
-fp = load_smollm2().eval()
-q = mmafm.load_model(cache / "smollm2_lut4_emb4").eval()
-dq = dequantized_copy(q).eval()
-d = torch.load("scripts/experiments/smollm2_4bit_investigation/seq.pt"); seq, P = d["seq"], d["plen"]
-
-def q4_0(w, g=32):
-    r, c = w.shape
-    x = w.reshape(r, c // g, g)
-    mx = x.gather(-1, x.abs().argmax(-1, keepdim=True))
-    dd = mx / -8
-    inv = torch.where(dd != 0, 1 / dd, torch.zeros_like(dd))
-    return ((torch.clamp(torch.trunc(x * inv + 8.5), 0, 15) - 8) * dd).reshape(r, c)
+from common import load_models, load_seq, q4_0
+fp, q, dq = load_models()
+seq, P = load_seq()
 
 inputs = {}
 hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, a[0][0].detach()))

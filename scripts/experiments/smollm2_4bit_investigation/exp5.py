@@ -8,19 +8,11 @@ import mmafm
 from mmafm.interop.smollm2 import load_smollm2
 from mmafm.compress import kmeans
 from mmafm.compress.palettize import fit_lut, quantize_uniform
+from common import load_seq, logit_scorer
 kmeans.SUMMARY_BINS = 64
 fp = load_smollm2().eval()
-d = torch.load("scripts/experiments/smollm2_4bit_investigation/seq.pt"); seq, P = d["seq"], d["plen"]
-with torch.no_grad():
-    ref = fp(seq)[0]
-def score(m, name):
-    with torch.no_grad():
-        lg = m(seq)[0]
-    out = []
-    for sl in (slice(P - 1, seq.shape[1] - 1), slice(0, P - 1)):
-        a, b = lg[sl], ref[sl]
-        out += [float((a.argmax(-1) == b.argmax(-1)).float().mean()), float(((a - b).norm(dim=-1) / b.norm(dim=-1)).mean())]
-    print(f"{name:55s} reply top1 {out[0]:.3f} err {out[1]:.3f} | prompt top1 {out[2]:.3f} err {out[3]:.3f}", flush=True)
+seq, P = load_seq()
+score = logit_scorer(fp, seq, P)
 
 E = fp.embed.weight.data
 codes, scale = quantize_uniform(E, 4, None)

@@ -7,22 +7,12 @@ import mmafm
 from mmafm.interop.smollm2 import load_smollm2
 from mmafm.compress import kmeans, dequantized_copy
 from mmafm.compress.palettize import fit_lut
-from pathlib import Path
-cache = Path(os.environ.get("MMAFM_CACHE_DIR", Path.home() / ".cache" / "mmafm")) / "bench_compress"
+from common import CACHE as cache, load_seq, logit_scorer
 fp = load_smollm2().eval()
 q = mmafm.load_model(cache / "smollm2_lut4_emb4").eval()
 dq = dequantized_copy(q)
-d = torch.load("scripts/experiments/smollm2_4bit_investigation/seq.pt"); seq, P = d["seq"], d["plen"]
-with torch.no_grad():
-    ref = fp(seq)[0]
-def score(m, name):
-    with torch.no_grad():
-        lg = m(seq)[0]
-    out = []
-    for sl in (slice(P - 1, seq.shape[1] - 1), slice(0, P - 1)):
-        a, b = lg[sl], ref[sl]
-        out += [float((a.argmax(-1) == b.argmax(-1)).float().mean()), float(((a - b).norm(dim=-1) / b.norm(dim=-1)).mean())]
-    print(f"{name:55s} reply top1 {out[0]:.3f} err {out[1]:.3f} | prompt top1 {out[2]:.3f} err {out[3]:.3f}", flush=True)
+seq, P = load_seq()
+score = logit_scorer(fp, seq, P)
 # the group holding the largest |w| of one matrix, with its table
 pm = dict(q.named_modules()); W = dict(fp.named_modules())["layers.29.ffn.w_down"].weight.data
 r = int(W.abs().amax(1).argmax()); g = r // 16

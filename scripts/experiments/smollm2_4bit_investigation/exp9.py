@@ -4,43 +4,9 @@ import sys, os, copy
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, "/work/main")
-import mmafm
-import torch.nn.functional as F
 from mmafm.interop.smollm2 import load_smollm2, load_smollm2_tokenizer
-from mmafm.compress import dequantized_copy
-from pathlib import Path
-cache = Path(os.environ.get("MMAFM_CACHE_DIR", Path.home() / ".cache" / "mmafm")) / "bench_compress"
+from common import perplexity_printer, prose_ids, variant
 fp = load_smollm2().eval()
-dq = dequantized_copy(mmafm.load_model(cache / "smollm2_lut4_emb4").eval())
-tok = load_smollm2_tokenizer()
-text = open("/usr/share/common-licenses/GPL-3").read()[3000:12000]
-ids = torch.tensor([tok(text, add_special_tokens=False).input_ids[:1024]])
-def q4_0(w, g=32):
-    r, c = w.shape
-    x = w.reshape(r, c // g, g)
-    mx = x.gather(-1, x.abs().argmax(-1, keepdim=True)); dd = mx / -8
-    inv = torch.where(dd != 0, 1 / dd, torch.zeros_like(dd))
-    return ((torch.clamp(torch.trunc(x * inv + 8.5), 0, 15) - 8) * dd).reshape(r, c)
-def q8_0(w, g=32):
-    r, c = w.shape; x = w.reshape(r, c // g, g); dd = x.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(x / dd.clamp_min(1e-30)) * dd).reshape(r, c)
-with torch.no_grad():
-    ref = fp(ids)[0]
-def ev(m, name):
-    with torch.no_grad():
-        lg = m(ids)[0]
-    nll = F.cross_entropy(lg[:-1], ids[0, 1:])
-    print(f"{name:50s} ppl {float(nll.exp()):7.2f}  top1 vs float {float((lg.argmax(-1) == ref.argmax(-1)).float().mean()):.3f}  "
-          f"rel logit err {float(((lg - ref).norm(dim=-1) / ref.norm(dim=-1)).mean()):.3f}", flush=True)
-rs = torch.load("scripts/experiments/smollm2_4bit_investigation/rowscaled.pt")
-dm = dict(dq.named_modules())
-def variant(lin=None, emb=None):
-    m = copy.deepcopy(fp)
-    with torch.no_grad():
-        for n, mod in m.named_modules():
-            if isinstance(mod, torch.nn.Linear) and lin: mod.weight.copy_(lin(n, mod.weight))
-            if isinstance(mod, torch.nn.Embedding) and emb: mod.weight.copy_(emb(n, mod.weight))
-    return m
-ours_l = lambda n, w: dm[n].weight; ours_e = lambda n, w: dm[n].weight
+ev = perplexity_printer(fp, prose_ids(load_smollm2_tokenizer()))
 pr = torch.load("scripts/experiments/smollm2_4bit_investigation/perrow.pt")
-ev(variant(lin=lambda n, w: pr[n + ".weight"]), "LUT4 one table per row (4.44 bpw), linears only")
+ev(variant(fp, lin=lambda n, w: pr[n + ".weight"]), "LUT4 one table per row (4.44 bpw), linears only")
