@@ -30,8 +30,10 @@ from mmafm.stages.base import (
     StageDir,
     TrainStageConfig,
     check_resume,
+    check_tokenizer_vocab,
     config_differences,
     read_manifest,
+    require_inputs,
 )
 from mmafm.train.trainer import Trainer
 
@@ -152,6 +154,62 @@ def test_stage_path_fields_are_declared():
     assert kinds("01_clip_pretrain") == {"pairs_dir": "dir", "tokenizer": "file", "fashion_mnist": "dir"}
     config = make_config("01_clip_pretrain", {"out_dir": "/tmp/x", "tokenizer": "openclip"})  # a keyword, not a path
     assert config.tokenizer == "openclip"
+
+
+def test_require_inputs_names_the_first_empty_field_and_its_upstream_output():
+    config = RelToyConfig(init="", data="")
+    hints = {"init": "02's `checkpoint`", "data": "00_data's `data_dir`"}
+    with pytest.raises(ConfigError) as caught:  # checked in the mapping's order
+        require_inputs(config, "rel", hints)
+    assert str(caught.value) == "rel: init is empty; pass 02's `checkpoint`"
+    with pytest.raises(ConfigError) as caught:
+        require_inputs(RelToyConfig(init="ckpt", data=""), "rel", hints)
+    assert str(caught.value) == "rel: data is empty; pass 00_data's `data_dir`"
+    with pytest.raises(ConfigError) as caught:  # reversed order: the other field is named first
+        require_inputs(config, "rel", dict(reversed(hints.items())))
+    assert str(caught.value) == "rel: data is empty; pass 00_data's `data_dir`"
+    require_inputs(RelToyConfig(init="ckpt", data="dir"), "rel", hints)  # both given: no error
+
+
+@pytest.mark.parametrize("stage, empty, given, message", [
+    # the messages the stages raised before they shared require_inputs, copied verbatim
+    ("compression", "tokens_dir", {"checkpoint": "c"},
+     "11_compression: tokens_dir is empty; pass 02_text_pretrain's `checkpoint` and 00_data's `tokens_dir` "
+     "(configs/pipelines/tiny.yaml wires them)"),
+    ("rlhf", "reward_model", {"checkpoint": "c", "tokenizer": "t", "reward": "reward_model"},
+     "09_rlhf: reward_model is empty; pass 07_sft's `checkpoint`, 08_reward_model's `reward_model` and 00_data's "
+     "`tokenizer` (configs/pipelines/tiny.yaml wires them)"),
+    ("continued_pretrain", "data_dir", {"init_checkpoint": "c", "tokenizer": "t"},
+     "04_continued_pretrain: data_dir is empty; pass 00_data's `data_dir`"),
+    ("text_pretrain", "tokenizer", {"tokens_dir": "d"},
+     "02_text_pretrain: tokenizer is empty; pass the 00_data stage's `tokenizer` output"),
+])
+def test_stages_name_an_empty_upstream_input_as_before(stage, empty, given, message, tmp_path):
+    import importlib
+    import typing
+
+    module = importlib.import_module(f"mmafm.stages.{stage}")
+    config_cls = typing.get_type_hints(module.run)["cfg"]
+    config = config_cls(out_dir=str(tmp_path / "out"), **given, **{empty: ""})
+    with pytest.raises(ConfigError) as caught:
+        module.run(config)
+    assert str(caught.value) == message
+    assert not (tmp_path / "out").exists()  # refused before the stage folder is made
+
+
+def test_check_tokenizer_vocab_names_both_sizes():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=64))
+    check_tokenizer_vocab("s", model, SimpleNamespace(vocab_size=64), "tok.json", "the base")  # equal: no error
+    with pytest.raises(ConfigError) as caught:
+        check_tokenizer_vocab("s", model, SimpleNamespace(vocab_size=48), "tok.json", "the policy")
+    assert str(caught.value) == ("s: the policy has a 64-token vocabulary, tokenizer tok.json has 48; "
+                                 "pass the tokenizer it was trained with")
+    with pytest.raises(ConfigError) as caught:
+        check_tokenizer_vocab("s", model, SimpleNamespace(vocab_size=48), "tok.json", "the base", refer_as="the base")
+    assert str(caught.value) == ("s: the base has a 64-token vocabulary, tokenizer tok.json has 48; "
+                                 "pass the tokenizer the base was trained with")
 
 
 # ------------------------------------------------------------------ 2. resume only the same run

@@ -37,7 +37,7 @@ from torch import nn
 from mmafm.config import ConfigError, to_dict
 from mmafm.io import atomic_write_json
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.stages.base import StageDir, TrainStageConfig, check_tokenizer_vocab, require_inputs
 from mmafm.train.trainer import setting
 
 __all__ = ["AdapterStageConfig", "ChatTask", "ChatBatches", "encode_conversations", "parse_feature_steps", "score_feature", "run"]
@@ -336,19 +336,15 @@ def run(cfg: AdapterStageConfig) -> dict[str, str]:
     from mmafm.lora import attach_lora
     from mmafm.tokenizer import Tokenizer
 
-    for name in ("checkpoint", "tokenizer"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{STAGE}: {name} is empty; pass 02_text_pretrain's `checkpoint` and 00_data's "
-                              f"`tokenizer` (configs/pipelines/tiny.yaml wires them)")
+    require_inputs(cfg, STAGE, dict.fromkeys(("checkpoint", "tokenizer"), "02_text_pretrain's `checkpoint` and 00_data's "
+                                             "`tokenizer` (configs/pipelines/tiny.yaml wires them)"))
     if cfg.parallel != "none":
         raise ConfigError(f"{STAGE}: parallel={cfg.parallel!r}; adapters train in one process (parallel=none)")
     start = time.time()
     stage_dir = StageDir(cfg.out_dir, STAGE)
     tokenizer = Tokenizer.load(cfg.tokenizer)
     base = load_model(cfg.checkpoint, family="text")
-    if base.config.vocab_size != tokenizer.vocab_size:
-        raise ConfigError(f"{STAGE}: the base has a {base.config.vocab_size}-token vocabulary, tokenizer "
-                          f"{cfg.tokenizer} has {tokenizer.vocab_size}; pass the tokenizer the base was trained with")
+    check_tokenizer_vocab(STAGE, base, tokenizer, cfg.tokenizer, "the base", refer_as="the base")
     from mmafm.data.chat import FEATURES
 
     unknown = sorted(set(parse_feature_steps(cfg.feature_steps)) - set(FEATURES) - {cfg.chat_name})

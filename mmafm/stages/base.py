@@ -57,6 +57,8 @@ __all__ = [
     "CONFIG_FILE",
     "PATH_KINDS",
     "check_input_paths",
+    "require_inputs",
+    "check_tokenizer_vocab",
     "config_hash",
     "config_differences",
     "saved_config",
@@ -234,6 +236,51 @@ def check_input_paths(
     if problems:
         where = source or type(config).__name__
         raise ConfigError(f"{where}: missing input(s), nothing was run:\n  " + "\n  ".join(problems))
+
+
+def require_inputs(config: Any, stage: str, inputs: Mapping[str, str]) -> None:
+    """Refuse a config that leaves an input another stage hands over empty.
+
+    Stages run alone (a notebook, ``mmafm run``) get these fields from the user, so an empty one
+    is named with where its value comes from rather than failing later on a path ``""``.
+
+    Args:
+        config: a stage config dataclass.
+        stage: names the stage in the message.
+        inputs: ``{field: what to pass}``, checked in this order; the first empty field raises
+            ``"<stage>: <field> is empty; pass <what to pass>"``. Fields sharing one hint:
+            ``dict.fromkeys(("checkpoint", "tokenizer"), "07_sft's `checkpoint` and ...")``.
+
+    Raises:
+        ConfigError: naming the first empty field and the upstream output to pass.
+    """
+    for name, upstream in inputs.items():
+        if not getattr(config, name):
+            raise ConfigError(f"{stage}: {name} is empty; pass {upstream}")
+
+
+def check_tokenizer_vocab(stage: str, model: Any, tokenizer: Any, tokenizer_path: str, model_name: str,
+                          refer_as: str = "it") -> None:
+    """Refuse a tokenizer whose vocabulary size is not the loaded model's.
+
+    A mismatched pair would index embeddings with another tokenizer's ids: silently wrong text,
+    or an index error deep in training.
+
+    Args:
+        stage: names the stage in the message.
+        model: the loaded text model (its ``config.vocab_size`` is compared).
+        tokenizer: the loaded tokenizer (its ``vocab_size``).
+        tokenizer_path: the config's tokenizer path, named in the message.
+        model_name: what the model is to this stage (``"the base"``, ``"the policy"``).
+        refer_as: how the advice refers to the model: ``"pass the tokenizer <refer_as> was
+            trained with"``.
+
+    Raises:
+        ConfigError: naming both sizes and the tokenizer path.
+    """
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"{stage}: {model_name} has a {model.config.vocab_size}-token vocabulary, tokenizer "
+                          f"{tokenizer_path} has {tokenizer.vocab_size}; pass the tokenizer {refer_as} was trained with")
 
 
 # ------------------------------------------------------------------------------- resume

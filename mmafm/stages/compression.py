@@ -38,7 +38,7 @@ from torch import nn
 from mmafm.config import ConfigError
 from mmafm.io import atomic_write_text
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.stages.base import StageDir, TrainStageConfig, require_inputs
 from mmafm.train.trainer import setting
 
 __all__ = ["CompressionStageConfig", "SCHEME_NAMES", "describe_recovery", "gap_closed", "parse_scheme", "run"]
@@ -266,10 +266,8 @@ def run(cfg: CompressionStageConfig) -> dict[str, str]:
     from mmafm.compress.bits import matrix_bits
     from mmafm.lora import attach_lora
 
-    for name in ("checkpoint", "tokens_dir"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{STAGE}: {name} is empty; pass 02_text_pretrain's `checkpoint` and 00_data's "
-                              f"`tokens_dir` (configs/pipelines/tiny.yaml wires them)")
+    require_inputs(cfg, STAGE, dict.fromkeys(("checkpoint", "tokens_dir"), "02_text_pretrain's `checkpoint` and 00_data's "
+                                             "`tokens_dir` (configs/pipelines/tiny.yaml wires them)"))
     if cfg.parallel != "none":
         raise ConfigError(f"{STAGE}: parallel={cfg.parallel!r}; this stage trains in one process (parallel=none)")
     schemes = _schemes(cfg)

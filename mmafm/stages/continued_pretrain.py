@@ -36,7 +36,7 @@ from mmafm.config import ConfigError, to_dict
 from mmafm.eval.perplexity import held_out_perplexity
 from mmafm.io import atomic_write_json
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageDir, TrainStageConfig, read_manifest
+from mmafm.stages.base import StageDir, TrainStageConfig, read_manifest, require_inputs
 from mmafm.stages.text_pretrain import TEXT_FAMILIES, TextPretrainTask, held_out_batches
 from mmafm.train.trainer import setting
 from mmafm.train.vocab import extend_tokenizer, extend_vocabulary, tokens_per_byte
@@ -282,11 +282,8 @@ def run(cfg: ContinuedPretrainConfig) -> dict[str, str]:
     from mmafm.tokenizer import Tokenizer
     from mmafm.train import Trainer, seed_everything
 
-    for name in ("init_checkpoint", "tokenizer", "data_dir"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{STAGE}: {name} is empty; pass "
-                              + {"init_checkpoint": "02_text_pretrain's `checkpoint`", "tokenizer": "00_data's `tokenizer`",
-                                 "data_dir": "00_data's `data_dir`"}[name])
+    require_inputs(cfg, STAGE, {"init_checkpoint": "02_text_pretrain's `checkpoint`", "tokenizer": "00_data's `tokenizer`",
+                                "data_dir": "00_data's `data_dir`"})
     data_config, data_outputs = data_stage_record(cfg.data_dir)
     allowed = data_stage_sources(data_config)
     try:

@@ -38,7 +38,7 @@ from torch import nn
 
 from mmafm.config import ConfigError, to_dict
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.stages.base import StageDir, TrainStageConfig, require_inputs
 from mmafm.stages.text_pretrain import TextPretrainTask, held_out_batches
 from mmafm.train.trainer import setting
 
@@ -207,10 +207,9 @@ def run(cfg: PruneStageConfig) -> dict[str, str]:
     from mmafm.train.distill import DistillTask
     from mmafm.train.prune import attach_ffn_masks, ffn_importance, masked_ffns, materialize
 
-    for name in ("checkpoint", "tokens_dir", "tokenizer"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{STAGE}: {name} is empty; pass 02_text_pretrain's `checkpoint` and 00_data's "
-                              f"`tokens_dir` and `tokenizer` (configs/pipelines/tiny.yaml wires them)")
+    require_inputs(cfg, STAGE, dict.fromkeys(("checkpoint", "tokens_dir", "tokenizer"),
+                                             "02_text_pretrain's `checkpoint` and 00_data's `tokens_dir` and "
+                                             "`tokenizer` (configs/pipelines/tiny.yaml wires them)"))
     if cfg.parallel != "none":
         raise ConfigError(f"{STAGE}: parallel={cfg.parallel!r}; the tiny pruning stage runs in one process")
     if getattr(cfg, "optimizer", "adamw") != "adamw":

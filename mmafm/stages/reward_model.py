@@ -27,7 +27,7 @@ import torch
 from mmafm.config import ConfigError
 from mmafm.io import atomic_write_json
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.stages.base import StageDir, TrainStageConfig, check_tokenizer_vocab, require_inputs
 from mmafm.stages.sft import ALL_FAMILIES, _families
 from mmafm.train.trainer import setting
 
@@ -161,19 +161,15 @@ def run(cfg: RewardModelStageConfig) -> dict[str, str]:
     from mmafm.tokenizer import Tokenizer
     from mmafm.train import Trainer, seed_everything
 
-    for name in ("checkpoint", "tokenizer"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{STAGE}: {name} is empty; pass 07_sft's `checkpoint` and 00_data's `tokenizer` "
-                              f"(configs/pipelines/tiny.yaml wires them)")
+    require_inputs(cfg, STAGE, dict.fromkeys(("checkpoint", "tokenizer"), "07_sft's `checkpoint` and 00_data's `tokenizer` "
+                                             "(configs/pipelines/tiny.yaml wires them)"))
     families = _families(cfg.families)
     start = time.time()
     stage_dir = StageDir(cfg.out_dir, STAGE)
     tokenizer = Tokenizer.load(cfg.tokenizer)
     seed_everything(cfg.seed)
     trunk = load_model(cfg.checkpoint, family="text")
-    if trunk.config.vocab_size != tokenizer.vocab_size:
-        raise ConfigError(f"{STAGE}: the trunk has a {trunk.config.vocab_size}-token vocabulary, tokenizer "
-                          f"{cfg.tokenizer} has {tokenizer.vocab_size}; pass the tokenizer it was trained with")
+    check_tokenizer_vocab(STAGE, trunk, tokenizer, cfg.tokenizer, "the trunk")
     model = RewardModel(trunk, grade_hidden=cfg.grade_hidden or None)
 
     conversations = {f: family_conversations(f, cfg.eval_prompts_per_family + cfg.prompts_per_family, cfg.seed + 1)

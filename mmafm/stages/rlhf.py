@@ -34,7 +34,7 @@ import torch
 from mmafm.config import ConfigError
 from mmafm.io import atomic_write_json
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.stages.base import StageDir, TrainStageConfig, check_tokenizer_vocab, require_inputs
 from mmafm.stages.sft import ALL_FAMILIES, _families, pass_rates
 from mmafm.train.trainer import setting
 
@@ -184,10 +184,9 @@ def run(cfg: RlhfStageConfig) -> dict[str, str]:
     from mmafm.tokenizer import Tokenizer
     from mmafm.train import Trainer, seed_everything
 
-    for name in ("checkpoint", "tokenizer") + (("reward_model",) if cfg.reward == "reward_model" else ()):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{STAGE}: {name} is empty; pass 07_sft's `checkpoint`, 08_reward_model's "
-                              f"`reward_model` and 00_data's `tokenizer` (configs/pipelines/tiny.yaml wires them)")
+    inputs = ("checkpoint", "tokenizer") + (("reward_model",) if cfg.reward == "reward_model" else ())
+    require_inputs(cfg, STAGE, dict.fromkeys(inputs, "07_sft's `checkpoint`, 08_reward_model's `reward_model` and "
+                                             "00_data's `tokenizer` (configs/pipelines/tiny.yaml wires them)"))
     if cfg.parallel != "none":
         raise ConfigError(f"{STAGE}: parallel={cfg.parallel!r}; the RL loop runs in one process (parallel=none)")
     families = _families(cfg.families)
@@ -197,9 +196,7 @@ def run(cfg: RlhfStageConfig) -> dict[str, str]:
     seed_everything(cfg.seed)
     policy = load_model(cfg.checkpoint, family="text")
     reference = load_model(cfg.checkpoint, family="text").eval().requires_grad_(False)
-    if policy.config.vocab_size != tokenizer.vocab_size:
-        raise ConfigError(f"{STAGE}: the policy has a {policy.config.vocab_size}-token vocabulary, tokenizer "
-                          f"{cfg.tokenizer} has {tokenizer.vocab_size}; pass the tokenizer it was trained with")
+    check_tokenizer_vocab(STAGE, policy, tokenizer, cfg.tokenizer, "the policy")
     if cfg.reward == "reward_model":
         reward_fn = reward_function(load_reward_model(cfg.reward_model).requires_grad_(False), tokenizer)
     else:

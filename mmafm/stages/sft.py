@@ -37,7 +37,7 @@ import torch
 from mmafm.config import ConfigError
 from mmafm.io import atomic_write_json
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.stages.base import StageDir, TrainStageConfig, check_tokenizer_vocab, require_inputs
 from mmafm.train.trainer import setting
 
 __all__ = ["SftStageConfig", "SftTask", "sft_logits", "held_out_prompt_free", "pass_rates", "multimodal_sft", "scene_images", "visual_answers",
@@ -363,10 +363,8 @@ def run(cfg: SftStageConfig) -> dict[str, str]:
     from mmafm.tokenizer import Tokenizer
     from mmafm.train import Trainer, seed_everything
 
-    for name in ("checkpoint", "tokenizer"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{STAGE}: {name} is empty; pass a pretrained text model's `checkpoint` (05 or 02) and 00_data's "
-                              f"`tokenizer` (configs/pipelines/tiny.yaml wires them)")
+    require_inputs(cfg, STAGE, dict.fromkeys(("checkpoint", "tokenizer"), "a pretrained text model's `checkpoint` (05 or 02) "
+                                             "and 00_data's `tokenizer` (configs/pipelines/tiny.yaml wires them)"))
     if cfg.multimodal and not cfg.mm_checkpoint:
         raise ConfigError(f"{STAGE}: multimodal=true needs mm_checkpoint: 06_multimodal_adaptation's (or 03's) "
                           f"`checkpoint`")
@@ -375,9 +373,7 @@ def run(cfg: SftStageConfig) -> dict[str, str]:
     stage_dir = StageDir(cfg.out_dir, STAGE)
     tokenizer = Tokenizer.load(cfg.tokenizer)
     model = load_model(cfg.checkpoint, family="text", overrides={"dropout": cfg.dropout})
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise ConfigError(f"{STAGE}: the base has a {model.config.vocab_size}-token vocabulary, tokenizer "
-                          f"{cfg.tokenizer} has {tokenizer.vocab_size}; pass the tokenizer the base was trained with")
+    check_tokenizer_vocab(STAGE, model, tokenizer, cfg.tokenizer, "the base", refer_as="the base")
 
     train, held_out, counts = [], {}, {}
     for family in families:

@@ -43,7 +43,7 @@ from mmafm.eval.perplexity import held_out_perplexity, perplexity
 from mmafm.io import atomic_write_json
 from mmafm.registry import create_model, get_config, list_models, model_family
 from mmafm.stages import register_stage
-from mmafm.stages.base import StageDir, TrainStageConfig
+from mmafm.stages.base import StageDir, TrainStageConfig, require_inputs
 from mmafm.train.trainer import setting
 
 __all__ = [
@@ -303,9 +303,7 @@ def run(cfg: TextPretrainConfig) -> dict[str, str]:
     from mmafm.train import seed_everything
     from mmafm.train.distill import distill_training_kwargs
 
-    for name in ("tokens_dir", "tokenizer"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"{STAGE}: {name} is empty; pass the 00_data stage's `{name}` output")
+    require_inputs(cfg, STAGE, {name: f"the 00_data stage's `{name}` output" for name in ("tokens_dir", "tokenizer")})
     _check_preset(cfg.preset)
     _check_parallel(cfg)
     if cfg.distill_from and cfg.parallel == "track":
