@@ -5,6 +5,9 @@
     .venv/bin/python benchmarks/bench_guided.py --parts schema        # only the schema slowdown
     .venv/bin/python benchmarks/bench_guided.py --parts speculative --draft-run runs/drafts/13_train_draft_lora_dev \
         --json benchmarks/results/guided_speculative_1thread.json    # speculative rows, trained pair at k = 1, 2, 3
+    .venv/bin/python benchmarks/bench_guided.py --parts speculative --no-smollm2 --no-hf \
+        --trained-pair runs/drafts/spec_pair_13M --json benchmarks/results/guided_speculative_trained.json
+        # + the ~13M trained target and its distilled draft (built on first use: ~25 min of 1 CPU)
 
 Measured in one run, medians over ``--repeats``, the variants interleaved (background load hits
 them alike):
@@ -25,7 +28,9 @@ them alike):
   rounds, by wall clock and by CPU time) and its acceptance rate, for two random tiny targets with
   their first layer as the draft (2.7M parameters, cache-resident; 25M, streamed from memory),
   for a finished ``13_train_draft`` run's target and distilled draft (``--draft-run``, at each k
-  of ``--draft-ks``), and for
+  of ``--draft-ks``), for a ~13M-parameter target trained briefly here and its distilled 1-layer
+  draft (``--trained-pair``, :func:`build_trained_pair`: a target whose decode step streams its
+  weights from memory, as the 2025 framework's target does, and a draft a tenth of its size), and for
   SmolLM2-135M-Instruct with a fitted-exit draft of its first ``--smollm2-draft-layers`` layers
   (:func:`mmafm.train.draft.smollm2_draft`, cached in ``runs/drafts``; float32, and cast to
   bfloat16, which halves what a draft step reads); against transformers' assisted generation
@@ -45,6 +50,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -294,6 +300,81 @@ def tiny_pipeline_pair(run_dir: Path) -> tuple:
     return target, draft, held_out_prompts(config["tokens_dir"], 4, config["prompt_len"])
 
 
+# the trained pair's target: deep and narrow, so a 1-layer draft (its embedding, head and first layer)
+# is about a tenth of it, and a decode step streams its weights from memory (the regime the 2025
+# framework's draft serves) [open: a shape for a CPU-minutes pair, not the report's]
+PAIR_TARGET = dict(dim=256, n_layers=16, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=768)
+
+
+def build_trained_pair(out_dir: Path, data_dir: Path, target_steps: str, draft_steps: int,
+                       generation_prompts: int = 1024) -> Path:
+    """Train a ~13M-parameter target briefly and distil a 1-layer draft from it; returns the
+    ``13_train_draft`` folder that :func:`tiny_pipeline_pair` loads (kept: a second call reuses it).
+
+    1. the target (``afm_2024_device_tiny`` with :data:`PAIR_TARGET`, the data's vocabulary):
+       steps of 8 x 128 tokens of ``data_dir``'s tokens with the ``02_text_pretrain`` task and
+       trainer (:func:`mmafm.stages.text_pretrain.train_text_model`; warm-up 20, cosine), saved to
+       ``out_dir/target``. ``target_steps`` "150+200+300": 150 AdamW steps (lr 3e-3), then 200 and
+       300 more, each from the weights before with a new schedule and the stage's own optimizer
+       (AdaStar + mu-param, lr 1e-2; AdamW had left the loss near the unigram entropy, 6.37); a
+       target trained in fewer of the phases is extended;
+    2. the draft: the ``13_train_draft`` stage on it (its first layer, distilled for ``draft_steps``
+       steps on the target's own greedy continuations of ``generation_prompts`` train-split prompts,
+       ``distill_data: generations``) into ``out_dir/13_train_draft``.
+    """
+    from mmafm.checkpoint import save_model
+    from mmafm.stages.base import StageDir, read_manifest
+    from mmafm.stages.text_pretrain import TextPretrainConfig, train_text_model
+    from mmafm.stages.train_draft import TrainDraftConfig
+    from mmafm.stages.train_draft import run as train_draft
+
+    draft_dir = out_dir / "13_train_draft"
+    if (draft_dir / "manifest.json").exists() and read_manifest(draft_dir).get("status") == "complete":
+        config = read_manifest(draft_dir)["config"]
+        trained = json.loads((out_dir / "target.json").read_text()).get("phases")
+        if trained != [int(part) for part in str(target_steps).split("+")]:
+            raise ValueError(f"{draft_dir} drafts for a target trained in phases {trained}, not {target_steps}; "
+                             "remove it to rebuild")
+        if (config["max_steps"], config["generation_prompts"]) != (draft_steps, generation_prompts):
+            raise ValueError(f"{draft_dir} holds a draft of {config['max_steps']} steps on "
+                             f"{config['generation_prompts']} prompts, not {draft_steps} on {generation_prompts}; "
+                             "remove it to rebuild")
+        return draft_dir
+    tokens_dir, tokenizer = data_dir / "tokens", data_dir / "tokenizer" / "tokenizer.model"
+    target_path = out_dir / "target"
+    phases = [int(part) for part in str(target_steps).split("+")]  # "150+250": a second run from the first's weights
+    record = target_path.with_suffix(".json")
+    done = json.loads(record.read_text()).get("phases", []) if record.exists() else []
+    if done != phases[: len(done)]:
+        raise ValueError(f"{target_path}: trained in phases {done}, asked for {phases}; remove {out_dir} to rebuild")
+    for index in range(len(done), len(phases)):
+        start = time.time()
+        cfg = TextPretrainConfig(out_dir=str(out_dir / f"02_text_pretrain_{index}"), tokens_dir=str(tokens_dir),
+                                 tokenizer=str(tokenizer), seq_len=128, batch_size=8, max_steps=phases[index],
+                                 **(dict(optimizer="adamw", lr=3e-3, weight_decay=0.1) if index == 0 else
+                                    dict(optimizer="afm", lr=1e-2, weight_decay=3.16e-4)),
+                                 warmup_steps=20, eval_every=0, ckpt_every=0, log_every=10, seed=index,
+                                 init_checkpoint=str(target_path.with_suffix(".safetensors")) if index else "")
+        if index:
+            target = mmafm.load_model(cfg.init_checkpoint, dtype=torch.float32)
+        else:
+            vocab = json.loads((tokens_dir / "meta.json").read_text())["vocab_size"]
+            torch.manual_seed(cfg.seed)
+            target = mmafm.create_model("afm_2024_device_tiny", vocab_size=vocab, **PAIR_TARGET)
+        _, records = train_text_model(cfg, target, StageDir(cfg.out_dir, "02_text_pretrain"))
+        val = [r["eval/val_loss"] for r in records if "eval/val_loss" in r]
+        save_model(target_path, target.eval(), {"phases": phases[: index + 1], "tokens_dir": str(tokens_dir),
+                                                "val_loss": val[-1] if val else None,
+                                                "seconds": round(time.time() - start, 1)})
+        shutil.rmtree(Path(cfg.out_dir) / "checkpoints")  # the trainer's resumable state: 200 MB, not needed now
+    train_draft(TrainDraftConfig(out_dir=str(draft_dir), checkpoint=str(target_path.with_suffix(".safetensors")),
+                                 tokens_dir=str(tokens_dir), tokenizer=str(tokenizer), draft_layers=1,
+                                 distill_data="generations", generation_prompts=generation_prompts,
+                                 max_steps=draft_steps, ks="1,2,3,4", k=3,
+                                 timing_repeats=1, eval_prompts=4))
+    return draft_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -308,6 +389,16 @@ def main() -> None:
                         help="a finished 13_train_draft folder: its target and distilled draft are timed too, at "
                              "every k of --draft-ks")
     parser.add_argument("--draft-ks", default="1,2,3", help="proposals per round timed for --draft-run")
+    parser.add_argument("--trained-pair", type=Path, default=None,
+                        help="a folder for the trained ~13M target + 1-layer distilled draft (build_trained_pair: "
+                             "built there on first use, minutes of CPU; then loaded), timed at every k of --pair-ks")
+    parser.add_argument("--pair-data", type=Path, default=Path("runs/lora_dev/00_data"),
+                        help="the 00_data folder the trained pair learns from (tokens/, tokenizer/)")
+    parser.add_argument("--pair-target-steps", default="150+200+300", help="the target's training phases (build_trained_pair)")
+    parser.add_argument("--pair-draft-steps", type=int, default=500, help="the draft's distillation steps")
+    parser.add_argument("--pair-generation-prompts", type=int, default=1024,
+                        help="prompts the target continues for the draft's distillation data")
+    parser.add_argument("--pair-ks", default="1,2,3", help="proposals per round timed for --trained-pair")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation (slow)")
     parser.add_argument("--smollm2-draft-layers", type=int, default=6,
                         help="layers of SmolLM2's fitted-exit draft (mmafm.train.draft.smollm2_draft, cached in runs/drafts)")
@@ -356,6 +447,23 @@ def main() -> None:
                                             not args.no_hf and k == args.k)
                 print(f"speculative_tiny_pipeline k={k}", json.dumps(rows[f"k{k}"], indent=1), flush=True)
             results["speculative_tiny_pipeline"] = {"run": str(args.draft_run), **rows}
+        if args.trained_pair is not None:  # a trained target that streams its weights, and its distilled draft
+            run_dir = build_trained_pair(args.trained_pair, args.pair_data, args.pair_target_steps,
+                                         args.pair_draft_steps, args.pair_generation_prompts)
+            target, draft, pair_prompts = tiny_pipeline_pair(run_dir)
+            summary = json.loads((run_dir / "manifest.json").read_text())["summary"]
+            record = json.loads(args.trained_pair.joinpath("target.json").read_text())
+            rows = {"run": str(run_dir), "target_phases": record.get("phases"),
+                    "target_val_loss": record.get("val_loss"),
+                    "draft_acceptance_by_k": {k: v for k, v in summary.items() if k.startswith("acceptance_k")},
+                    "how": "target: afm_2024_device_tiny with PAIR_TARGET, trained briefly on --pair-data "
+                           "(build_trained_pair); draft: its first layer, distilled by 13_train_draft on the "
+                           "target's greedy continuations"}
+            for k in sorted({int(part) for part in args.pair_ks.split(",")}):
+                rows[f"k{k}"] = speculative(target, draft, pair_prompts, 48, k, args.repeats,
+                                            not args.no_hf and k == args.k)
+                print(f"speculative_trained_pair k={k}", json.dumps(rows[f"k{k}"], indent=1), flush=True)
+            results["speculative_trained_pair"] = rows
         torch.set_num_threads(args.threads)
 
     if not args.no_smollm2:

@@ -198,6 +198,48 @@ def test_verify_chunk_is_bit_identical_to_steps():
     torch.testing.assert_close(got, reference[:, -new.shape[1]:].float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 7, 8])
+def test_chunk_of_every_width_is_bit_identical_to_steps(width):
+    """Every verification width the GEMV blocks differently (1-3 rows, 4, 4 + 1..4) gives the bits of
+    single steps, with weights of more rows than the prefetch distance and widths off the 16 lanes."""
+    from mmafm.inference import build_plan, prefill
+
+    model = _model(4, vocab_size=260, dim=40, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=20, ffn_dim=72)
+    new = torch.arange(1, width + 1)[None]  # (1, T)
+    with torch.no_grad():
+        stepped, chunked = model.new_cache(1, 16), model.new_cache(1, 16)
+        for cache in (stepped, chunked):
+            prefill(model, cache, torch.tensor([[9, 8, 7]]))
+        plan_steps, plan_chunk = build_plan(model, stepped), build_plan(model, chunked)
+        want = torch.stack([plan_steps.step(new[:, t]) for t in range(width)], dim=1)  # (1, T, V)
+        got = plan_chunk.chunk(new)
+    assert torch.equal(got, want)
+
+
+def test_gemv_rows_do_not_depend_on_the_batch():
+    """The GEMV under the decode step and the verification chunk: each input row gets the same bits
+    alone or in a batch of up to 8 (float32 and bfloat16 weights, output and input sizes off its
+    4-row blocks and 16 lanes), and float32 math within rounding."""
+    from mmafm.inference import kernels as native
+
+    if not native.kernels_available():
+        pytest.skip(f"native kernel unavailable: {native.kernels_unavailable_reason()}")
+    library = native.kernels()
+    torch.manual_seed(0)
+    for out, inp in [(7, 37), (45, 100), (130, 64)]:
+        x = torch.randn(8, inp)
+        for weight in (torch.randn(out, inp), torch.randn(out, inp).to(torch.bfloat16)):
+            gemv = library.gemv3_bf16 if weight.dtype == torch.bfloat16 else library.gemv3_f32
+            alone = torch.empty(8, out)
+            for row in range(8):
+                gemv(x[row].data_ptr(), weight.data_ptr(), None, None, alone[row].data_ptr(), 1, out, 0, 0, inp, 1)
+            for batch in range(2, 9):
+                y = torch.empty(batch, out)
+                gemv(x.data_ptr(), weight.data_ptr(), None, None, y.data_ptr(), batch, out, 0, 0, inp, 1)
+                assert torch.equal(y, alone[:batch]), (out, inp, weight.dtype, batch)
+            torch.testing.assert_close(alone, x @ weight.float().T, rtol=1e-5, atol=1e-4)
+
+
 def generate_left_pad(prompts):
     from mmafm.inference import left_pad
 

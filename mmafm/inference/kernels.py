@@ -126,8 +126,8 @@ LORA_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 class LoRAMatrix(ctypes.Structure):
     """One projection's adapters for a mixed-adapter :class:`DecodeStep` (mirrors
-    ``mmafm_lora_matrix_t``): float32 ``A`` (S, r, in), ``B`` (S, out, r), ``scale`` (S,); A = NULL:
-    not adapted."""
+    ``mmafm_lora_matrix_t``): float32 ``A`` (S, r, in), ``B`` transposed (S, r, out), ``scale``
+    (S,); A = NULL: not adapted."""
 
     _fields_ = [("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("rank", ctypes.c_long)]
 
@@ -701,8 +701,10 @@ def lora_layer(
     """One layer's adapters for a mixed-adapter :class:`DecodeStep`: for each name of
     :data:`LORA_PROJECTIONS` in ``factors``, ``A`` (slots, r, in), ``B`` (slots, out, r) and
     ``scale`` (slots,) as :class:`~mmafm.layers.lora.LoRALinear` holds them (any float dtype:
-    the kernel reads float32, so bfloat16 factors are copied, exactly; float32 ones are read in
-    place, so a slot rewritten later is seen). Projections not in ``factors`` have no adapter.
+    the kernel reads float32, so bfloat16 factors are copied, exactly; float32 ``A`` and ``scale``
+    are read in place; ``B`` is copied transposed, (slots, r, out), for the kernel's vector sums,
+    so a step sees ``B`` as it was when built: a plan per decode call, as :func:`build_plan`
+    makes them). Projections not in ``factors`` have no adapter.
     Returns ``(LoRALayer, tensors to keep alive)``, or None where the kernel cannot take them
     (a shape, a device, a rank over 256)."""
     matrices, kept = [LoRAMatrix() for _ in LORA_PROJECTIONS], []
@@ -716,6 +718,7 @@ def lora_layer(
                 and lora_A.shape == (slots, rank, in_features) and lora_B.shape == (slots, out, rank)
                 and scale.shape == (slots,)):
             return None
+        lora_B = lora_B.transpose(1, 2).contiguous()  # (slots, r, out): csrc/lora.c's lora_up
         matrices[LORA_PROJECTIONS.index(name)] = LoRAMatrix(lora_A.data_ptr(), lora_B.data_ptr(), scale.data_ptr(),
                                                             rank)
         kept += [lora_A, lora_B, scale]

@@ -90,8 +90,9 @@ int mmafm_decode_chunk_bf16(
 
 /* LoRA adapters of a whole decode step (csrc/lora.c; mirrored by LoRAMatrix / LoRALayer / _LoRAStep
    in kernels.py): one adapted projection's factors for all `slots` adapters, float32, stacked as
-   mmafm.layers.lora.LoRALinear holds them: A (slots, rank, in), B (slots, out, rank), scale
-   (slots,); A = NULL: the projection has no adapter. */
+   mmafm.layers.lora.LoRALinear holds them: A (slots, rank, in), scale (slots,), and B transposed:
+   (slots, rank, out), LoRALinear's (slots, out, rank) with its last two dimensions swapped;
+   A = NULL: the projection has no adapter. */
 typedef struct {
   const float *A, *B, *scale;
   long rank;

@@ -5,58 +5,61 @@
      STORAGE_SUFFIX                 f32 or bf16: NAME(mmafm_gemv3) is mmafm_gemv3_<suffix>
    Activations and sums are float32 in every variant. No include guard: included twice. */
 
+#ifndef GEMV_PREFETCH_ROWS
+/* weight rows ahead that the first input block of a GEMV prefetches into L2 (locality 1: into L1
+   it was slower) [measured, 1 thread, 200 MB of 1536 x 512 weights out of cache, time against one
+   row (a decode step): 4 rows 1.04-1.18x with 16 rows ahead, 1.6-2.0x without or into L1; 12 and
+   16 rows about as good; a single row (the step itself) unchanged, so it prefetches nothing] */
+#define GEMV_PREFETCH_ROWS 16
+#endif
+
+/* y[b * ystride] = sum_i x[b * in + i] * wr[i] for the nb (1..4, a constant after inlining) input
+   rows of x: one weight row, each element loaded once for all nb rows, nb independent sums in
+   flight (a one-row dot product waits on its FMA latency). 16 float32 accumulators per dot product
+   (one AVX-512 register, or two AVX2 ones), summed in order, then the tail: the same arithmetic for
+   every nb, so results do not depend on the batch. ahead: NULL, or the weights to prefetch (the row
+   GEMV_PREFETCH_ROWS on) while this one is computed, so a few tokens (a speculative verification
+   chunk) cost about what one does when the weights stream from memory. */
+static inline __attribute__((always_inline)) void NAME(dot_rows)(
+    const float* restrict x, const WEIGHT_T* restrict wr, const WEIGHT_T* ahead, float* restrict y, long in,
+    long ystride, const int nb) {
+  float a[4][16] = {{0}};
+  long i = 0;
+  for (; i + 16 <= in; i += 16) {
+    if (ahead) __builtin_prefetch(ahead + i, 0, 1);
+    for (int j = 0; j < 16; ++j) {
+      const float wv = LOAD_W(wr[i + j]);
+      for (int b = 0; b < nb; ++b) a[b][j] += wv * x[b * in + i + j];
+    }
+  }
+  for (int b = 0; b < nb; ++b) {
+    float s = 0.0f;
+    for (int j = 0; j < 16; ++j) s += a[b][j];
+    for (long t = i; t < in; ++t) s += LOAD_W(wr[t]) * x[b * in + t];
+    y[b * ystride] = s;
+  }
+}
+
 /* y[b, o] = sum_i x[b, i] * w[o, i] for b < batch (few rows), written with row stride ystride:
-   every weight row is read once and used for all input rows while it sits in L1; 16 float32
-   accumulators per dot product (one AVX-512 register, or two AVX2 ones, once vectorised). */
+   weight rows in blocks of 4, each block used for all input rows (4 at a time, NAME(dot_rows))
+   while it sits in L1; the first input block (nb >= 2) prefetches the rows ahead */
 static void NAME(gemv)(const float* restrict x, const WEIGHT_T* restrict w, float* restrict y,
                      long batch, long out, long in, long ystride) {
   for (long o0 = 0; o0 < out; o0 += 4) {
     const long rows = out - o0 < 4 ? out - o0 : 4;
-    long b = 0;
-    /* 4 input rows at a time: each weight element loaded once for the 4, and 4 independent sums in
-       flight (a one-row dot product waits on its FMA latency); every (row, output) sum keeps the
-       order of the one-row loop below, so results do not depend on the batch */
-    for (; b + 4 <= batch; b += 4) {
-      const float* x0 = x + b * in;
-      const float* x1 = x0 + in;
-      const float* x2 = x1 + in;
-      const float* x3 = x2 + in;
-      for (long r = 0; r < rows; ++r) {
-        const WEIGHT_T* wr = w + (o0 + r) * in;
-        float a0[16] = {0}, a1[16] = {0}, a2[16] = {0}, a3[16] = {0};
-        long i = 0;
-        for (; i + 16 <= in; i += 16)
-          for (int j = 0; j < 16; ++j) {
-            const float wv = LOAD_W(wr[i + j]);
-            a0[j] += wv * x0[i + j];
-            a1[j] += wv * x1[i + j];
-            a2[j] += wv * x2[i + j];
-            a3[j] += wv * x3[i + j];
-          }
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-        for (int j = 0; j < 16; ++j) { s0 += a0[j]; s1 += a1[j]; s2 += a2[j]; s3 += a3[j]; }
-        for (; i < in; ++i) {
-          const float wv = LOAD_W(wr[i]);
-          s0 += wv * x0[i]; s1 += wv * x1[i]; s2 += wv * x2[i]; s3 += wv * x3[i];
-        }
-        y[b * ystride + o0 + r] = s0;
-        y[(b + 1) * ystride + o0 + r] = s1;
-        y[(b + 2) * ystride + o0 + r] = s2;
-        y[(b + 3) * ystride + o0 + r] = s3;
-      }
-    }
-    for (; b < batch; ++b) {
+    for (long b = 0; b < batch; b += 4) {
       const float* xb = x + b * in;
+      float* yb = y + b * ystride + o0;
+      const long nb = batch - b < 4 ? batch - b : 4;
       for (long r = 0; r < rows; ++r) {
         const WEIGHT_T* wr = w + (o0 + r) * in;
-        float acc[16] = {0};
-        long i = 0;
-        for (; i + 16 <= in; i += 16)
-          for (int j = 0; j < 16; ++j) acc[j] += LOAD_W(wr[i + j]) * xb[i + j];
-        float s = 0.0f;
-        for (int j = 0; j < 16; ++j) s += acc[j];
-        for (; i < in; ++i) s += LOAD_W(wr[i]) * xb[i];
-        y[b * ystride + o0 + r] = s;
+        const WEIGHT_T* ahead = b == 0 && o0 + r + GEMV_PREFETCH_ROWS < out ? wr + GEMV_PREFETCH_ROWS * in : NULL;
+        switch (nb) {  /* a constant nb per call: each its own unrolled loop */
+          case 1: NAME(dot_rows)(xb, wr, NULL, yb + r, in, ystride, 1); break;  /* NULL: no test in its loop */
+          case 2: NAME(dot_rows)(xb, wr, ahead, yb + r, in, ystride, 2); break;
+          case 3: NAME(dot_rows)(xb, wr, ahead, yb + r, in, ystride, 3); break;
+          default: NAME(dot_rows)(xb, wr, ahead, yb + r, in, ystride, 4); break;
+        }
       }
     }
   }

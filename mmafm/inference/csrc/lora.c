@@ -3,11 +3,12 @@
 
        y[r] += scale[s] * B_s (A_s x[r])      A_s (rank, in), B_s (out, rank), all slots stacked
 
-   and a row with slot -1 adds nothing. Included once by kernels.c before the storage variants of
+   and a row with slot -1 adds nothing (the step holds B transposed, Bt_s (rank, out), so the up
+   projection sums 16 outputs per vector instruction). Included once by kernels.c before the storage variants of
    kernels.h, whose attention and SwiGLU halves call lora_add after each base GEMV when the step
    carries adapters (mmafm_lora_decode_step_*); without them that code is not reached, so the
    plain step is unchanged. The factors are float32 in every variant (a bfloat16 model's are
-   converted once when the step is built: exact, and a few MB). */
+   converted once when the step is built: exact, and a few MB; B is transposed then, a copy). */
 
 #define LORA_MAX_RANK 256 /* the largest slot rank a step takes (the reports use 16 and 32) */
 
@@ -19,16 +20,22 @@ typedef struct {
   float* low;                   /* (batch, LORA_MAX_RANK) scratch: scale * A_s x[r] */
 } lora_step_t;
 
-/* the 16-lane dot product of the GEMV (vectorises without -ffast-math) */
-static float lora_dot(const float* restrict a, const float* restrict b, long n) {
-  float acc[16] = {0};
+/* out[k] = a_k . b for the na (1..4, a constant after inlining) rows a_k = a + k * n: the 16-lane
+   dot product of the GEMV (vectorises without -ffast-math), na of them in flight at once (one
+   alone waits on its FMA latency); each summed in the same order whatever na */
+static inline __attribute__((always_inline)) void lora_dots(const float* restrict a, const float* restrict b,
+                                                            long n, const int na, float* restrict out) {
+  float acc[4][16] = {{0}};
   long i = 0;
   for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0.0f;
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+    for (int j = 0; j < 16; ++j)
+      for (int k = 0; k < na; ++k) acc[k][j] += a[k * n + i + j] * b[i + j];
+  for (int k = 0; k < na; ++k) {
+    float s = 0.0f;
+    for (int j = 0; j < 16; ++j) s += acc[k][j];
+    for (long t = i; t < n; ++t) s += a[k * n + t] * b[t];
+    out[k] = s;
+  }
 }
 
 /* one lora_add for the pool: the matrix, its input and output rows */
@@ -41,31 +48,62 @@ typedef struct {
 } lora_job_t;
 
 /* the down projections, items (slot s, rank j) in [begin, end): low[r, j] = scale[s] A_s[j] . x[r]
-   for the rows r of slot s, so each row of A_s is read once for all its rows */
+   for the rows r of slot s, so each row of A_s is read once for all its rows; up to 4 rows of A_s
+   (consecutive items of one slot) at a time */
 static void lora_down(void* ctx, long begin, long end) {
   const lora_job_t* job = ctx;
   const lora_step_t* L = job->L;
-  const long rank = job->m->rank;
-  for (long item = begin; item < end; ++item) {
+  const long rank = job->m->rank, in = job->in;
+  for (long item = begin; item < end;) {
     const long s = item / rank, j = item % rank;
-    const float* a = job->m->A + (s * rank + j) * job->in;
-    for (long r = 0; r < job->batch; ++r)
-      if (L->row_slot[r] == s)
-        L->low[r * rank + j] = job->m->scale[s] * lora_dot(a, job->x + r * job->xstride, job->in);
+    long na = end - item < 4 ? end - item : 4;
+    if (na > rank - j) na = rank - j; /* within slot s */
+    const float* a = job->m->A + (s * rank + j) * in;
+    for (long r = 0; r < job->batch; ++r) {
+      if (L->row_slot[r] != s) continue;
+      float dots[4];
+      const float* x = job->x + r * job->xstride;
+      switch (na) {
+        case 1: lora_dots(a, x, in, 1, dots); break;
+        case 2: lora_dots(a, x, in, 2, dots); break;
+        case 3: lora_dots(a, x, in, 3, dots); break;
+        default: lora_dots(a, x, in, 4, dots); break;
+      }
+      for (long k = 0; k < na; ++k) L->low[r * rank + j + k] = job->m->scale[s] * dots[k];
+    }
+    item += na;
   }
 }
 
-/* the up projections, outputs o in [begin, end): y[r, o] += B_s[o] . low[r] for each adapted row */
+#define LORA_UP_BLOCK 64 /* outputs per block of lora_up: four 16-lane vectors of sums */
+
+/* the up projections, outputs o in [begin, end): y[r, o] += B_s[o] . low[r] for each adapted row,
+   with B held transposed, Bt_s (rank, out): per row and block of outputs, the sums over j = 0 ..
+   rank - 1 in order, each a multiple of one contiguous row of Bt_s, so 16 outputs share each
+   vector instruction (a dot product of length rank per output would spend most of its time
+   reducing its lanes). Each (row, output) sum has one fixed order whatever the block or thread. */
 static void lora_up(void* ctx, long begin, long end) {
   const lora_job_t* job = ctx;
   const lora_step_t* L = job->L;
   const long rank = job->m->rank;
-  for (long o = begin; o < end; ++o)
-    for (long r = 0; r < job->batch; ++r) {
-      const long s = L->row_slot[r];
-      if (s >= 0)
-        job->y[r * job->ystride + o] += lora_dot(job->m->B + (s * job->out + o) * rank, L->low + r * rank, rank);
+  for (long r = 0; r < job->batch; ++r) {
+    const long s = L->row_slot[r];
+    if (s < 0) continue;
+    const float* low = L->low + r * rank;
+    const float* bt = job->m->B + s * rank * job->out; /* (rank, out) */
+    float* y = job->y + r * job->ystride;
+    for (long o0 = begin; o0 < end; o0 += LORA_UP_BLOCK) {
+      const long n = end - o0 < LORA_UP_BLOCK ? end - o0 : LORA_UP_BLOCK;
+      float acc[LORA_UP_BLOCK] = {0};
+      if (n == LORA_UP_BLOCK)
+        for (long j = 0; j < rank; ++j)
+          for (int k = 0; k < LORA_UP_BLOCK; ++k) acc[k] += low[j] * bt[j * job->out + o0 + k];
+      else
+        for (long j = 0; j < rank; ++j)
+          for (long k = 0; k < n; ++k) acc[k] += low[j] * bt[j * job->out + o0 + k];
+      for (long k = 0; k < n; ++k) y[o0 + k] += acc[k];
     }
+  }
 }
 
 /* y[r, :out] += scale[s] * B_s (A_s x[r, :in]) for rows r < batch with s = row_slot[r] >= 0
