@@ -20,7 +20,12 @@ At tiny scale, on the shared trainer:
    optionally repeated-span rows that teach copying (``copy_examples``, :func:`copy_rows`); with
    ``curriculum_steps``, those steps come first and use short rows only (``curriculum_len``: copy
    rows, short task examples, document windows; :func:`curriculum_pool`), the LR flat through
-   them (:func:`curriculum_schedule`), because copying forms in steps, not tokens;
+   them (:func:`curriculum_schedule`), because copying forms in steps, not tokens; with
+   ``curriculum_stages`` > 1 the rows double in length from stage to stage (:func:`curriculum_plan`),
+   so they reach ``target_len`` in steps: one jump from 64 to 512 tokens undid the curriculum; the
+   curriculum's document windows follow ``mixture`` (:func:`mixture_document_rows`), and with
+   ``curriculum_long_share`` some of its steps are plain long rows (:func:`curriculum_long_step`),
+   both to keep the held-out perplexity near the no-curriculum run's (docs/training.md);
 3. before and after, the RULER-like ladder (:mod:`mmafm.eval.long_context`): greedy exact match
    of every task at every length of ``ladder`` on haystacks of the *held-out* documents, plus the
    answer's log-likelihood per token (teacher-forced; it moves long before greedy answers turn
@@ -59,7 +64,8 @@ from mmafm.train.schedule import WarmupConstant, WarmupCosine, build_scheduler
 from mmafm.train.trainer import setting
 
 __all__ = ["LongContextConfig", "LongContextRows", "LongContextTask", "answer_nll", "answer_only_targets", "answer_tokens",
-           "copy_rows", "CurriculumLR", "curriculum_batch_size", "document_rows", "curriculum_pool", "curriculum_schedule", "parse_ladder",
+           "copy_rows", "CurriculumLR", "CurriculumStage", "curriculum_batch_size", "curriculum_long_step", "curriculum_plan", "curriculum_stage_ends", "curriculum_stage_of",
+           "document_rows", "mixture_document_rows", "curriculum_pool", "curriculum_schedule", "parse_ladder",
            "run", "task_rows"]
 
 STAGE = "05_long_context"
@@ -91,8 +97,10 @@ class LongContextConfig(TrainStageConfig):
     copy_examples: int = field(default=0, metadata={"min": 0})  # repeated-span rows (copy_rows) added to the task rows' pool: they teach copying [open]
     answer_only: bool = True  # a task row is scored on its answer tokens and the EOS ending them only (their own mean, added to the documents' loss) [open: as RULER-style Q&A tuning; false = on all its tokens]
     digits: int = field(default=5, metadata={"min": 2, "max": 12})  # digits of every needle value [RULER: 7; tiny: 5, open]
-    curriculum_steps: int = field(default=0, metadata={"min": 0})  # the first steps train on short rows alone (curriculum_len tokens, a long step's tokens per step): repeated spans scored on the copy (copy_rows), short task examples and, for 1 - task_share of the rows, document windows; copying (induction) forms there in steps, not tokens [open: not in the report; 0 at tiny size: no setting measured gave nonzero exact match in the stage yet, docs/training.md]
-    curriculum_len: int = field(default=128, metadata={"min": 16})  # row length of the curriculum steps, in tokens [open]
+    curriculum_steps: int = field(default=0, metadata={"min": 0})  # the first steps train on short rows alone (curriculum_len tokens, a long step's tokens per step): repeated spans scored on the copy (copy_rows), short task examples and, for 1 - task_share of the rows, document windows; copying (induction) forms there in steps, not tokens [open: not in the report; 0 at tiny size (it costs ~2.5 CPU minutes); configs/pipelines/reproduce.yaml's 05 uses 800 with curriculum_stages=3 and curriculum_long_share=0.125, the setting that gave nonzero exact match at a held-out ppl within 14% of the run without, docs/training.md]
+    curriculum_len: int = field(default=128, metadata={"min": 16})  # row length of the curriculum steps (of its first stage), in tokens [open]
+    curriculum_stages: int = field(default=1, metadata={"min": 1})  # the curriculum's row lengths: curriculum_len doubled from stage to stage (3: 64 -> 128 -> 256), each stage half the steps of the one before (4/7, 2/7, 1/7 of curriculum_steps), so the rows lengthen in steps before target_len instead of in one jump (curriculum_plan) [open: a single jump from 64-token rows to 512 undid the curriculum, docs/training.md]
+    curriculum_long_share: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5})  # of the curriculum's steps, the share (evenly spaced, curriculum_long_step) that are plain long rows: target_len windows of the mixture, no task rows, so the text at the new length and RoPE base is not left for the last steps alone [open: not in the report; 0 = none, docs/training.md]
     curriculum_task_share: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # of the curriculum's non-document rows, the share that are task examples (of the tasks that fit curriculum_len), the rest copy rows [open]
     batch_size: int = field(default=4, metadata={"min": 1})  # rows of target_len per step per rank
     # --- optimization (shared trainer) [paper: 100B tokens; the 2024 recipe's continued-stage
@@ -152,24 +160,34 @@ class LongContextRows:
     over epochs: ``epoch * len(self) + batch``) are ``(b, t)`` rows of that pool alone
     (``b = curriculum_batch_size``, 0 = ``B``), every one scored on its span only; a row whose
     span is the whole row (``(1, t + 1)``: a document window, :func:`document_rows`) is flagged a
-    document row, the others task rows. The long rows follow it.
+    document row, the others task rows. The long rows follow it. A staged curriculum passes a list
+    of such pools (one row length each, shortest first) and a list of batch sizes: curriculum
+    batch ``k`` draws from pool :func:`curriculum_stage_of` ``(k, curriculum_batches, len(pools))``;
+    with ``curriculum_long_share`` > 0, the curriculum batches :func:`curriculum_long_step` picks
+    are plain long rows instead (the document batch, no task rows).
     """
 
     def __init__(self, documents: Any, task_rows: np.ndarray, task_share: float, seed: int = 0,
                  answer_spans: np.ndarray | None = None,
                  curriculum: tuple[np.ndarray, np.ndarray] | None = None, curriculum_batches: int = 0,
-                 curriculum_batch_size: int = 0):
+                 curriculum_batch_size: int = 0, curriculum_long_share: float = 0.0):
         self.documents, self.task_rows, self.task_share, self.seed = documents, task_rows, task_share, seed
         if task_share > 0 and len(task_rows) == 0:
             raise ValueError("task_share > 0 needs at least one task row")
         if answer_spans is not None and np.shape(answer_spans) != (len(task_rows), 2):
             raise ValueError(f"answer_spans must be ({len(task_rows)}, 2), got {np.shape(answer_spans)}")
-        if curriculum_batches and (curriculum is None or len(curriculum[0]) == 0
-                                   or np.shape(curriculum[1]) != (len(curriculum[0]), 2)):
-            raise ValueError("curriculum_batches > 0 needs curriculum = (rows (M, t + 1), spans (M, 2)) with M >= 1")
+        pools = [] if curriculum is None else list(curriculum) if isinstance(curriculum, list) else [curriculum]
+        if curriculum_batches and (not pools or any(len(rows) == 0 or np.shape(spans) != (len(rows), 2)
+                                                    for rows, spans in pools)):
+            raise ValueError("curriculum_batches > 0 needs curriculum = (rows (M, t + 1), spans (M, 2)) with M >= 1, "
+                             "or a list of such pools")
+        sizes = list(curriculum_batch_size) if isinstance(curriculum_batch_size, (list, tuple)) else [curriculum_batch_size] * len(pools)
+        if len(sizes) != len(pools):
+            raise ValueError(f"curriculum_batch_size: {len(sizes)} sizes for {len(pools)} curriculum pools")
         self.answer_spans = answer_spans
-        self.curriculum, self.curriculum_batches = curriculum, curriculum_batches
-        self.curriculum_batch_size = curriculum_batch_size
+        self.curriculum, self.curriculum_batches = pools, curriculum_batches
+        self.curriculum_batch_size = sizes
+        self.curriculum_long_share = curriculum_long_share
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -181,8 +199,13 @@ class LongContextRows:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for index, (inputs, targets) in enumerate(self.documents):
-            if self.epoch * len(self) + index < self.curriculum_batches:
-                yield self._curriculum_batch(self.curriculum_batch_size or inputs.shape[0], index)
+            counted = self.epoch * len(self) + index
+            if counted < self.curriculum_batches and curriculum_long_step(counted, self.curriculum_long_share):
+                yield inputs, targets, torch.zeros(inputs.shape[0], dtype=torch.bool)  # plain long rows: documents only
+                continue
+            if counted < self.curriculum_batches:
+                stage = curriculum_stage_of(counted, self.curriculum_batches, len(self.curriculum))
+                yield self._curriculum_batch(self.curriculum[stage], self.curriculum_batch_size[stage] or inputs.shape[0], index)
                 continue
             rng = np.random.default_rng([self.seed, self.epoch, index, 5])
             use_task = rng.random(inputs.shape[0]) < self.task_share  # (B,)
@@ -196,10 +219,11 @@ class LongContextRows:
                         targets[row] = answer_only_targets(targets[row], *self.answer_spans[pick])
             yield inputs, targets, torch.from_numpy(use_task)
 
-    def _curriculum_batch(self, batch_size: int, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``batch_size`` rows of the curriculum pool, drawn by ``(seed, epoch, index)``: inputs and
+    def _curriculum_batch(self, pool: tuple[np.ndarray, np.ndarray], batch_size: int, index: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``batch_size`` rows of a curriculum ``pool``, drawn by ``(seed, epoch, index)``: inputs and
         span-only targets ``(B, t)``, and which rows are task (copy) rows ``(B,)``."""
-        rows, spans = self.curriculum
+        rows, spans = pool
         picks = np.random.default_rng([self.seed, self.epoch, index, 6]).integers(0, len(rows), size=batch_size)
         chosen = torch.from_numpy(rows[picks].astype(np.int64))  # (B, t + 1)
         inputs, targets = chosen[:, :-1], chosen[:, 1:].clone()
@@ -277,6 +301,62 @@ def copy_rows(filler: np.ndarray, count: int, seq_len: int, seed: int = 0) -> tu
     return rows, spans
 
 
+@dataclass(frozen=True)
+class CurriculumStage:
+    """One row length of a staged curriculum: steps ``[first, end)`` of ``rows`` rows of ``length`` tokens."""
+
+    first: int
+    end: int
+    length: int
+    rows: int
+
+
+def curriculum_stage_ends(curriculum_steps: int, stages: int) -> list[int]:
+    """The step where each curriculum stage ends: stage ``i`` gets ``2**(stages - 1 - i)`` shares of
+    the ``2**stages - 1`` (3 stages: 4/7, 2/7, 1/7 of the steps), each stage half as many steps as
+    the one before: copying forms in the first, shortest stage, which needs its hundreds of steps
+    (docs/training.md), and the later ones only carry it to longer rows. End ``i`` is
+    ``curriculum_steps * (2**stages - 2**(stages - 1 - i)) // (2**stages - 1)``.
+
+    Raises:
+        ValueError: fewer than ``2**stages - 1`` steps (some stage would get none).
+    """
+    if stages < 1 or curriculum_steps < 2**stages - 1:
+        raise ValueError(f"curriculum_stages {stages} needs at least {2**stages - 1} curriculum_steps, got {curriculum_steps}")
+    whole = 2**stages - 1
+    return [curriculum_steps * (2**stages - 2 ** (stages - 1 - i)) // whole for i in range(stages)]
+
+
+def curriculum_long_step(batch: int, share: float) -> bool:
+    """Whether curriculum batch ``batch`` is one of plain long rows: ``floor((batch + 1) * share) >
+    floor(batch * share)``, so ``share`` of the batches are, evenly spaced (0.125: every 8th, the
+    first at batch 7), and none with ``share`` 0."""
+    return int((batch + 1) * share) > int(batch * share)
+
+
+def curriculum_stage_of(batch: int, curriculum_steps: int, stages: int) -> int:
+    """The stage (0-based) of curriculum batch ``batch`` (< ``curriculum_steps``): the first whose
+    end (:func:`curriculum_stage_ends`) lies after it."""
+    if not 0 <= batch < curriculum_steps:
+        raise ValueError(f"curriculum batch {batch} outside [0, {curriculum_steps})")
+    return next(i for i, end in enumerate(curriculum_stage_ends(curriculum_steps, stages)) if batch < end)
+
+
+def curriculum_plan(curriculum_steps: int, curriculum_len: int, stages: int, batch_size: int, seq_len: int
+                    ) -> list[CurriculumStage]:
+    """The staged curriculum: stage ``i`` has rows of ``curriculum_len * 2**i`` tokens,
+    :func:`curriculum_batch_size` of them a step, over the steps :func:`curriculum_stage_ends` gives
+    it; the rows lengthen in steps up to ``seq_len`` (the stage's rows), which every stage's length
+    must stay below. Raises ``ValueError`` on a length that does not, or on too few steps."""
+    ends = curriculum_stage_ends(curriculum_steps, stages)
+    longest = curriculum_len * 2 ** (stages - 1)
+    if longest >= seq_len:
+        raise ValueError(f"curriculum_len {curriculum_len} doubled over {stages} stages reaches {longest}, "
+                         f"not shorter than target_len {seq_len}")
+    return [CurriculumStage(([0] + ends)[i], ends[i], curriculum_len * 2**i,
+                            curriculum_batch_size(batch_size, seq_len, curriculum_len * 2**i)) for i in range(stages)]
+
+
 def curriculum_batch_size(batch_size: int, seq_len: int, curriculum_len: int) -> int:
     """Rows per curriculum batch: as many tokens as a batch of ``batch_size`` rows of ``seq_len``
     (``batch_size * (seq_len // curriculum_len)``), so a curriculum step costs no more than a long
@@ -320,6 +400,28 @@ def document_rows(filler: np.ndarray, count: int, seq_len: int, seed: int = 0) -
     rows = np.stack([np.asarray(filler[s : s + seq_len + 1], dtype=np.int64) for s in starts]) if count else \
         np.zeros((0, seq_len + 1), dtype=np.int64)
     return rows, np.tile(np.array([[1, seq_len + 1]], dtype=np.int64), (count, 1))
+
+
+def mixture_document_rows(streams: Mapping[str, np.ndarray], weights: Mapping[str, float], count: int, seq_len: int,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows (count, seq_len + 1), spans (count, 2))``: :func:`document_rows` windows of every
+    source of ``weights`` (its token stream in ``streams``), as many of each as its weight's share
+    of ``count`` (largest remainders), in a seeded order: the curriculum's plain-text rows follow
+    the stage's mixture as its long rows do (windows of one source alone raised the held-out
+    perplexity, docs/training.md)."""
+    names = [name for name in weights if weights[name] > 0]
+    if not names:
+        raise ValueError(f"mixture_document_rows: no source of positive weight in {dict(weights)}")
+    total = sum(weights[name] for name in names)
+    exact = [count * weights[name] / total for name in names]
+    counts = [int(share) for share in exact]
+    for i in sorted(range(len(names)), key=lambda i: counts[i] - exact[i])[: count - sum(counts)]:
+        counts[i] += 1  # the largest remainders first
+    parts = [document_rows(streams[name], n, seq_len, seed + 1000 * i) for i, (name, n) in enumerate(zip(names, counts))]
+    rows = np.concatenate([r for r, _ in parts]).reshape(count, seq_len + 1)
+    spans = np.concatenate([s for _, s in parts]).reshape(count, 2)
+    order = np.random.default_rng([seed, 11]).permutation(count)
+    return rows[order], spans[order]
 
 
 def curriculum_pool(tasks: tuple[np.ndarray, np.ndarray], copies: tuple[np.ndarray, np.ndarray], task_share: float,
@@ -511,6 +613,12 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
         raise ConfigError(f"{STAGE}: target_len {target} must exceed trained_len {trained}")
     if cfg.curriculum_steps and cfg.curriculum_len >= target:
         raise ConfigError(f"{STAGE}: curriculum_len {cfg.curriculum_len} must be shorter than target_len {target}")
+    plan: list[CurriculumStage] = []
+    if cfg.curriculum_steps:
+        try:
+            plan = curriculum_plan(cfg.curriculum_steps, cfg.curriculum_len, cfg.curriculum_stages, cfg.batch_size, target)
+        except ValueError as err:
+            raise ConfigError(f"{STAGE}: {err}") from err
     start = time.time()
     stage_dir = StageDir(cfg.out_dir, STAGE)
     seed_everything(cfg.seed)
@@ -546,13 +654,17 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
     if cfg.copy_examples:  # repeated spans in the same pool of task rows
         copies, copy_spans = copy_rows(filler, cfg.copy_examples, target, cfg.seed)
         rows, spans = np.concatenate([rows, copies]), np.concatenate([spans, copy_spans])
-    curriculum, curriculum_tasks = None, []
-    if cfg.curriculum_steps:
-        curriculum, curriculum_tasks = _curriculum(cfg, tasks, train_haystack, tokenizer, filler, target)
+    curriculum, curriculum_tasks = [], []
+    for stage in plan:  # one pool per row length, shortest first
+        pool, fitting = _curriculum(cfg, stage, tasks, train_haystack, tokenizer, filler,
+                                    {n: streams[n]["train"] for n in weights}, weights)
+        curriculum.append(pool)
+        curriculum_tasks += [task for task in fitting if task not in curriculum_tasks]
     train_data = LongContextRows(documents, rows, cfg.task_share, seed=cfg.seed,
                                  answer_spans=spans if cfg.answer_only else None,
-                                 curriculum=curriculum, curriculum_batches=cfg.curriculum_steps,
-                                 curriculum_batch_size=curriculum_batch_size(cfg.batch_size, target, cfg.curriculum_len))
+                                 curriculum=curriculum or None, curriculum_batches=cfg.curriculum_steps,
+                                 curriculum_batch_size=[stage.rows for stage in plan],
+                                 curriculum_long_share=cfg.curriculum_long_share)
     val = held_out_batches(data_outputs["tokens_dir"], target, cfg.batch_size, cfg.eval_batches)
     trainer = Trainer(LongContextTask(model, val), train_data, cfg.train_config(), stage_dir,
                       scheduler_factory=partial(curriculum_schedule, curriculum_steps=cfg.curriculum_steps))
@@ -585,24 +697,27 @@ def run(cfg: LongContextConfig) -> dict[str, str]:
         "val_loss": round(final["eval/val_loss"], 4),
         "val_ppl": round(final["eval/val_ppl"], 3),
         **training_facts(weights, trainer, cfg, target, start, task_share=cfg.task_share,
-                         curriculum_steps=cfg.curriculum_steps, curriculum_tasks=",".join(curriculum_tasks)),
+                         curriculum_steps=cfg.curriculum_steps, curriculum_tasks=",".join(curriculum_tasks),
+                         curriculum_lens=",".join(str(stage.length) for stage in plan)),
     }
-    short = min(cfg.curriculum_steps, trainer.step)  # curriculum steps saw their own rows of curriculum_len
-    short_rows = curriculum_batch_size(cfg.batch_size, target, cfg.curriculum_len)
-    summary["train_tokens"] -= short * (cfg.batch_size * target - short_rows * cfg.curriculum_len) \
-        * cfg.grad_accum_steps * trainer.world_size
+    for stage in plan:  # curriculum steps saw their own rows of stage.length, but for the plain long ones
+        short = sum(not curriculum_long_step(k, cfg.curriculum_long_share) for k in range(stage.first, min(stage.end, trainer.step)))
+        summary["train_tokens"] -= short * (cfg.batch_size * target - stage.rows * stage.length) \
+            * cfg.grad_accum_steps * trainer.world_size
     return save_text_stage(STAGE, cfg, stage_dir, model, trainer.step, summary, target,
                            {"ladder": str(stage_dir.root / "ladder.json")})
 
 
-def _curriculum(cfg: LongContextConfig, tasks: Sequence[str], haystack: Sequence[str], tokenizer: Any,
-                filler: np.ndarray, target: int) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
-    """The curriculum pool (:func:`curriculum_pool`, one fresh row per curriculum row, at most
-    ``CURRICULUM_POOL`` rows) and the tasks in it: those whose needles and question fit
-    ``curriculum_len`` tokens, each example drawn at a length in [curriculum_len / 4, curriculum_len]."""
+def _curriculum(cfg: LongContextConfig, stage: CurriculumStage, tasks: Sequence[str], haystack: Sequence[str],
+                tokenizer: Any, filler: np.ndarray, streams: Mapping[str, np.ndarray], weights: Mapping[str, float]
+                ) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
+    """One curriculum stage's pool (:func:`curriculum_pool`, one fresh row per curriculum row of the
+    stage, at most ``CURRICULUM_POOL`` rows) and the tasks in it: those whose needles and question
+    fit ``stage.length`` tokens, each example drawn at a length in [length / 4, length]; its
+    document rows are windows of the mixture's ``streams`` by ``weights`` (:func:`mixture_document_rows`)."""
     from mmafm.data.long_context import make_example
 
-    length = cfg.curriculum_len
+    length = stage.length
     fitting = []
     for task in tasks:
         try:
@@ -612,18 +727,19 @@ def _curriculum(cfg: LongContextConfig, tasks: Sequence[str], haystack: Sequence
             continue
     share = cfg.curriculum_task_share if fitting else 0.0
     if cfg.curriculum_task_share and not fitting:
-        raise ConfigError(f"{STAGE}: curriculum_len {length}: no task of {list(tasks)} fits; raise it or set "
-                          "curriculum_task_share=0")
-    total = min(cfg.curriculum_steps * curriculum_batch_size(cfg.batch_size, target, length), CURRICULUM_POOL)
+        raise ConfigError(f"{STAGE}: curriculum row length {length}: no task of {list(tasks)} fits; raise curriculum_len "
+                          "or set curriculum_task_share=0")
+    total = min((stage.end - stage.first) * stage.rows, CURRICULUM_POOL)
     size = max(1, round(cfg.task_share * total))  # copy and task rows; the rest document windows, as in the long rows
     count = round(share * size)
-    examples = [_train_example(fitting[i % len(fitting)], length, haystack, tokenizer, cfg.seed + CURRICULUM_SEED_OFFSET,
-                               i, cfg.digits) for i in range(count)]
+    seed = cfg.seed + CURRICULUM_SEED_OFFSET + length - cfg.curriculum_len  # each stage's examples its own
+    examples = [_train_example(fitting[i % len(fitting)], length, haystack, tokenizer, seed, i, cfg.digits)
+                for i in range(count)]
     empty = (np.zeros((0, length + 1), dtype=np.int64), np.zeros((0, 2), dtype=np.int64))
     task_pool = task_rows(examples, tokenizer, filler, length, cfg.seed) if examples else empty
     copy_pool = copy_rows(filler, size - count, length, cfg.seed) if size > count else empty
     spans_rows = curriculum_pool(task_pool, copy_pool, share, size, cfg.seed)
-    documents = document_rows(filler, total - size, length, cfg.seed)
+    documents = mixture_document_rows(streams, weights, total - size, length, cfg.seed)
     order = np.random.default_rng([cfg.seed, 10]).permutation(total)
     return (np.concatenate([spans_rows[0], documents[0]])[order], np.concatenate([spans_rows[1], documents[1]])[order]), fitting
 
