@@ -90,3 +90,12 @@ def naive_greedy(model: torch.nn.Module, ids: list[int], steps: int, stop: int) 
                 break
             out.append(token)
     return out
+
+
+def epoch_batches(data, count: int) -> list:
+    """The batches of ``count`` epochs of a re-iterable, epoch-seeded data source (``set_epoch``)."""
+    batches = []
+    for epoch in range(count):
+        data.set_epoch(epoch)
+        batches += list(data)
+    return batches

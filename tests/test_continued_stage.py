@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from _stage_helpers import write_data_stage, write_text_stage
+from _stage_helpers import epoch_batches, write_data_stage, write_text_stage
 from mmafm.config import ConfigError, from_dict, load_yaml
 from mmafm.stages.base import read_manifest
 from mmafm.layers.rope import rope_base_for_context
@@ -297,14 +297,8 @@ def test_curriculum_batches_come_first_then_the_document_mix():
     data = LongContextRows(documents, task, task_share=0.25, seed=0, curriculum=(pool_rows, pool_spans),
                            curriculum_batches=7, curriculum_batch_size=6)
 
-    def epochs(count):
-        batches = []
-        for epoch in range(count):
-            data.set_epoch(epoch)
-            batches += list(data)
-        return batches
 
-    batches = epochs(3)
+    batches = epoch_batches(data, 3)
     assert [b[0].shape for b in batches] == [(6, 16)] * 7 + [(4, 32)] * 8  # 7 short batches: epoch 0 and 2 of epoch 1
     for inputs, targets, is_task in batches[:7]:
         for row in range(inputs.shape[0]):
@@ -316,7 +310,7 @@ def test_curriculum_batches_come_first_then_the_document_mix():
             assert targets[row, first - 1 : end - 1].tolist() == pool_rows[pick, first:end].tolist()
     for inputs, _, _ in batches[7:]:
         assert torch.all((inputs >= 0) | (inputs == -7)) and torch.all(inputs < 50_000)  # documents and task rows
-    again = epochs(3)
+    again = epoch_batches(data, 3)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     with pytest.raises(ValueError, match="curriculum_batches > 0 needs"):
         LongContextRows(documents, task, 0.25, curriculum_batches=3)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from _stage_helpers import epoch_batches
 from mmafm.data.mixture import MixtureShards
 from mmafm.stages.long_context import (
     IGNORE,
@@ -59,14 +60,8 @@ def test_rows_lengthen_stage_by_stage_then_the_long_rows():
     data = LongContextRows(documents, np.full((2, 33), -7, dtype=np.int64), task_share=0.5, seed=0,
                            curriculum=pools, curriculum_batches=10, curriculum_batch_size=[s.rows for s in plan])
 
-    def epochs(count):
-        batches = []
-        for epoch in range(count):
-            data.set_epoch(epoch)
-            batches += list(data)
-        return batches
 
-    batches = epochs(3)
+    batches = epoch_batches(data, 3)
     expected = [(8, 8)] * 6 + [(4, 16)] * 4 + [(2, 32)] * 8  # 6 batches an epoch: the plan, then long rows
     assert [tuple(b[0].shape) for b in batches] == expected
     for step, (inputs, targets, is_task) in enumerate(batches[:10]):
@@ -80,7 +75,7 @@ def test_rows_lengthen_stage_by_stage_then_the_long_rows():
             assert bool(is_task[row]) == (pick != 1)
     for inputs, _, _ in batches[10:]:
         assert torch.all(inputs < 100_000)  # documents and task rows, no curriculum row
-    again = epochs(3)
+    again = epoch_batches(data, 3)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     with pytest.raises(ValueError, match="2 sizes for 1 curriculum pools"):
         LongContextRows(documents, np.full((2, 33), -7), 0.5, curriculum=pools[:1], curriculum_batches=3,
