@@ -40,11 +40,31 @@ static inline __attribute__((always_inline)) void NAME(dot_rows)(
   }
 }
 
+/* the one-row case of NAME(dot_rows), written out: the same arithmetic (16 accumulators summed in
+   order, then the tail). A decode step (batch 1) runs it in a plain loop over the rows, as before
+   the multi-row blocks: through the blocked loop (with or without dot_rows) decode measured 15-20%
+   slower (bench_text.py --threads 1, interleaved with the previous kernel, 2026-11-30) */
+static inline __attribute__((always_inline)) float NAME(dot_row1)(const float* restrict x,
+                                                                  const WEIGHT_T* restrict wr, long in) {
+  float acc[16] = {0};
+  long i = 0;
+  for (; i + 16 <= in; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += LOAD_W(wr[i + j]) * x[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  for (; i < in; ++i) s += LOAD_W(wr[i]) * x[i];
+  return s;
+}
+
 /* y[b, o] = sum_i x[b, i] * w[o, i] for b < batch (few rows), written with row stride ystride:
    weight rows in blocks of 4, each block used for all input rows (4 at a time, NAME(dot_rows))
    while it sits in L1; the first input block (nb >= 2) prefetches the rows ahead */
 static void NAME(gemv)(const float* restrict x, const WEIGHT_T* restrict w, float* restrict y,
                      long batch, long out, long in, long ystride) {
+  if (batch == 1) {  /* a decode step: its own plain loop (see NAME(dot_row1)) */
+    for (long o = 0; o < out; ++o) y[o] = NAME(dot_row1)(x, w + o * in, in);
+    return;
+  }
   for (long o0 = 0; o0 < out; o0 += 4) {
     const long rows = out - o0 < 4 ? out - o0 : 4;
     for (long b = 0; b < batch; b += 4) {
@@ -55,7 +75,7 @@ static void NAME(gemv)(const float* restrict x, const WEIGHT_T* restrict w, floa
         const WEIGHT_T* wr = w + (o0 + r) * in;
         const WEIGHT_T* ahead = b == 0 && o0 + r + GEMV_PREFETCH_ROWS < out ? wr + GEMV_PREFETCH_ROWS * in : NULL;
         switch (nb) {  /* a constant nb per call: each its own unrolled loop */
-          case 1: NAME(dot_rows)(xb, wr, NULL, yb + r, in, ystride, 1); break;  /* NULL: no test in its loop */
+          case 1: yb[r] = NAME(dot_row1)(xb, wr, in); break;
           case 2: NAME(dot_rows)(xb, wr, ahead, yb + r, in, ystride, 2); break;
           case 3: NAME(dot_rows)(xb, wr, ahead, yb + r, in, ystride, 3); break;
           default: NAME(dot_rows)(xb, wr, ahead, yb + r, in, ystride, 4); break;
