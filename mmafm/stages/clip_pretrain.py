@@ -371,8 +371,8 @@ def _run(cfg: ClipPretrainConfig, stage_dir: StageDir) -> dict[str, str]:
     records = trainer.fit()
     if sharded:  # the full weights (a collective; rank 0 gets them) in a plain copy to evaluate and save
         weights = trainer.full_state_dict()
-        task.clip = build_model(cfg, tokenizer)
-        if trainer.rank == 0:
+        if trainer.rank == 0:  # only rank 0 evaluates and saves: the others build no copy
+            task.clip = build_model(cfg, tokenizer)
             shapes = {name: tensor.shape for name, tensor in task.clip.state_dict().items()}
             task.clip.load_state_dict({name: tensor.reshape(shapes[name]) for name, tensor in weights.items()})
 
