@@ -226,7 +226,7 @@ def test_gemv_rows_do_not_depend_on_the_batch():
         pytest.skip(f"native kernel unavailable: {native.kernels_unavailable_reason()}")
     library = native.kernels()
     torch.manual_seed(0)
-    for out, inp in [(7, 37), (45, 100), (130, 64)]:
+    for out, inp in [(7, 37), (45, 100), (130, 64), (33, 256), (72, 40), (40, 72)]:  # tails of 5, 4, 0, 0, 8, 8
         x = torch.randn(8, inp)
         for weight in (torch.randn(out, inp), torch.randn(out, inp).to(torch.bfloat16)):
             gemv = library.gemv3_bf16 if weight.dtype == torch.bfloat16 else library.gemv3_f32

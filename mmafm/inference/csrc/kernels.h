@@ -17,9 +17,12 @@
    rows of x: one weight row, each element loaded once for all nb rows, nb independent sums in
    flight (a one-row dot product waits on its FMA latency). 16 float32 accumulators per dot product
    (one AVX-512 register, or two AVX2 ones), summed in order, then the tail: the same arithmetic for
-   every nb, so results do not depend on the batch. ahead: NULL, or the weights to prefetch (the row
-   GEMV_PREFETCH_ROWS on) while this one is computed, so a few tokens (a speculative verification
-   chunk) cost about what one does when the weights stream from memory. */
+   every nb, so results do not depend on the batch. Every multiply-add of the blocked dot products
+   and of every tail is an explicit fmaf: left to -ffp-contract, the compiler fused some and not
+   others (a tail of 8 vectorized as multiplies, then adds), and a row's bits depended on its
+   block. ahead: NULL, or the weights to prefetch (the row GEMV_PREFETCH_ROWS on) while this one is
+   computed, so a few tokens (a speculative verification chunk) cost about what one does when the
+   weights stream from memory. */
 static inline __attribute__((always_inline)) void NAME(dot_rows)(
     const float* restrict x, const WEIGHT_T* restrict wr, const WEIGHT_T* ahead, float* restrict y, long in,
     long ystride, const int nb) {
@@ -29,14 +32,53 @@ static inline __attribute__((always_inline)) void NAME(dot_rows)(
     if (ahead) __builtin_prefetch(ahead + i, 0, 1);
     for (int j = 0; j < 16; ++j) {
       const float wv = LOAD_W(wr[i + j]);
-      for (int b = 0; b < nb; ++b) a[b][j] += wv * x[b * in + i + j];
+      for (int b = 0; b < nb; ++b) a[b][j] = fmaf(wv, x[b * in + i + j], a[b][j]);
     }
   }
   for (int b = 0; b < nb; ++b) {
     float s = 0.0f;
     for (int j = 0; j < 16; ++j) s += a[b][j];
-    for (long t = i; t < in; ++t) s += LOAD_W(wr[t]) * x[b * in + t];
+    for (long t = i; t < in; ++t) s = fmaf(LOAD_W(wr[t]), x[b * in + t], s);
     y[b * ystride] = s;
+  }
+}
+
+/* NAME(dot_rows) for two weight rows at once (wr and wr + in, results at y[b * ystride] and
+   y[b * ystride + 1]): each input element loaded once for both rows, so a few input rows cost
+   fewer loads per multiply-add (nb + 2 loads for 2 nb of them, against nb + 1 for nb); each dot
+   product is the same arithmetic as NAME(dot_rows)'s (16 accumulators summed in order, then the
+   tail), so results do not change */
+static inline __attribute__((always_inline)) void NAME(dot_rows2)(
+    const float* restrict x, const WEIGHT_T* restrict wr, const WEIGHT_T* ahead, float* restrict y, long in,
+    long ystride, const int nb) {
+  float a[4][16] = {{0}}, c[4][16] = {{0}};
+  const WEIGHT_T* restrict wr1 = wr + in;
+  long i = 0;
+  for (; i + 16 <= in; i += 16) {
+    if (ahead) {
+      __builtin_prefetch(ahead + i, 0, 1);
+      __builtin_prefetch(ahead + in + i, 0, 1);
+    }
+    for (int j = 0; j < 16; ++j) {
+      const float w0 = LOAD_W(wr[i + j]), w1 = LOAD_W(wr1[i + j]);
+      for (int b = 0; b < nb; ++b) {
+        const float xv = x[b * in + i + j];
+        a[b][j] = fmaf(w0, xv, a[b][j]);
+        c[b][j] = fmaf(w1, xv, c[b][j]);
+      }
+    }
+  }
+  for (int b = 0; b < nb; ++b) {
+    float s = 0.0f;
+    for (int j = 0; j < 16; ++j) s += a[b][j];
+    for (long u = i; u < in; ++u) s = fmaf(LOAD_W(wr[u]), x[b * in + u], s);
+    y[b * ystride] = s;
+  }
+  for (int b = 0; b < nb; ++b) {
+    float t = 0.0f;
+    for (int j = 0; j < 16; ++j) t += c[b][j];
+    for (long u = i; u < in; ++u) t = fmaf(LOAD_W(wr1[u]), x[b * in + u], t);
+    y[b * ystride + 1] = t;
   }
 }
 
@@ -52,26 +94,50 @@ static inline __attribute__((always_inline)) float NAME(dot_row1)(const float* r
     for (int j = 0; j < 16; ++j) acc[j] += LOAD_W(wr[i + j]) * x[i + j];
   float s = 0.0f;
   for (int j = 0; j < 16; ++j) s += acc[j];
-  for (; i < in; ++i) s += LOAD_W(wr[i]) * x[i];
+  for (; i < in; ++i) s = fmaf(LOAD_W(wr[i]), x[i], s);
   return s;
 }
 
 /* y[b, o] = sum_i x[b, i] * w[o, i] for b < batch (few rows), written with row stride ystride:
-   weight rows in blocks of 4, each block used for all input rows (4 at a time, NAME(dot_rows))
-   while it sits in L1; the first input block (nb >= 2) prefetches the rows ahead */
+   weight rows in blocks of 4, each block used for all input rows (4 at a time; two weight rows at
+   a time, NAME(dot_rows2), then NAME(dot_rows) for an odd one) while it sits in L1; the first input
+   block (nb >= 2) prefetches the rows ahead. Two weight rows at a time cut a 3-token verification
+   chunk of the trained 13M speculative target (dim 256) from ~1.5 to ~1.3 decode steps (1 thread,
+   interleaved with the one-row blocks, 2026-11-30, loaded machine; benchmarks/bench_guided.py) */
+static __attribute__((noinline)) void NAME(gemv_rows)(const float* restrict x, const WEIGHT_T* restrict w,
+                                                        float* restrict y, long batch, long out, long in,
+                                                        long ystride);
+
 static void NAME(gemv)(const float* restrict x, const WEIGHT_T* restrict w, float* restrict y,
                      long batch, long out, long in, long ystride) {
   if (batch == 1) {  /* a decode step: its own plain loop (see NAME(dot_row1)) */
     for (long o = 0; o < out; ++o) y[o] = NAME(dot_row1)(x, w + o * in, in);
     return;
   }
+  NAME(gemv_rows)(x, w, y, batch, out, in, ystride);
+}
+
+/* NAME(gemv) for batch >= 2, out of line: the decode step's code stays what it was */
+static __attribute__((noinline)) void NAME(gemv_rows)(const float* restrict x, const WEIGHT_T* restrict w,
+                                                        float* restrict y, long batch, long out, long in,
+                                                        long ystride) {
   for (long o0 = 0; o0 < out; o0 += 4) {
     const long rows = out - o0 < 4 ? out - o0 : 4;
     for (long b = 0; b < batch; b += 4) {
       const float* xb = x + b * in;
       float* yb = y + b * ystride + o0;
       const long nb = batch - b < 4 ? batch - b : 4;
-      for (long r = 0; r < rows; ++r) {
+      long r = 0;
+      for (; nb > 1 && r + 2 <= rows; r += 2) {  /* two weight rows at a time (NAME(dot_rows2)) */
+        const WEIGHT_T* wr = w + (o0 + r) * in;
+        const WEIGHT_T* ahead = b == 0 && o0 + r + 1 + GEMV_PREFETCH_ROWS < out ? wr + GEMV_PREFETCH_ROWS * in : NULL;
+        switch (nb) {
+          case 2: NAME(dot_rows2)(xb, wr, ahead, yb + r, in, ystride, 2); break;
+          case 3: NAME(dot_rows2)(xb, wr, ahead, yb + r, in, ystride, 3); break;
+          default: NAME(dot_rows2)(xb, wr, ahead, yb + r, in, ystride, 4); break;
+        }
+      }
+      for (; r < rows; ++r) {
         const WEIGHT_T* wr = w + (o0 + r) * in;
         const WEIGHT_T* ahead = b == 0 && o0 + r + GEMV_PREFETCH_ROWS < out ? wr + GEMV_PREFETCH_ROWS * in : NULL;
         switch (nb) {  /* a constant nb per call: each its own unrolled loop */
