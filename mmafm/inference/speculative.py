@@ -45,7 +45,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from mmafm.inference.generate import _check_sampling, left_pad, prefill, sampling_probs
+from mmafm.inference.generate import _check_sampling, left_pad, prefill, prefill_and_plan, sampling_probs
 from mmafm.inference.plan import build_plan
 from mmafm.layers.kv_cache import KVCache
 
@@ -329,10 +329,10 @@ class _Speculation:
         self.target_cache = target.new_cache(batch, min(ids.shape[1] + room, target.config.max_seq_len))
         self.draft_cache = draft.new_cache(batch, min(ids.shape[1] + room, draft.config.max_seq_len))
         attention_mask = None if bool(mask.bool().all()) else mask
-        self.first_logits = prefill(target, self.target_cache, ids, attention_mask=attention_mask)  # (B, V)
         for cache in (self.target_cache, self.draft_cache):
             rollback_cache(cache, cache.length)  # refuses ring caches before any work
-        self.target_plan = build_plan(target, self.target_cache)
+        self.first_logits, self.target_plan = prefill_and_plan(target, self.target_cache, ids,
+                                                               attention_mask=attention_mask)  # (B, V)
         draft_work = ids.numel() * sum(p.numel() for p in draft.parameters())
         if attention_mask is None and batch == 1 and draft_work <= _NATIVE_PROMPT_WORK:
             # the draft's prompt in one native chunk (its logits are not used; only its K/V, which
