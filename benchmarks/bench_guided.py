@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/bench_guided.py --parts speculative --draft-run runs/drafts/13_train_draft_lora_dev \
         --json benchmarks/results/guided_speculative_1thread.json    # speculative rows, trained pair at k = 1, 2, 3
     .venv/bin/python benchmarks/bench_guided.py --parts speculative --no-smollm2 --no-hf \
-        --trained-pair runs/drafts/spec_pair_13M --json benchmarks/results/guided_speculative_trained.json
+        --trained-pair runs/drafts/spec_pair_13M_d2k --json benchmarks/results/guided_speculative_trained.json
         # + the ~13M trained target and its distilled draft (built on first use: ~25 min of 1 CPU)
 
 Measured in one run, medians over ``--repeats``, the variants interleaved (background load hits
@@ -30,7 +30,9 @@ them alike):
   for a finished ``13_train_draft`` run's target and distilled draft (``--draft-run``, at each k
   of ``--draft-ks``), for a ~13M-parameter target trained briefly here and its distilled 1-layer
   draft (``--trained-pair``, :func:`build_trained_pair`: a target whose decode step streams its
-  weights from memory, as the 2025 framework's target does, and a draft a tenth of its size), and for
+  weights from memory, as the 2025 framework's target does, and a draft a tenth of its size; the
+  draft also cast to bfloat16, ``--pair-draft-dtypes``: the target's verification evicts it from
+  the cache every round, and a bfloat16 draft reads half the bytes when it comes back), and for
   SmolLM2-135M-Instruct with a fitted-exit draft of its first ``--smollm2-draft-layers`` layers
   (:func:`mmafm.train.draft.smollm2_draft`, cached in ``runs/drafts``; float32, and cast to
   bfloat16, which halves what a draft step reads); against transformers' assisted generation
@@ -395,10 +397,15 @@ def main() -> None:
     parser.add_argument("--pair-data", type=Path, default=Path("runs/lora_dev/00_data"),
                         help="the 00_data folder the trained pair learns from (tokens/, tokenizer/)")
     parser.add_argument("--pair-target-steps", default="150+200+300", help="the target's training phases (build_trained_pair)")
-    parser.add_argument("--pair-draft-steps", type=int, default=500, help="the draft's distillation steps")
-    parser.add_argument("--pair-generation-prompts", type=int, default=1024,
+    parser.add_argument("--pair-draft-steps", type=int, default=2000,
+                        help="the draft's distillation steps (500 on 1,024 prompts: greedy acceptance 0.75 at k = 1; "
+                             "2,000 on 4,096: 0.83, docs/guided_generation.md)")
+    parser.add_argument("--pair-generation-prompts", type=int, default=4096,
                         help="prompts the target continues for the draft's distillation data")
     parser.add_argument("--pair-ks", default="1,2,3", help="proposals per round timed for --trained-pair")
+    parser.add_argument("--pair-draft-dtypes", default="float32,bfloat16",
+                        help="the trained pair's draft timed in each of these dtypes (the target stays float32; "
+                             "rows k<k> for float32, k<k>_<dtype>_draft otherwise)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation (slow)")
     parser.add_argument("--smollm2-draft-layers", type=int, default=6,
                         help="layers of SmolLM2's fitted-exit draft (mmafm.train.draft.smollm2_draft, cached in runs/drafts)")
@@ -459,10 +466,14 @@ def main() -> None:
                     "how": "target: afm_2024_device_tiny with PAIR_TARGET, trained briefly on --pair-data "
                            "(build_trained_pair); draft: its first layer, distilled by 13_train_draft on the "
                            "target's greedy continuations"}
-            for k in sorted({int(part) for part in args.pair_ks.split(",")}):
-                rows[f"k{k}"] = speculative(target, draft, pair_prompts, 48, k, args.repeats,
-                                            not args.no_hf and k == args.k)
-                print(f"speculative_trained_pair k={k}", json.dumps(rows[f"k{k}"], indent=1), flush=True)
+            for dtype in args.pair_draft_dtypes.split(","):  # bfloat16: the draft's step reads half the bytes
+                pair_draft = draft if dtype == "float32" else copy.deepcopy(draft).to(getattr(torch, dtype))
+                suffix = "" if dtype == "float32" else f"_{dtype}_draft"
+                for k in sorted({int(part) for part in args.pair_ks.split(",")}):
+                    rows[f"k{k}{suffix}"] = speculative(target, pair_draft, pair_prompts, 48, k, args.repeats,
+                                                        not args.no_hf and k == args.k and not suffix)
+                    print(f"speculative_trained_pair k={k}{suffix}", json.dumps(rows[f"k{k}{suffix}"], indent=1),
+                          flush=True)
             results["speculative_trained_pair"] = rows
         torch.set_num_threads(args.threads)
 

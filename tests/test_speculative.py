@@ -289,3 +289,36 @@ def test_one_row_greedy_path_matches_the_batched_path(pair, k):
                 assert (one.tokens, one.rounds, one.proposed, one.accepted, one.per_round) == (
                     reference.tokens, reference.rounds, reference.proposed, reference.accepted,
                     reference.per_round), (index, steps, stop)
+
+
+@pytest.mark.parametrize("length", [1, 16, 32, 33])
+def test_short_prompts_go_through_the_native_chunk(length, monkeypatch):
+    """prefill_and_plan: a prompt of at most NATIVE_PROMPT_TOKENS ids (no padding) is read by the
+    plan's native chunk, a longer one by the modules; either way the logits and the cache are the
+    modules' (to float32 rounding) and the steps after it give the same tokens."""
+    import importlib
+
+    from mmafm.inference import build_plan, prefill
+    from mmafm.inference import kernels as native
+
+    gen = importlib.import_module("mmafm.inference.generate")  # the module (the package exports the function)
+
+    if not native.kernels_available():
+        pytest.skip(f"native kernel unavailable: {native.kernels_unavailable_reason()}")
+    model = _model(5, vocab_size=300, dim=48, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=24, ffn_dim=96)
+    ids = torch.randint(1, 300, (1, length), generator=torch.Generator().manual_seed(length))
+    used = []
+    monkeypatch.setattr(gen, "prefill", lambda *a, **k: used.append("modules") or prefill(*a, **k))
+    with torch.no_grad():
+        reference_cache, cache = model.new_cache(1, length + 4), model.new_cache(1, length + 4)
+        want = prefill(model, reference_cache, ids)  # (1, V)
+        got, plan = gen.prefill_and_plan(model, cache, ids)
+        assert used == ([] if length <= gen.NATIVE_PROMPT_TOKENS else ["modules"])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert cache.length == reference_cache.length == length
+        assert torch.equal(cache.next_position, reference_cache.next_position)
+        for layer, reference in zip(cache.layers, reference_cache.layers):
+            torch.testing.assert_close(layer.read(length)[0], reference.read(length)[0], rtol=1e-4, atol=1e-4)
+        next_token = want.argmax(dim=-1)
+        torch.testing.assert_close(plan.step(next_token), build_plan(model, reference_cache).step(next_token),
+                                   rtol=1e-4, atol=1e-4)
