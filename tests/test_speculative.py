@@ -322,3 +322,32 @@ def test_short_prompts_go_through_the_native_chunk(length, monkeypatch):
         next_token = want.argmax(dim=-1)
         torch.testing.assert_close(plan.step(next_token), build_plan(model, reference_cache).step(next_token),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_short_prompt_with_sliding_window_layers_uses_the_modules(monkeypatch):
+    """The chunk kernel takes linear caches only: a model with windowed (ring) layers reads even a
+    short prompt through the modules (prefill, with its linear dispatch), and generates what the
+    module path gives step by step."""
+    import importlib
+
+    from mmafm.inference import prefill
+
+    gen = importlib.import_module("mmafm.inference.generate")
+    used = []
+    monkeypatch.setattr(gen, "prefill", lambda *a, **k: used.append("modules") or prefill(*a, **k))
+    torch.manual_seed(0)
+    model = mmafm.create_model("afm_2024_device_tiny", local_global_pattern=(1, 1), sliding_window=4).eval()
+    prompt = [[5, 6, 7, 8, 9, 10]]
+    with torch.no_grad():
+        cache = model.new_cache(1, 30)
+        assert cache.windows
+        logits, plan = gen.prefill_and_plan(model, cache, torch.tensor(prompt))
+        assert used == ["modules"]
+        reference = prefill(model, model.new_cache(1, 30), torch.tensor(prompt))
+    torch.testing.assert_close(logits, reference)
+    tokens = generate(model, prompt, 12)[0]
+    with torch.no_grad():
+        ids = list(prompt[0])
+        for _ in range(12):  # greedy by full forwards of the modules
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert tokens == ids[len(prompt[0]):]

@@ -148,10 +148,10 @@ def prefill_and_plan(
 ) -> tuple[torch.Tensor, Any]:  # (B, V) float32 logits of the last position, the DecodePlan
     """:func:`prefill`, then the decode plan (:func:`~mmafm.inference.plan.build_plan`) for the
     steps after it; a prompt of at most :data:`NATIVE_PROMPT_TOKENS` token ids without padding is
-    read by the plan's native chunk instead, when the plan runs the whole model natively (the same
-    K/V and logits to float32 rounding)."""
-    if (input_ids is not None and inputs_embeds is None and attention_mask is None
-            and 0 < input_ids.numel() <= NATIVE_PROMPT_TOKENS):
+    read by the plan's native chunk instead, when the plan runs the whole model natively and no
+    layer keeps a sliding-window ring (the same K/V and logits to float32 rounding)."""
+    if (input_ids is not None and inputs_embeds is None and attention_mask is None and not cache.windows
+            and 0 < input_ids.numel() <= NATIVE_PROMPT_TOKENS):  # the chunk kernel takes linear caches only
         plan = build_plan(model, cache)
         if plan.whole_step:
             return plan.chunk(input_ids)[:, -1], plan  # (B, V)
