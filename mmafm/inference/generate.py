@@ -152,9 +152,10 @@ def prefill_and_plan(
     layer keeps a sliding-window ring (the same K/V and logits to float32 rounding)."""
     if (input_ids is not None and inputs_embeds is None and attention_mask is None and not cache.windows
             and 0 < input_ids.numel() <= NATIVE_PROMPT_TOKENS):  # the chunk kernel takes linear caches only
-        plan = build_plan(model, cache)
+        plan = build_plan(model, cache)  # no padding: the prompt changes nothing the plan decides on
         if plan.whole_step:
             return plan.chunk(input_ids)[:, -1], plan  # (B, V)
+        return prefill(model, cache, input_ids), plan
     logits = prefill(model, cache, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
     return logits, build_plan(model, cache)
 
