@@ -10,7 +10,7 @@ from torch import nn
 
 import mmafm
 from mmafm.compress import compress_model, dequantized_copy, set_act_dtype
-from mmafm.compress.packed import PackedLinear, pack_codes, unpack_codes
+from mmafm.compress.packed import Packed, PackedLinear, pack_codes, unpack_codes
 from mmafm.inference import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.kernels_available(), reason="native kernels unavailable")
@@ -72,13 +72,19 @@ def test_int8_tables_within_half_a_step():
     assert (rebuilt - table).abs().le(affine[:, 1:] / 2 + 1e-6).all()
     assert torch.equal(rebuilt[3], table[3]) and codes.min() == 0 and int(codes.max()) == 255
     assert torch.allclose(rebuilt.amin(1), table.amin(1)) and torch.allclose(rebuilt.amax(1), table.amax(1), atol=1e-6)
+    table[7, 2], table[7, 9] = float("inf"), float("-inf")  # entries no code reads (an empty k-means cluster)
+    finite = table[7][torch.isfinite(table[7])]
+    codes, affine = kernels.int8_tables(table)
+    assert torch.isfinite(affine).all() and float(affine[7, 0]) == float(finite.min())
+    assert int(codes[7, 2]) == 255 and int(codes[7, 9]) == 0
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_q8_gemv_equals_the_reference_of_the_same_math(bits):
     """Whole 64-column spans (vector path), a tail of < 64 columns and a partial block (scalar),
     tables per 16 rows, per row and one for all rows (the uniform scheme's grid), a row scale,
-    1-8 rows, one and two threads."""
+    1-8 rows, one and two threads. 8 bits: the kernel reads the codes mapped to their u8 values
+    (kernels.int8_codes), the reference looks them up in the tables."""
     generator = torch.Generator().manual_seed(bits)
     shapes = [(96, 64, 16), (50, 37, 16), (40, 256, 1), (33, 200, 16), (600, 576, 16), (70, 128, 70)]  # last: one table
     for out, cols, group_rows in shapes:
@@ -88,29 +94,47 @@ def test_q8_gemv_equals_the_reference_of_the_same_math(bits):
         for batch, threads, scaled in [(1, 1, False), (3, 2, True), (8, 1, False), (1, 2, True)]:
             row_scale = torch.rand(out, generator=generator) + 0.5 if scaled else None
             x = torch.randn(batch, cols, generator=generator)
-            y = kernels.q8_linear(x, pack_codes(codes, bits), qtable, qaffine, bits, group_rows, row_scale, threads)
+            packed = kernels.int8_codes(codes, qtable, group_rows) if bits == 8 else pack_codes(codes, bits)
+            y = kernels.q8_linear(x, packed, qtable, qaffine, bits, group_rows, row_scale, threads)
             reference, bound = q8_gemv_reference(x.numpy(), codes.numpy(), qtable.numpy(), qaffine.numpy(), group_rows,
                                                  None if row_scale is None else row_scale.numpy())
             error = np.abs(y.numpy() - reference)
             assert (error <= 1e-5 * bound + 1e-6).all(), (bits, out, cols, batch, error.max())
 
 
+def _int8_weight(module) -> torch.Tensor:  # (out, in) float32
+    """A packed matrix's weight as the int8 path reads it: through int8_tables (any bit width)."""
+    codes, table, bits, group_rows, row_scale = module.lut_operands()
+    qtable, qaffine = kernels.int8_tables(table)
+    groups = torch.arange(module.rows) // group_rows
+    unpacked = unpack_codes(codes, bits, module.cols)  # (out, in)
+    weight = qaffine[groups, :1] + qaffine[groups, 1:] * qtable[groups[:, None], unpacked].float()  # (out, in)
+    return weight if row_scale is None else weight * row_scale[:, None]
+
+
+def _q8_input(x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., in): x through the Q8_0 reference
+    rows = x.reshape(-1, x.shape[-1]).numpy()
+    q, d = q8_reference(rows)
+    return torch.from_numpy(q.astype(np.float32) * np.repeat(d, 32, axis=1)[:, : x.shape[-1]]).reshape(x.shape)
+
+
 def _q8_reference_copy(model: nn.Module) -> tuple[nn.Module, dict]:
-    """The dequantized model with every 2-/4-bit packed linear replaced by the int8 math in torch
-    (its weight read through int8_tables, its input through the Q8_0 reference in a pre-hook),
-    and the switch of that math: ``{"on": False}`` = the exact dequantized model (prefill, as
-    our model's prefill runs the float modules)."""
+    """The dequantized model with every packed linear (2, 4 or 8 bits) and the packed tied head
+    replaced by the int8 math in torch (the weight read through int8_tables, the input through
+    the Q8_0 reference), and the switch of that math: ``{"on": False}`` = the exact dequantized
+    model (prefill, as our model's prefill runs the float modules)."""
     reference, switch = dequantized_copy(model), {"on": False}
+    if isinstance(model.embed, Packed) and model.config.tie_embeddings:
+        head, plain = _int8_weight(model.embed), reference.logits
+
+        def logits(hidden):  # the head of the int8 path; the input embedding stays the float table
+            return torch.nn.functional.linear(_q8_input(hidden), head).float() if switch["on"] else plain(hidden)
+
+        reference.logits = logits
     for name, module in model.named_modules():
-        if not (isinstance(module, PackedLinear) and module.bits in (2, 4)):
+        if not isinstance(module, PackedLinear):
             continue
-        codes, table, bits, group_rows, row_scale = module.lut_operands()
-        qtable, qaffine = kernels.int8_tables(table)
-        groups = torch.arange(module.rows) // group_rows
-        unpacked = unpack_codes(codes, bits, module.cols)  # (out, in)
-        weight = qaffine[groups, :1] + qaffine[groups, 1:] * qtable[groups[:, None], unpacked].float()  # (out, in)
-        if row_scale is not None:
-            weight = weight * row_scale[:, None]
+        weight = _int8_weight(module)
         linear = reference.get_submodule(name)
         linear.register_buffer("int8_weight", weight)
         linear.register_buffer("float_weight", linear.weight.data.clone())
@@ -120,10 +144,7 @@ def _q8_reference_copy(model: nn.Module) -> tuple[nn.Module, dict]:
             if not switch["on"]:
                 return None
             (x,) = args
-            rows = x.reshape(-1, x.shape[-1]).numpy()
-            q, d = q8_reference(rows)
-            x_hat = q.astype(np.float32) * np.repeat(d, 32, axis=1)[:, : x.shape[-1]]
-            return (torch.from_numpy(x_hat).reshape(x.shape),)
+            return (_q8_input(x),)
 
         linear.register_forward_pre_hook(quantize_input)
     return reference, switch
@@ -162,9 +183,10 @@ def test_int8_whole_step_equals_the_int8_reference_and_stays_near_the_float_path
     assert plan.whole_step and "int8 activations" in plan.describe(), plan.describe()
     # (a) the same math, float32 summation order apart; except that an activation within ~1e-7 of a
     # rounding boundary may round the other way here than there (its inputs come out of C and of
-    # torch with float32 differences), a one-level step on one activation: rare and small
+    # torch with float32 differences), a one-level step on one activation: rare and small (the
+    # 8-bit head quantizes one more input per step, the final norm's output: 4 of 32 steps here)
     errors = torch.tensor([float((ours - theirs).abs().max()) for ours, theirs in pairs])
-    assert float((errors <= 1e-4).float().mean()) >= 0.9 and float(errors.max()) < 5e-3, errors
+    assert float((errors <= 1e-4).float().mean()) >= 0.8 and float(errors.max()) < 5e-3, errors
     ours = torch.stack([p[0] for p in pairs])  # (T, B, V)
     exact = torch.stack([p[0] for p in float_pairs])
     relative = float((ours - exact).norm() / exact.norm())

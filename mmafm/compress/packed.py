@@ -108,7 +108,7 @@ class Packed(nn.Module):
             self.register_buffer("row_scale", torch.ones(rows, dtype=torch.float16, device=device))
         self._table_cache: tuple | None = None
         # decode-time choice, not stored in checkpoints: "int8" = the whole packed decode step reads
-        # this 2-/4-bit weight with Q8_0 activations and integer dot products (set_act_dtype)
+        # this 2-/4-/8-bit weight with Q8_0 activations and integer dot products (set_act_dtype)
         self.act_dtype = "float32"
 
     def _apply(self, fn, recurse=True):
@@ -255,7 +255,7 @@ def set_act_dtype(model: nn.Module, act_dtype: str) -> int:
     packed weights of ``model`` with: ``"float32"`` (default: the exact float path, logits equal to
     the dequantized model's up to summation order) or ``"int8"`` (opt-in: each GEMV input quantized
     to int8 per block of 32 with a float scale, like llama.cpp's Q8_0, and integer dot products
-    against int8 tables for 2-/4-bit weights, ``csrc/q8.c``; 8-bit and float matrices stay float).
+    against int8 tables for 2-/4-/8-bit weights, ``csrc/q8.c``; float matrices stay float).
     Returns how many packed modules were set."""
     if act_dtype not in ACT_DTYPES:
         raise ValueError(f"act_dtype must be one of {ACT_DTYPES}, got {act_dtype!r}")

@@ -94,6 +94,8 @@ __all__ = [
     "lora_layer",
     "lut_linear",
     "int8_tables",
+    "int8_codes",
+    "affine_tables",
     "q8_quantize",
     "q8_linear",
     "PackedMatrix",
@@ -822,13 +824,33 @@ def int8_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (G
     """The tables of the int8-activation path (``csrc/q8.c``): each group's float32 entries as u8
     codes ``u`` of an affine grid, ``table ~ offset + step * u`` with 255 steps from the group's
     smallest entry to its largest (error <= step / 2; a constant table: step 0, u 0, exact).
+    The grid spans the finite entries only: an entry no code reads may be infinite (measured: an
+    empty k-means cluster in SmolLM2's 8-bit tables), and would otherwise make every step
+    infinite; a non-finite entry gets the grid's nearest end.
     Returns ``(u, affine)``, ``affine[g] = (offset, step)`` float32."""
     table = table.float()
-    low, high = table.amin(1, keepdim=True), table.amax(1, keepdim=True)  # (G, 1)
+    finite = torch.isfinite(table)
+    low = torch.where(finite, table, torch.full_like(table, float("inf"))).amin(1, keepdim=True)  # (G, 1)
+    high = torch.where(finite, table, torch.full_like(table, float("-inf"))).amax(1, keepdim=True)  # (G, 1)
+    low, high = torch.where(finite.any(1, keepdim=True), low, 0.0), torch.where(finite.any(1, keepdim=True), high, 0.0)
+    table = torch.where(finite, table, torch.where(table > 0, high, low))
     step = (high - low) / 255
     inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
     codes = torch.round((table - low) * inverse).clamp_(0, 255).to(torch.uint8)
     return codes.contiguous(), torch.cat([low, step], 1).contiguous()
+
+
+def int8_codes(codes: torch.Tensor, qtable: torch.Tensor, group_rows: int) -> torch.Tensor:  # (out, in) uint8
+    """8-bit codes (out, in) as the int8 path reads them: each code replaced by its group's
+    :func:`int8_tables` value ``u``, so the kernel feeds the bytes to its integer dot products
+    as they are (no 256-entry lookup per weight); made once, when a step is built."""
+    groups = torch.arange(codes.shape[0]) // group_rows  # (out,)
+    return torch.gather(qtable[groups], 1, codes.long()).contiguous()  # (out, in)
+
+
+def affine_tables(qaffine: torch.Tensor, levels: int = 256) -> torch.Tensor:  # (G, 2) -> (G, levels) float32
+    """The float tables of :func:`int8_codes`' values: ``offset + step * u`` for u = 0..levels-1."""
+    return (qaffine[:, :1] + qaffine[:, 1:] * torch.arange(levels, dtype=_F32)).contiguous()
 
 
 def q8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # (N, in) -> (N, in), (N, ceil(in / 32))
@@ -854,11 +876,12 @@ def q8_linear(
     row_scale: torch.Tensor | None = None,  # (out,) float32
     threads: int | None = None,
 ) -> torch.Tensor | None:  # (N, out) float32
-    """The int8-activation GEMV of a 2-/4-bit packed weight (``csrc/q8.c``, what a
+    """The int8-activation GEMV of a 2-/4-/8-bit packed weight (``csrc/q8.c``, what a
     :class:`PackedDecodeStep` built with ``int8_activations`` runs): x quantized to Q8_0, integer
-    dot products against the u8 tables; None where the kernel does not apply."""
+    dot products against the u8 tables; None where the kernel does not apply. At 8 bits ``codes``
+    are :func:`int8_codes` (the u8 values; ``qtable`` is then not read)."""
     library = kernels()
-    if library is None or x.dim() != 2 or not 0 < x.shape[0] <= MAX_ROWS or bits not in (2, 4):
+    if library is None or x.dim() != 2 or not 0 < x.shape[0] <= MAX_ROWS or bits not in (2, 4, 8):
         return None
     out, stride = codes.shape
     if not (codes.dtype == torch.uint8 == qtable.dtype and kernel_ready(torch.uint8, codes, qtable)
@@ -876,8 +899,11 @@ def q8_linear(
 
 def _matrix(operand, out: int, in_features: int, int8_activations: bool = False) -> tuple[PackedMatrix, tuple] | None:
     """``(PackedMatrix, tensors to keep alive)`` for a float32 (out, in) weight or LUT operands of
-    that shape, or None where the kernel cannot read them. ``int8_activations``: 2-/4-bit
-    matrices also carry :func:`int8_tables`, so the step reads them on the int8 path."""
+    that shape, or None where the kernel cannot read them. ``int8_activations``: 2-/4-/8-bit
+    matrices also carry :func:`int8_tables`, so the step reads them on the int8 path; an 8-bit
+    matrix's codes are then replaced by :func:`int8_codes` (a copy, one byte per weight) and its
+    float table by :func:`affine_tables`, so the float path (chunks of more than 8 rows) reads the
+    same weights as the int8 path."""
     if isinstance(operand, torch.Tensor):
         if not (kernel_ready(_F32, operand) and operand.shape == (out, in_features)):
             return None
@@ -890,11 +916,12 @@ def _matrix(operand, out: int, in_features: int, int8_activations: bool = False)
         and group_rows >= 1 and table.shape[0] * group_rows >= out and (row_scale is None or row_scale.shape == (out,))
     ):
         return None
-    kept = (codes, table) + (() if row_scale is None else (row_scale,))
     qtable = qaffine = None
-    if int8_activations and bits in (2, 4):
+    if int8_activations:
         qtable, qaffine = int8_tables(table)
-        kept += (qtable, qaffine)
+        if bits == 8:
+            codes, table = int8_codes(codes[:, :in_features], qtable, group_rows), affine_tables(qaffine)
+    kept = (codes, table) + (() if row_scale is None else (row_scale,)) + (() if qtable is None else (qtable, qaffine))
     return PackedMatrix(codes.data_ptr(), table.data_ptr(), _ptr(row_scale), codes.shape[1], group_rows, bits,
                         _ptr(qtable), _ptr(qaffine)), kept
 
@@ -949,7 +976,7 @@ class PackedDecodeStep:
     cache. Called like :class:`DecodeStep`; built by :func:`packed_decode_step`.
 
     ``int8_activations`` (opt-in; default the float path, whose logits equal the dequantized
-    model's): every 2-/4-bit matrix built with it reads Q8_0-quantized inputs through
+    model's): every 2-/4-/8-bit matrix built with it reads Q8_0-quantized inputs through
     :func:`int8_tables` with integer dot products (``csrc/q8.c``), llama.cpp's kind of arithmetic;
     its logits then follow that quantized math, not the dequantized model's."""
 

@@ -206,7 +206,7 @@ static void lut_multi_gemv(const float* x, float* xp, q8_input* q8, const mmafm_
                            float* y, long batch, long in, int nthreads) {
   lut_multi_job job = {{m0, m1, m2}, {out0, m1 ? out1 : 0, m2 ? out2 : 0}, x, xp, y, batch, in, 0, NULL};
   job.ystride = job.out[0] + job.out[1] + job.out[2];
-  int needs_permuted = 0, needs_q8[2] = {0, 0};
+  int needs_permuted = 0, needs_q8[3] = {0, 0, 0};
   long bytes = 0;
   for (int k = 0; k < 3; ++k)
     if (job.m[k] && job.out[k]) {
@@ -214,10 +214,11 @@ static void lut_multi_gemv(const float* x, float* xp, q8_input* q8, const mmafm_
       needs_permuted |= job.m[k]->bits == 4 && !int8;
       needs_q8[0] |= int8 && job.m[k]->bits == 4;
       needs_q8[1] |= int8 && job.m[k]->bits == 2;
+      needs_q8[2] |= int8 && job.m[k]->bits == 8;
       bytes += lut_row_bytes(job.m[k], in) * job.out[k];
     }
   if (needs_permuted) lut_permute_x(x, xp, batch, in);
-  if (needs_q8[0] || needs_q8[1]) {
+  if (needs_q8[0] || needs_q8[1] || needs_q8[2]) {
     q8_quantize(q8, x, batch, in, needs_q8);
     job.q8 = q8;
   }

@@ -1,4 +1,4 @@
-/* The opt-in int8-activation path of the packed decode (lut.c): integer dot products for 2-/4-bit
+/* The opt-in int8-activation path of the packed decode (lut.c): integer dot products for 2-/4-/8-bit
    palettized weights, the way llama.cpp's Q4_0 x Q8_0 runs, but over a lookup table.
 
    The math, exact up to float32 summation order (tests/test_compress_q8.py checks it against a
@@ -26,6 +26,10 @@
      4, masked to nibbles: 128-bit lane L, byte k holds column (L & 1) * 32 + 2k + (L >> 1);
    - 2 bits: 16 code bytes broadcast to 4 lanes, lane L shifted by 2L: lane L, byte k holds
      column 4k + L.
+   - 8 bits: the codes are the u8 values themselves, in column order (no table lookup in the
+     kernel: kernels.py maps each code through its group's int8_tables codes once, when the step
+     is built, and gives the float path the affine grid as its table, so both paths read the
+     same weights); 64 code bytes are one vpdpbusd operand as they are, llama.cpp's Q8_0 x Q8_0.
    With AVX2 only (no VNNI), the same lane order in two 256-bit halves: the u8 weights and int8
    activations widened to int16 16 at a time, vpmaddwd (exact: no saturation) into 8 int32 lanes,
    each pair of columns in one block. Columns past the last whole 64 take the scalar loop, which is
@@ -57,9 +61,9 @@ typedef struct {
   int8_t* q;        /* (batch, capacity) natural order */
   float* d;         /* (batch, capacity / 32 + 1) block scales */
   float* s0;        /* (batch,) sum_k d_k sum_{i in k} q_i */
-  int8_t* lanes[2]; /* 4-bit, 2-bit order: (batch, capacity), whole spans of 64 only */
-  float* lane_d[2]; /* (batch, capacity / 4) the block scale of each int32 lane */
-  float* pair_d[2]; /* (batch, capacity / 2) the block scale of each pair of lanes (AVX2 path) */
+  int8_t* lanes[3]; /* 4-bit, 2-bit, 8-bit (natural) order: (batch, capacity), whole spans of 64 only */
+  float* lane_d[3]; /* (batch, capacity / 4) the block scale of each int32 lane */
+  float* pair_d[3]; /* (batch, capacity / 2) the block scale of each pair of lanes (AVX2 path) */
   void* block;
 } q8_input;
 
@@ -70,7 +74,7 @@ static void q8_free(q8_input* a) {
 
 static int q8_alloc(q8_input* a, long batch, long capacity) {
   const long blocks = capacity / Q8_BLOCK + 1, lanes = capacity / 4 + 1, pairs = capacity / 2 + 1;
-  const size_t floats = (size_t)batch * (blocks + 1 + 2 * lanes + 2 * pairs), bytes = (size_t)batch * 3 * capacity;
+  const size_t floats = (size_t)batch * (blocks + 1 + 3 * lanes + 3 * pairs), bytes = (size_t)batch * 4 * capacity;
   a->block = malloc(sizeof(float) * floats + bytes + 64);
   if (!a->block) return 1;
   a->batch = batch;
@@ -80,32 +84,40 @@ static int q8_alloc(q8_input* a, long batch, long capacity) {
   a->s0 = a->d + batch * blocks;
   a->lane_d[0] = a->s0 + batch;
   a->lane_d[1] = a->lane_d[0] + batch * lanes;
-  a->pair_d[0] = a->lane_d[1] + batch * lanes;
+  a->lane_d[2] = a->lane_d[1] + batch * lanes;
+  a->pair_d[0] = a->lane_d[2] + batch * lanes;
   a->pair_d[1] = a->pair_d[0] + batch * pairs;
-  int8_t* q = (int8_t*)(a->pair_d[1] + batch * pairs);
+  a->pair_d[2] = a->pair_d[1] + batch * pairs;
+  int8_t* q = (int8_t*)(a->pair_d[2] + batch * pairs);
   a->q = q;
   a->lanes[0] = q + batch * capacity;
   a->lanes[1] = a->lanes[0] + batch * capacity;
+  a->lanes[2] = a->lanes[1] + batch * capacity;
   return 0;
 }
 
 /* column (within a span of 64) of the code at byte position p of the vector kernel's register */
 static inline long q8_lane_column(int bits, long p) {
   const long lane = p / 16, k = p % 16;
+  if (bits == 8) return p;  /* a code byte per column, in order */
   return bits == 4 ? (lane & 1) * 32 + 2 * k + (lane >> 1) : 4 * k + lane;
 }
 
-/* q8_lane_column of every position, for 4 bits ([0]) and 2 bits ([1]), made once */
-static unsigned char q8_order[2][Q8_SPAN];
+/* the lane order (index into q8_input's lanes) of a bit width */
+static inline int q8_order_of(int bits) { return bits == 4 ? 0 : bits == 2 ? 1 : 2; }
+
+/* q8_lane_column of every position, for 4 bits ([0]), 2 bits ([1]) and 8 bits ([2]), made once */
+static unsigned char q8_order[3][Q8_SPAN];
 static pthread_once_t q8_order_once = PTHREAD_ONCE_INIT;
 static void q8_order_init(void) {
-  for (int order = 0; order < 2; ++order)
-    for (long p = 0; p < Q8_SPAN; ++p) q8_order[order][p] = (unsigned char)q8_lane_column(order == 0 ? 4 : 2, p);
+  static const int widths[3] = {4, 2, 8};
+  for (int order = 0; order < 3; ++order)
+    for (long p = 0; p < Q8_SPAN; ++p) q8_order[order][p] = (unsigned char)q8_lane_column(widths[order], p);
 }
 
-/* x (batch, in) -> Q8_0 blocks (natural order), S0, and the lane orders `need[0]` (4-bit) and
-   `need[1]` (2-bit) ask for; in <= capacity */
-static void q8_quantize(q8_input* a, const float* x, long batch, long in, const int need[2]) {
+/* x (batch, in) -> Q8_0 blocks (natural order), S0, and the lane orders `need[0]` (4-bit),
+   `need[1]` (2-bit) and `need[2]` (8-bit) ask for; in <= capacity */
+static void q8_quantize(q8_input* a, const float* x, long batch, long in, const int need[3]) {
   const long blocks = a->capacity / Q8_BLOCK + 1, lanes = a->capacity / 4 + 1;
   a->batch = batch;
   a->in = in;
@@ -144,7 +156,7 @@ static void q8_quantize(q8_input* a, const float* x, long batch, long in, const 
     a->s0[b] = s0;
     const long whole = in / Q8_SPAN * Q8_SPAN;
     pthread_once(&q8_order_once, q8_order_init);
-    for (int order = 0; order < 2; ++order) {
+    for (int order = 0; order < 3; ++order) {
       if (!need[order]) continue;
       const unsigned char* column = q8_order[order];
       int8_t* lane_q = a->lanes[order] + b * a->capacity;
@@ -173,7 +185,8 @@ static float q8_row_scalar(const unsigned char* row, const unsigned char* u, con
     int32_t sum = 0;
     for (; i < hi; ++i) {
       const long bit = i * bits;
-      sum += (int32_t)u[(row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1)] * q[i];
+      const int code = (row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
+      sum += (int32_t)(bits == 8 ? code : u[code]) * q[i];  /* 8 bits: the code is the u8 value */
     }
     s1 += d[k] * (float)sum;
   }
@@ -182,6 +195,7 @@ static float q8_row_scalar(const unsigned char* row, const unsigned char* u, con
 
 #if Q8_VNNI
 static inline __m512i q8_table(const unsigned char* u, int bits) {  /* the u8 table in every 128-bit lane */
+  if (bits == 8) return _mm512_setzero_si512();  /* unused: 8-bit codes are the u8 values (see q8_rows) */
   if (bits == 4) return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)u));
   int word;
   memcpy(&word, u, 4);
@@ -213,7 +227,8 @@ static inline __attribute__((always_inline)) void q8_spans(const unsigned char* 
 #if Q8_PREFETCH > 0
       _mm_prefetch((const char*)(rows[r] + at + Q8_PREFETCH), _MM_HINT_T0);
 #endif
-      const __m512i w = _mm512_shuffle_epi8(tables[r], q8_codes(rows[r] + at, bits));
+      const __m512i w = bits == 8 ? _mm512_loadu_si512(rows[r] + at)
+                                  : _mm512_shuffle_epi8(tables[r], q8_codes(rows[r] + at, bits));
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xq);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dk, acc[r]);
     }
@@ -230,7 +245,14 @@ static float q8_row_avx2(const unsigned char* row, const unsigned char* u, const
   memcpy(&word, u, 4);
   const __m256i table = _mm256_broadcastsi128_si256(bits == 4 ? _mm_loadu_si128((const __m128i*)u) : _mm_cvtsi32_si128(word));
   __m256 acc = _mm256_setzero_ps();
-  for (long span = 0; span < whole; span += Q8_SPAN) {
+  for (long span = 0; bits == 8 && span < whole; span += Q8_SPAN)  /* 8 bits: the codes are the u8 values */
+    for (int g = 0; g < 4; ++g) {
+      const long at = span + 16 * g;
+      const __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(row + at)));
+      const __m256i x16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(lane_q + at)));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w16, x16)), _mm256_loadu_ps(pair_d + at / 2), acc);
+    }
+  for (long span = 0; bits != 8 && span < whole; span += Q8_SPAN) {
     __m256i codes[2];
     if (bits == 4) {  /* [A | B] -> low nibbles (positions 0-31), high nibbles (32-63) */
       const __m256i v = _mm256_loadu_si256((const __m256i*)(row + span / 2));
@@ -258,7 +280,7 @@ static float q8_row_avx2(const unsigned char* row, const unsigned char* u, const
 }
 #endif
 
-/* rows [begin, end) of a 2-/4-bit matrix with int8 tables against the quantized input a:
+/* rows [begin, end) of a 2-/4-/8-bit matrix with int8 tables against the quantized input a:
    y[b * ystride + o] */
 static void q8_rows(const mmafm_matrix_t* m, const q8_input* a, float* y, long ystride, long begin, long end) {
   const int bits = (int)m->bits;
@@ -272,7 +294,7 @@ static void q8_rows(const mmafm_matrix_t* m, const q8_input* a, float* y, long y
     float s1[4];
 #if Q8_VNNI
     const long whole = in / Q8_SPAN * Q8_SPAN;
-    const int order = bits == 4 ? 0 : 1;
+    const int order = q8_order_of(bits);
     const int8_t* lane_q = a->lanes[order] + b * a->capacity;
     const float* lane_d = a->lane_d[order] + b * (a->capacity / 4 + 1);
     while (o < end) {  /* four rows at a time, then one */
@@ -295,7 +317,7 @@ static void q8_rows(const mmafm_matrix_t* m, const q8_input* a, float* y, long y
     }
 #elif Q8_AVX2
     const long whole = in / Q8_SPAN * Q8_SPAN;
-    const int order = bits == 4 ? 0 : 1;
+    const int order = q8_order_of(bits);
     const int8_t* lane_q = a->lanes[order] + b * a->capacity;
     const float* pair_d = a->pair_d[order] + b * (a->capacity / 2 + 1);
     for (; o < end; ++o) {
@@ -316,14 +338,14 @@ static void q8_rows(const mmafm_matrix_t* m, const q8_input* a, float* y, long y
   }
 }
 
-/* the int8 path applies to this matrix: 2-/4-bit codes with int8 tables */
+/* the int8 path applies to this matrix: 2-/4-/8-bit codes with int8 tables (8 bits: codes mapped to their u8 values) */
 static inline int q8_applies(const mmafm_matrix_t* m) {
-  return m && (m->bits == 2 || m->bits == 4) && m->qtable && m->qaffine;
+  return m && (m->bits == 2 || m->bits == 4 || m->bits == 8) && m->qtable && m->qaffine;
 }
 
 void mmafm_q8_quantize(const float* x, signed char* q, float* d, long rows, long in) {
   q8_input a;
-  const int need[2] = {0, 0};
+  const int need[3] = {0, 0, 0};
   if (rows < 1 || in < 1 || q8_alloc(&a, 1, in)) return;
   for (long r = 0; r < rows; ++r) {
     q8_quantize(&a, x + r * in, 1, in, need);
@@ -350,12 +372,12 @@ int mmafm_q8_gemv_f32(const float* x, const unsigned char* codes, const unsigned
                       long group_rows, int nthreads) {
   const mmafm_matrix_t m = {.data = codes, .row_scale = row_scale, .code_stride = code_stride,
                             .group_rows = group_rows, .bits = bits, .qtable = qtable, .qaffine = qaffine};
-  if ((bits != 2 && bits != 4) || batch < 1 || batch > 8 || group_rows < 1 || code_stride * 8 < in * bits
+  if ((bits != 2 && bits != 4 && bits != 8) || batch < 1 || batch > 8 || group_rows < 1 || code_stride * 8 < in * bits
       || !qtable || !qaffine)
     return 2;
   q8_input a;
   if (q8_alloc(&a, batch, in)) return 1;
-  const int need[2] = {bits == 4, bits == 2};
+  const int need[3] = {bits == 4, bits == 2, bits == 8};
   q8_quantize(&a, x, batch, in, need);
   q8_job job = {&m, &a, y, out};
   const long grain = (16384L + code_stride - 1) / code_stride;
