@@ -199,6 +199,24 @@ def test_generate_runs_on_a_packed_model():
         assert generate(model, prompt, max_new_tokens=6, temperature=0.0) == theirs
 
 
+def test_new_cache_of_a_packed_model_does_not_dequantize_the_embedding(monkeypatch):
+    """A packed embedding's ``.weight`` dequantizes the whole table (0.4 s for SmolLM2's), which
+    ``new_cache`` used to read for its dtype and device on every generate call."""
+    from mmafm.compress.packed import Packed
+
+    model = _tiny()
+    compress_model(model, bits=4, embedding_bits=8)
+
+    def refuse(self):
+        raise AssertionError("dequantized the whole table")
+
+    monkeypatch.setattr(Packed, "dequantize", refuse)
+    cache = model.new_cache(2, 16)
+    assert cache.dtype == torch.float32 and cache.device == model.norm.weight.device
+    with pytest.raises(AssertionError, match="whole table"):
+        model.embed.weight
+
+
 def test_qat_levels_equal_torchao_parq_at_f_one():
     quantizer = pytest.importorskip("torchao.prototype.parq.quant").UnifQuantizer(
         scale_method="max", int_shift=0.5, zero_point=0.5)

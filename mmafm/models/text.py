@@ -518,7 +518,9 @@ class DecoderLM(nn.Module, abc.ABC):
             raise ValueError(
                 f"cache max_len={max_len} exceeds the model's context max_seq_len={self.config.max_seq_len}"
             )
-        weight = self.embed.weight
+        # the embedding's dtype and device; a packed embedding (mmafm.compress) dequantizes its whole
+        # table for .weight (0.4 s for SmolLM2's), so its model's norm gain stands in (float32 there)
+        weight = self.embed.weight if isinstance(self.embed, nn.Embedding) else self.norm.weight
         return KVCache(
             cache_specs(self.config), batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
             dtype=weight.dtype if dtype is None else _as_dtype(dtype), device=weight.device,
