@@ -26,7 +26,7 @@ from mmafm.compress import (
     unpack_codes,
 )
 from mmafm.compress.bits import closed_form_matrix_bits, matrix_bits, text_matrices
-from mmafm.compress.kmeans import kmeans_1d_exact
+from mmafm.compress.kmeans import assign, kmeans_1d_exact
 from mmafm.inference import kernels
 
 
@@ -45,6 +45,21 @@ def test_exact_kmeans_matches_brute_force_on_small_groups():
             for i in range(1, 8) for j in range(i + 1, 9)
         )
         assert _sse(row[None], found[None]).item() == pytest.approx(best, rel=1e-9)
+
+
+def test_kmeans_centroids_stay_within_the_values_at_8_bits():
+    """256 clusters on the summary of 16 x 1,536 values (an 8-bit table of a 1,536-wide linear):
+    clusters made of near-empty summary cells once got centroids up to 1e287 (infinite in the
+    fp16 table; found through SmolLM2's 8-bit LUTs)."""
+    values = torch.randn(4, 24576, generator=torch.Generator().manual_seed(0)) * 0.05
+    centroids = kmeans_1d(values, 256)
+    low, high = values.double().amin(1, keepdim=True), values.double().amax(1, keepdim=True)
+    assert ((centroids >= low) & (centroids <= high)).all()
+    assert torch.isfinite(centroids.half()).all()
+    # and still a good table: within 2% of the exact DP's SSE on a subsample it can solve
+    small = values[:, :512]
+    sse = lambda c: float(((small.double() - c.gather(1, assign(small.double(), c))) ** 2).sum())
+    assert sse(kmeans_1d(small, 16, exact_max=0)) <= 1.02 * sse(kmeans_1d(small, 16))
 
 
 def test_pack_unpack_round_trip():

@@ -72,7 +72,7 @@ def test_int8_tables_within_half_a_step():
     assert (rebuilt - table).abs().le(affine[:, 1:] / 2 + 1e-6).all()
     assert torch.equal(rebuilt[3], table[3]) and codes.min() == 0 and int(codes.max()) == 255
     assert torch.allclose(rebuilt.amin(1), table.amin(1)) and torch.allclose(rebuilt.amax(1), table.amax(1), atol=1e-6)
-    table[7, 2], table[7, 9] = float("inf"), float("-inf")  # entries no code reads (an empty k-means cluster)
+    table[7, 2], table[7, 9] = float("inf"), float("-inf")  # entries no code reads
     finite = table[7][torch.isfinite(table[7])]
     codes, affine = kernels.int8_tables(table)
     assert torch.isfinite(affine).all() and float(affine[7, 0]) == float(finite.min())

@@ -57,7 +57,11 @@ def _dp_weighted(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:  # (
     for c in range(k - 1, -1, -1):
         begin = splits[c - 1][rows, end - 1] if c > 0 else torch.zeros_like(end)
         weight = s0[rows, end] - s0[rows, begin]
-        centroids[:, c] = (s1[rows, end] - s1[rows, begin]) / weight.clamp_min(1e-300)
+        mean = (s1[rows, end] - s1[rows, begin]) / weight.clamp_min(1e-300)
+        # a mean lies within its points; a cluster of only near-empty summary cells (weight
+        # 1e-12) divides float64 cancellation noise by that weight and landed as far out as 1e287
+        # (8-bit tables of 24,576 values: infinite fp16 entries), so it is held to its points' range
+        centroids[:, c] = torch.minimum(torch.maximum(mean, x[rows, begin]), x[rows, end - 1])
         end = begin
     return centroids
 

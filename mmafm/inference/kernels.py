@@ -824,9 +824,9 @@ def int8_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (G
     """The tables of the int8-activation path (``csrc/q8.c``): each group's float32 entries as u8
     codes ``u`` of an affine grid, ``table ~ offset + step * u`` with 255 steps from the group's
     smallest entry to its largest (error <= step / 2; a constant table: step 0, u 0, exact).
-    The grid spans the finite entries only: an entry no code reads may be infinite (measured: an
-    empty k-means cluster in SmolLM2's 8-bit tables), and would otherwise make every step
-    infinite; a non-finite entry gets the grid's nearest end.
+    The grid spans the finite entries only: an entry no code reads may be infinite (SmolLM2's
+    8-bit tables had such entries before ``kmeans_1d`` held its centroids to their points), and
+    would otherwise make every step infinite; a non-finite entry gets the grid's nearest end.
     Returns ``(u, affine)``, ``affine[g] = (offset, step)`` float32."""
     table = table.float()
     finite = torch.isfinite(table)
