@@ -201,3 +201,36 @@ def test_int8_whole_step_equals_the_int8_reference_and_stays_near_the_float_path
         assert "int8" not in build_plan(model, cache).describe()
     with pytest.raises(ValueError, match="act_dtype must be one of"):
         set_act_dtype(model, "int4")
+
+
+def test_the_int8_operands_are_made_once_per_weight(monkeypatch):
+    """Building a plan maps 8-bit codes to their u8 values (kernels.int8_codes); a second plan of
+    the same weights reuses them, and weights changed in place are mapped again."""
+    from mmafm.inference.plan import build_plan
+
+    torch.manual_seed(0)
+    model = mmafm.create_model("afm_2024_device_tiny", vocab_size=256).eval()
+    compress_model(model, bits=8, embedding_bits=8)
+    set_act_dtype(model, "int8")
+    calls = []
+    original = kernels.int8_codes
+    monkeypatch.setattr(kernels, "int8_codes", lambda *args: calls.append(1) or original(*args))
+    ids = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+
+    def logits():
+        with torch.no_grad():
+            cache = model.new_cache(1, 8)
+            plan = build_plan(model, cache)
+            assert plan.whole_step and "int8 activations" in plan.describe()
+            plan.chunk(ids[:, :5])
+            return plan.step(ids[:, 5])
+
+    first = logits()
+    made = len(calls)
+    assert made > 0
+    assert torch.equal(logits(), first) and len(calls) == made  # reused
+    linear = model.layers[0].ffn.w_up
+    with torch.no_grad():
+        linear.codes[:, :8] = linear.codes[:, 8:16].clone()  # in place: the tensor's version moves on
+    changed = logits()
+    assert len(calls) == made + 1 and not torch.equal(changed, first)
