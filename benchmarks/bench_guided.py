@@ -35,7 +35,9 @@ them alike):
   the cache every round, and a bfloat16 draft reads half the bytes when it comes back), and for
   SmolLM2-135M-Instruct with a fitted-exit draft of its first ``--smollm2-draft-layers`` layers
   (:func:`mmafm.train.draft.smollm2_draft`, cached in ``runs/drafts``; float32, and cast to
-  bfloat16, which halves what a draft step reads); against transformers' assisted generation
+  bfloat16, which halves what a draft step reads) or, with ``--smollm2-draft lut8``, SmolLM2
+  itself palettized to 8 bits and decoding with int8 activations (a self-draft reading a quarter
+  of the bytes, ``csrc/q8.c``; no transformers row); against transformers' assisted generation
   (``assistant_model=``) on the same pair exported to transformers, as a ratio to transformers'
   own plain greedy ``generate``. Every row also holds the CPU milliseconds of the native calls a
   round makes (target step, verification chunk of k + 1 tokens, draft step) and the speed-up
@@ -409,6 +411,10 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation (slow)")
     parser.add_argument("--smollm2-draft-layers", type=int, default=6,
                         help="layers of SmolLM2's fitted-exit draft (mmafm.train.draft.smollm2_draft, cached in runs/drafts)")
+    parser.add_argument("--smollm2-draft", choices=("exit", "lut8"), default="exit",
+                        help="SmolLM2's draft: its fitted exit (exit), or SmolLM2 itself palettized to 8 bits "
+                             "(8-bit LUTs and embedding, bench_compress.compressed_smollm2, cached) decoding with "
+                             "int8 activations (lut8): a quarter of the weight bytes, its own greedy tokens")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results: dict = {"threads": args.threads, "date": time.strftime("%Y-%m-%d")}
@@ -504,11 +510,20 @@ def main() -> None:
             from mmafm.train.draft import smollm2_draft
 
             torch.set_num_threads(args.spec_threads)
-            draft, fit = smollm2_draft(model, tokenizer, args.smollm2_draft_layers)
-            results["smollm2_draft_fit"] = fit
             repeats = max(1, args.repeats - 2)
-            for name, candidate in (("speculative_smollm2", draft),
-                                    ("speculative_smollm2_bf16_draft", copy.deepcopy(draft).to(torch.bfloat16))):
+            if args.smollm2_draft == "lut8":  # the target's own weights at 8 bits: a self-draft
+                from bench_compress import compressed_smollm2
+                from mmafm.compress import set_act_dtype
+
+                draft = compressed_smollm2(8, 8).eval()
+                set_act_dtype(draft, "int8")
+                candidates = (("speculative_smollm2_lut8_int8", draft),)
+            else:
+                draft, fit = smollm2_draft(model, tokenizer, args.smollm2_draft_layers)
+                results["smollm2_draft_fit"] = fit
+                candidates = (("speculative_smollm2", draft),
+                              ("speculative_smollm2_bf16_draft", copy.deepcopy(draft).to(torch.bfloat16)))
+            for name, candidate in candidates:
                 results[name] = speculative(model, candidate, prompts, 32, args.k, repeats,
                                             name == "speculative_smollm2" and not args.no_hf)
                 print(name, json.dumps(results[name], indent=1), flush=True)
