@@ -190,6 +190,14 @@ def kernel_bound(costs: dict, acceptance: float, k: int) -> float:
     return (1 + acceptance * k) * costs["target_step"] / (costs[f"target_chunk{k + 1}"] + k * costs["draft_step"])
 
 
+def weight_count(model) -> int:
+    """Parameters, plus the weights of packed modules (mmafm.compress), which are buffers."""
+    from mmafm.compress.packed import Packed
+
+    return sum(p.numel() for p in model.parameters()) + sum(m.rows * m.cols for m in model.modules()
+                                                            if isinstance(m, Packed))
+
+
 def speculative(target, draft, prompts: list[list[int]], steps: int, k: int, repeats: int, hf: bool) -> dict:
     """Speed-up of speculative over plain greedy (ours: :func:`speculative_speedup`, interleaved,
     medians, wall and CPU time), acceptance, the native calls' costs and the speed-up they alone
@@ -202,8 +210,8 @@ def speculative(target, draft, prompts: list[list[int]], steps: int, k: int, rep
     # the goal's corner: acceptance 0.7 and a draft that costs nothing, i.e. whether the target's
     # verification chunk alone (its cost against a step) leaves room for 1.5x
     out["kernel_bound_free_draft_a0.7"] = kernel_bound({**out["costs_ms_cpu"], "draft_step": 0.0}, 0.7, k)
-    out["draft_params_M"] = round(sum(p.numel() for p in draft.parameters()) / 1e6, 3)
-    out["target_params_M"] = round(sum(p.numel() for p in target.parameters()) / 1e6, 3)
+    out["draft_params_M"] = round(weight_count(draft) / 1e6, 3)
+    out["target_params_M"] = round(weight_count(target) / 1e6, 3)
     if hf:
         from mmafm.interop.hf import to_hf
 
