@@ -918,8 +918,8 @@ def _matrix(operand, out: int, in_features: int, int8_activations: bool = False)
     that shape, or None where the kernel cannot read them. ``int8_activations``: 2-/4-/8-bit
     matrices also carry :func:`int8_tables`, so the step reads them on the int8 path; an 8-bit
     matrix's codes are then replaced by :func:`int8_codes` (a copy, one byte per weight) and its
-    float table by :func:`affine_tables`, so the float path (chunks of more than 8 rows) reads the
-    same weights as the int8 path."""
+    float table by :func:`affine_tables`, so a float-path read of the matrix (``csrc/lut.c``'s
+    LUT GEMV) sees the same weights as the int8 path."""
     if isinstance(operand, torch.Tensor):
         if not (kernel_ready(_F32, operand) and operand.shape == (out, in_features)):
             return None

@@ -28,8 +28,8 @@
      column 4k + L.
    - 8 bits: the codes are the u8 values themselves, in column order (no table lookup in the
      kernel: kernels.py maps each code through its group's int8_tables codes once, when the step
-     is built, and gives the float path the affine grid as its table, so both paths read the
-     same weights); 64 code bytes are one vpdpbusd operand as they are, llama.cpp's Q8_0 x Q8_0.
+     is built, and gives the float path the affine grid as its table, so any float read of the
+     matrix sees the same weights); 64 code bytes are one vpdpbusd operand as they are, llama.cpp's Q8_0 x Q8_0.
    With AVX2 only (no VNNI), the same lane order in two 256-bit halves: the u8 weights and int8
    activations widened to int16 16 at a time, vpmaddwd (exact: no saturation) into 8 int32 lanes,
    each pair of columns in one block. Columns past the last whole 64 take the scalar loop, which is
