@@ -36,7 +36,9 @@ alike), medians:
 - ratios against our float32 (issue 15's goal: >= 2.5 at 4 bits) and against llama.cpp Q4_0
   (goal: >= 0.8), in tokens/s and in CPU time per token (llama.cpp's / ours), and 2-bit / 4-bit.
 
-Results go to ``benchmarks/results/compress_<threads>thread.json`` (one file per thread count).
+Results go to ``benchmarks/results/compress_<threads>thread.json`` (one file per thread count;
+other ``--bits`` / ``--embedding-bits`` / ``--per-channel-scale`` add a suffix naming them, e.g.
+``compress_1thread_8bit_emb8.json``).
 """
 
 from __future__ import annotations
@@ -201,6 +203,15 @@ def int8_agreement(model, prompt: torch.Tensor, tokens: int) -> dict[str, float]
             "relative_logit_error": float(((int8 - exact).norm(dim=-1) / exact.norm(dim=-1)).mean())}
 
 
+def _suffix(args) -> str:
+    """The results file's suffix: none for the default models (4- and 2-bit, 4-bit embedding, no row
+    scales), else what differs, so a run of other bits does not overwrite the README's file."""
+    if sorted(args.bits) == [2, 4] and args.embedding_bits == 4 and not args.per_channel_scale:
+        return ""
+    return ("_" + "-".join(str(b) for b in args.bits) + "bit" + ("_emb8" if args.embedding_bits == 8 else "")
+            + ("_rowscale" if args.per_channel_scale else ""))
+
+
 def _shown(value: float | None, unit: str = "") -> str:
     return "invalid (load)" if value is None else f"{value:.2f}{unit}"
 
@@ -302,7 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"{bits}-bit int8 activations / float path: {int8 / exact:.2f}x")
         if "lut2_vs_lut4" in result:
             print(f"2-bit / 4-bit decode: {result['lut2_vs_lut4']:.2f}x")
-        atomic_write_text(Path(__file__).with_name("results") / f"compress_{threads}thread.json",
+        atomic_write_text(Path(__file__).with_name("results") / f"compress_{threads}thread{_suffix(args)}.json",
                           json.dumps(result, indent=2) + "\n")
         results.append(result)
     return results
