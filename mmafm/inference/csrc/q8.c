@@ -308,8 +308,13 @@ static void q8_rows(const mmafm_matrix_t* m, const q8_input* a, float* y, long y
         rows[r] = codes + (o + r) * m->code_stride;
         tables[r] = q8_table(m->qtable + ((o + r) / m->group_rows) * levels, bits);
       }
-      if (R == 4) q8_spans(rows, tables, lane_q, lane_d, whole, bits, 4, s1);
-      else q8_spans(rows, tables, lane_q, lane_d, whole, bits, 1, s1);
+      /* a constant width and row count per call: each its own loop, no width test per span */
+      if (bits == 8) q8_spans(rows, tables, lane_q, lane_d, whole, 8, 1, s1);
+      else if (bits == 4) {
+        if (R == 4) q8_spans(rows, tables, lane_q, lane_d, whole, 4, 4, s1);
+        else q8_spans(rows, tables, lane_q, lane_d, whole, 4, 1, s1);
+      } else if (R == 4) q8_spans(rows, tables, lane_q, lane_d, whole, 2, 4, s1);
+      else q8_spans(rows, tables, lane_q, lane_d, whole, 2, 1, s1);
       for (int r = 0; r < R; ++r) {
         const long row = o + r, g = row / m->group_rows;
         const float total = s1[r] + q8_row_scalar(rows[r], m->qtable + g * levels, q, d, whole, in, bits);
