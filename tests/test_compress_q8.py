@@ -234,3 +234,33 @@ def test_the_int8_operands_are_made_once_per_weight(monkeypatch):
         linear.codes[:, :8] = linear.codes[:, 8:16].clone()  # in place: the tensor's version moves on
     changed = logits()
     assert len(calls) == made + 1 and not torch.equal(changed, first)
+
+
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "float"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_packed_chunk_equals_one_token_steps(int8, batch):
+    """The packed step's chunk (``mmafm_lut_decode_chunk_f32``: several tokens per cache row in one
+    call, each matrix read once for all of them) gives every token the logits and K/V of feeding
+    the tokens one step at a time, bit for bit, across calls (11 tokens: 8 + 3 per row at batch 1,
+    2 per call at batch 3), and refuses a chunk with no room in the cache."""
+    from mmafm.inference.plan import build_plan
+
+    torch.manual_seed(0)
+    model = mmafm.create_model("afm_2024_device_tiny", vocab_size=256).eval()
+    compress_model(model, bits={"layers.0.ffn.w_up": 2, "layers.1.attn.q_proj": 8}, default_bits=4, embedding_bits=8)
+    set_act_dtype(model, "int8" if int8 else "float32")
+    ids = torch.randint(1, 256, (batch, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        caches = [model.new_cache(batch, 16) for _ in range(2)]
+        plans = [build_plan(model, cache) for cache in caches]
+        assert all(plan.whole_step and "packed" in plan.describe() for plan in plans)
+        for plan in plans:
+            plan.chunk(ids[:, :3])  # a shared start
+        chunked = plans[0].chunk(ids[:, 3:14])  # (B, 11, V)
+        stepped = torch.stack([plans[1].step(ids[:, t]) for t in range(3, 14)], 1)
+    assert torch.equal(chunked, stepped)
+    for ours, theirs in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(ours.keys[:, :, :14], theirs.keys[:, :, :14])
+        assert torch.equal(ours.values[:, :, :14], theirs.values[:, :, :14])
+    with pytest.raises(ValueError, match="no room"):
+        plans[0]._step.step.chunk(ids[:, :4], torch.arange(14, 18).expand(batch, 4).contiguous(), 14)

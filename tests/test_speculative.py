@@ -351,3 +351,77 @@ def test_short_prompt_with_sliding_window_layers_uses_the_modules(monkeypatch):
         for _ in range(12):  # greedy by full forwards of the modules
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert tokens == ids[len(prompt[0]):]
+
+
+@pytest.mark.parametrize("length", [40, 64, 65])
+def test_packed_prompts_go_through_the_native_chunk(length, monkeypatch):
+    """A packed model's module path dequantizes every matrix, so prefill_and_plan reads prompts of
+    up to PACKED_NATIVE_PROMPT_TOKENS ids through the packed chunk (8 tokens per native call); the
+    logits and K/V are the modules' to float32 rounding."""
+    import importlib
+
+    from mmafm.compress import compress_model
+    from mmafm.inference import kernels as native
+    from mmafm.inference import prefill
+
+    gen = importlib.import_module("mmafm.inference.generate")
+    if not native.kernels_available():
+        pytest.skip(f"native kernel unavailable: {native.kernels_unavailable_reason()}")
+    model = _model(5, vocab_size=300)
+    compress_model(model, bits=4, embedding_bits=8)
+    ids = torch.randint(1, 300, (1, length), generator=torch.Generator().manual_seed(length))
+    used = []
+    monkeypatch.setattr(gen, "prefill", lambda *a, **k: used.append("modules") or prefill(*a, **k))
+    with torch.no_grad():
+        reference_cache, cache = model.new_cache(1, length + 2), model.new_cache(1, length + 2)
+        want = prefill(model, reference_cache, ids)
+        used.clear()
+        got, plan = gen.prefill_and_plan(model, cache, ids)
+    assert plan.packed and used == ([] if length <= gen.PACKED_NATIVE_PROMPT_TOKENS else ["modules"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for layer, reference in zip(cache.layers, reference_cache.layers):
+        torch.testing.assert_close(layer.read(length)[0], reference.read(length)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_share_prompt_kv_copies_the_targets_cache_and_keeps_greedy_exact():
+    """A self-draft (the target palettized to 8 bits) starting from the target's K/V of the prompt
+    (share_prompt_kv): the output is still plain greedy decoding, acceptance stays high, the
+    draft never reads the prompt, and a draft of another layout is refused by name."""
+    from mmafm.compress import compress_model, set_act_dtype
+    from mmafm.inference import speculative as spec
+    from mmafm.inference.speculative import copy_prompt_kv, speculative_generate_batch
+
+    target = _model(0, vocab_size=512)
+    draft = _model(0, vocab_size=512)
+    draft.load_state_dict(target.state_dict())
+    compress_model(draft, bits=8, embedding_bits=8)
+    set_act_dtype(draft, "int8")
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (5, 11, 2)]
+    accepted = proposed = 0
+    for prompt in prompts:
+        plain = generate(target, [prompt], 20)[0]
+        result = speculative_generate(target, draft, prompt, 20, k=3, share_prompt_kv=True)
+        assert result.tokens == plain
+        accepted, proposed = accepted + result.accepted, proposed + result.proposed
+    assert accepted / proposed > 0.5, accepted / proposed
+    # several rows, left-padded: padding and positions are copied with the K/V
+    rows = speculative_generate_batch(target, draft, prompts, 12, k=2, share_prompt_kv=True)
+    assert [r.tokens for r in rows] == [generate(target, [p], 12)[0] for p in prompts]
+    # the copy itself: the target's columns, validity and positions
+    with torch.no_grad():
+        source, dest = target.new_cache(2, 16), draft.new_cache(2, 16)
+        target(torch.tensor([[0, 7, 8, 9], [4, 5, 6, 7]]), cache=source,
+               attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+        copy_prompt_kv(source, dest)
+    assert dest.length == 4 and dest.has_padding and torch.equal(dest.next_position, source.next_position)
+    assert torch.equal(dest.valid, source.valid)
+    for ours, theirs in zip(dest.layers, source.layers):
+        if theirs is not None:
+            assert torch.equal(ours.keys[:, :, :4], theirs.keys[:, :, :4])
+            assert torch.equal(ours.values[:, :, :4], theirs.values[:, :, :4])
+    with pytest.raises(ValueError, match="already holds 4 columns"):
+        copy_prompt_kv(source, dest)
+    other = _model(1, vocab_size=512, n_kv_heads=1)
+    with pytest.raises(ValueError, match="cache layout"):
+        speculative_generate(target, other, prompts[0], 4, share_prompt_kv=True)

@@ -136,6 +136,11 @@ def prefill(
 # at 64; the 0.59M tiny model 4.2 / 1.8 at 16, 4.8 / 2.8 at 32, 7.0 / 9.8 at 128: the modules pay a
 # fixed cost per torch op, the chunk computes at GEMV speed, so it wins on short prompts only
 NATIVE_PROMPT_TOKENS = 32
+# The same for a plan over packed weights (mmafm.compress; PackedDecodeStep.chunk, 8 tokens per
+# native call), whose module path dequantizes every matrix on every call. Measured at 1 thread on
+# 2026-12-01, SmolLM2-135M, process CPU s, modules / chunk: 8-bit int8-activation 0.50 / 0.16 at 36
+# tokens, 0.71 / 0.58 at 128, 1.04 / 1.21 at 256; 4-bit float path 0.50 / 0.24 at 36, 0.72 / 1.00 at 128
+PACKED_NATIVE_PROMPT_TOKENS = 64
 
 
 def prefill_and_plan(
@@ -147,13 +152,15 @@ def prefill_and_plan(
     attention_mask: torch.Tensor | None = None,  # (B, T), 0 = (left) padding
 ) -> tuple[torch.Tensor, Any]:  # (B, V) float32 logits of the last position, the DecodePlan
     """:func:`prefill`, then the decode plan (:func:`~mmafm.inference.plan.build_plan`) for the
-    steps after it; a prompt of at most :data:`NATIVE_PROMPT_TOKENS` token ids without padding is
-    read by the plan's native chunk instead, when the plan runs the whole model natively and no
-    layer keeps a sliding-window ring (the same K/V and logits to float32 rounding)."""
+    steps after it; a prompt of at most :data:`NATIVE_PROMPT_TOKENS` token ids without padding
+    (:data:`PACKED_NATIVE_PROMPT_TOKENS` for a packed model) is read by the plan's native chunk
+    instead, when the plan runs the whole model natively and no layer keeps a sliding-window ring
+    (the same K/V and logits to float32 rounding)."""
     if (input_ids is not None and inputs_embeds is None and attention_mask is None and not cache.windows
-            and 0 < input_ids.numel() <= NATIVE_PROMPT_TOKENS):  # the chunk kernel takes linear caches only
+            and 0 < input_ids.numel() <= max(NATIVE_PROMPT_TOKENS, PACKED_NATIVE_PROMPT_TOKENS)):
         plan = build_plan(model, cache)  # no padding: the prompt changes nothing the plan decides on
-        if plan.whole_step:
+        limit = PACKED_NATIVE_PROMPT_TOKENS if plan.packed else NATIVE_PROMPT_TOKENS
+        if plan.whole_step and input_ids.numel() <= limit:  # the chunk kernel takes linear caches only
             return plan.chunk(input_ids)[:, -1], plan  # (B, V)
         return prefill(model, cache, input_ids), plan
     logits = prefill(model, cache, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)

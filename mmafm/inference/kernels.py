@@ -174,6 +174,7 @@ SYMBOLS: dict[str, tuple] = {
     "mmafm_pool_helpers": (_I, []),
     "mmafm_lut_gemv_f32": (_I, [_P] * 4 + [_L] * 4 + [_I, _L, _I]),  # csrc/lut.c (mmafm.compress)
     "mmafm_lut_decode_step_f32": (_I, [_P] * 5 + [_L] * 2 + [_P, _L] + [_P, _L] + [_P] * 3 + [_L] * 6 + [_F, _I]),
+    "mmafm_lut_decode_chunk_f32": (_I, [_P] * 5 + [_L] * 3 + [_P, _L] + [_P, _L] + [_P] * 3 + [_L] * 6 + [_F, _I]),
     "mmafm_q8_quantize": (None, [_P] * 3 + [_L] * 2),  # csrc/q8.c: the opt-in int8-activation path
     "mmafm_q8_gemv_f32": (_I, [_P] * 6 + [_L] * 4 + [_I, _L, _I]),
 }
@@ -1005,7 +1006,7 @@ class PackedDecodeStep:
         self.final_norm, self.cos_table, self.sin_table = _gain(final_norm), cos_table, sin_table
         self.n_layers, self.vocab, self.dim = len(layers), vocab, dim
         self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
-        self._kernel = library.lut_decode_step_f32
+        self._kernel, self._chunk_kernel = library.lut_decode_step_f32, library.lut_decode_chunk_f32
 
     def __call__(
         self,
@@ -1039,11 +1040,48 @@ class PackedDecodeStep:
             raise MemoryError("packed decode step: out of memory in the native kernel")
         return logits
 
-    def chunk(self, tokens: torch.Tensor, positions: torch.Tensor, column: int,
-              key_valid: torch.Tensor | None = None) -> torch.Tensor:  # (B, T) -> (B, T, V)
-        """T new tokens per row, one step each (causal: token t sees the ones before it)."""
-        return torch.stack([self(tokens[:, t], positions[:, t], column + t, key_valid)
-                            for t in range(tokens.shape[1])], 1)
+    def chunk(
+        self,
+        tokens: torch.Tensor,  # (B, T) int64: T consecutive new tokens per cache row
+        positions: torch.Tensor,  # (B, T) int64 RoPE positions
+        column: int,  # cache column of each row's first new token (the t-th goes to column + t)
+        key_valid: torch.Tensor | None = None,  # (B, >= column + T) bool, False = padding column
+    ) -> torch.Tensor:  # (B, T, V) float32 logits
+        """T new tokens per row (causal: token t sees the ones before it), in native calls of
+        ``MAX_ROWS // B`` tokens per row (``mmafm_lut_decode_chunk_f32``): each call reads every
+        matrix once for all its B x T' rows, so a packed prompt (a packed draft's prompt and
+        catch-up) costs about one step per call, not per token. Each row's logits equal one-token
+        steps' bit for bit. Linear (non-ring) caches only, as :meth:`DecodeStep.chunk`."""
+        if tokens.dtype != torch.int64 or tokens.dim() != 2 or positions.shape != tokens.shape \
+                or positions.dtype != torch.int64 or not 0 < tokens.shape[0] <= MAX_ROWS:
+            raise ValueError(f"tokens and positions must be (batch <= {MAX_ROWS}, T) int64, got {tokens.dtype} "
+                             f"{tuple(tokens.shape)} and {positions.dtype} {tuple(positions.shape)}")
+        batch, total = tokens.shape
+        if key_valid is not None and not (key_valid.dtype == torch.bool and key_valid.dim() == 2
+                                          and key_valid.shape[0] == batch and key_valid.shape[1] >= column + total
+                                          and key_valid.stride(1) == 1):
+            raise ValueError(f"key_valid must be ({batch}, >= {column + total}) bool with unit column stride")
+        logits = torch.empty((batch, total, self.vocab), dtype=_F32)
+        width = MAX_ROWS // batch  # tokens per row in one call
+        for start in range(0, total, width):
+            piece = slice(start, min(start + width, total))
+            ids, places = tokens[:, piece].contiguous(), positions[:, piece].contiguous()
+            out = torch.empty((batch, ids.shape[1], self.vocab), dtype=_F32)
+            failed = self._chunk_kernel(
+                ids.data_ptr(), ctypes.addressof(self._embed), places.data_ptr(), self.cos_table.data_ptr(),
+                self.sin_table.data_ptr(), self.cos_table.shape[0], column + start, ids.shape[1], _ptr(key_valid),
+                0 if key_valid is None else key_valid.stride(0), ctypes.addressof(self._layers), self.n_layers,
+                self.final_norm.data_ptr(), ctypes.addressof(self._head), out.data_ptr(), ids.numel(), self.dim,
+                self.heads, self.kv_heads, self.head_dim, self.vocab, self.eps, torch.get_num_threads(),
+            )
+            if failed == 2:
+                raise ValueError(f"packed decode chunk: a token outside [0, {self.vocab}), a position outside "
+                                 f"[0, {self.cos_table.shape[0]}), a ring cache or no room for {ids.shape[1]} "
+                                 f"columns at {column + start}")
+            if failed:
+                raise MemoryError("packed decode chunk: out of memory in the native kernel")
+            logits[:, piece] = out
+        return logits
 
 
 def packed_decode_step(

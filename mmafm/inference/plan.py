@@ -541,6 +541,8 @@ class DecodePlan:
         layers: one :class:`LayerPlan` per decoder layer (empty for models not planned layer by
             layer, which run as modules).
         whole_step: True when every step is one kernel call.
+        packed: True when that call is the packed step (``csrc/lut.c``: a model with
+            :mod:`mmafm.compress` packed matrices).
         why: why the step is not one kernel call ("" when it is).
     """
 
@@ -548,6 +550,7 @@ class DecodePlan:
                  whole: kernels.DecodeStep | None, routing: AdapterRouting | None = None):
         self.model, self.cache, self.layers, self.why = model, cache, layers, why
         self.whole_step = whole is not None
+        self.packed = isinstance(whole, kernels.PackedDecodeStep)  # the whole step over packed weights
         self.mixed_adapters = whole is not None and routing is not None  # per-row LoRA inside the step
         if whole is not None:
             self._step: Callable = _WholeStep(whole, cache, routing)
@@ -584,7 +587,7 @@ class DecodePlan:
         """A markdown table: how each layer runs, and why where not in a kernel."""
         if self.whole_step:
             head = "whole step in one kernel call"
-            if isinstance(self._step.step, kernels.PackedDecodeStep):
+            if self.packed:
                 head += " over packed weights (csrc/lut.c)"
                 if self._step.step.int8_activations:
                     head += ", int8 activations (csrc/q8.c)"

@@ -45,11 +45,12 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from mmafm.inference.generate import _check_sampling, left_pad, prefill, prefill_and_plan, sampling_probs
+from mmafm.inference.generate import (PACKED_NATIVE_PROMPT_TOKENS, _check_sampling, left_pad, prefill,
+                                      prefill_and_plan, sampling_probs)
 from mmafm.inference.plan import build_plan
 from mmafm.layers.kv_cache import KVCache
 
-__all__ = ["SpeculativeResult", "rollback_cache", "keep_columns", "compact_cache", "speculative_generate",
+__all__ = ["SpeculativeResult", "rollback_cache", "copy_prompt_kv", "keep_columns", "compact_cache", "speculative_generate",
            "speculative_generate_batch", "accept_proposals", "truncated_draft", "acceptance_by_k",
            "speculative_speedup", "expected_tokens_per_round"]
 
@@ -101,6 +102,38 @@ def rollback_cache(cache: KVCache, length: int) -> None:
         cache.next_position -= cache.length - length
     dropped.fill_(False)
     cache.length = length
+
+
+def copy_prompt_kv(source: KVCache, dest: KVCache) -> None:
+    """Give the empty cache ``dest`` the columns ``source`` holds: keys, values, validity
+    (padding) and positions, as if ``dest``'s model had read the same prompt. For a self-draft
+    (the target's weights compressed, the same attention layout) whose prompt then costs nothing:
+    its K/V are the target's exact ones rather than its own approximation of them (QSpec, Zhao et
+    al. 2024, shares the cache between its low- and high-precision passes the same way). Raises
+    ValueError for caches of different layouts, a non-empty ``dest``, rings or no room."""
+    def layout(cache: KVCache) -> list:
+        return [None if layer is None else (tuple(layer.keys.shape[:2]) + tuple(layer.keys.shape[3:]),
+                                            layer.keys.dtype, layer.quantized) for layer in cache.layers]
+
+    if source.windows or dest.windows:
+        raise ValueError("copy_prompt_kv: sliding-window (ring) caches are not copied column by column")
+    if layout(source) != layout(dest) or source.batch_size != dest.batch_size:
+        raise ValueError("copy_prompt_kv: the draft's cache layout (layers, rows, KV heads, head_dim, dtype) differs "
+                         "from the target's; share_prompt_kv needs a self-draft (the target's weights compressed)")
+    if dest.length:
+        raise ValueError(f"copy_prompt_kv: the destination cache already holds {dest.length} columns")
+    length = source.length
+    if length > dest.max_len:
+        raise ValueError(f"copy_prompt_kv: {length} columns do not fit a cache of max_len={dest.max_len}")
+    for theirs, ours in zip(source.layers, dest.layers):
+        if theirs is None:
+            continue
+        for name in ("keys", "values", "key_scales", "value_scales"):
+            if hasattr(theirs, name):
+                getattr(ours, name)[:, :, :length].copy_(getattr(theirs, name)[:, :, :length])
+    dest.valid[:, :length] = source.valid[:, :length]
+    dest.next_position.copy_(source.next_position)
+    dest.has_padding, dest.length = source.has_padding, length
 
 
 def keep_columns(cache: KVCache, start: int, kept: Sequence[int]) -> None:
@@ -215,6 +248,7 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     matcher: Any = None,
     table_size: int | None = None,
+    share_prompt_kv: bool = False,
 ) -> SpeculativeResult:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens of ``target``, drafted by ``draft``.
 
@@ -231,6 +265,11 @@ def speculative_generate(
         matcher: a grammar matcher (:meth:`mmafm.inference.guided.Engine.matcher`) constraining
             the output; it ends the output when its grammar is complete.
         table_size: the tokenizer's vocabulary (the matcher's bitmask width), with ``matcher``.
+        share_prompt_kv: the draft starts from a copy of the target's K/V of the prompt instead of
+            reading the prompt itself (:func:`copy_prompt_kv`): for a self-draft, the target's own
+            weights compressed (a palettized copy, :mod:`mmafm.compress`), whose cache has the
+            target's layout. Its prompt then costs the draft nothing; outputs stay the target's
+            (only acceptance can change). Needs caches of the same layout (else ValueError).
 
     Returns:
         The tokens and the acceptance statistics.
@@ -241,7 +280,7 @@ def speculative_generate(
     return speculative_generate_batch(
         target, draft, [prompt], max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_tokens=stop_tokens, seed=seed, generator=generator, matchers=None if matcher is None else [matcher],
-        table_size=table_size,
+        table_size=table_size, share_prompt_kv=share_prompt_kv,
     )[0]
 
 
@@ -262,12 +301,14 @@ def speculative_generate_batch(
     matchers: Sequence[Any] | None = None,
     table_size: int | None = None,
     pad_token_id: int = 0,
+    share_prompt_kv: bool = False,
 ) -> list[SpeculativeResult]:
     """:func:`speculative_generate` over a batch of prompts (any lengths, left-padded): one draft
     step and one target forward per round serve every row; each row accepts its own number of
     proposals (per-row cache lengths, the module docstring, step 4), and greedy output equals
-    plain greedy decoding row by row. ``matchers``: one grammar matcher (or None) per row.
-    Returns one :class:`SpeculativeResult` per prompt."""
+    plain greedy decoding row by row. ``matchers``: one grammar matcher (or None) per row;
+    ``share_prompt_kv`` as in :func:`speculative_generate`. Returns one :class:`SpeculativeResult`
+    per prompt."""
     _check_sampling(temperature, top_k, top_p)
     if k < 1:
         raise ValueError(f"k (proposals per round) must be >= 1, got {k}")
@@ -302,7 +343,7 @@ def speculative_generate_batch(
         model.eval()
     try:
         _Speculation(target, draft, prompts, max_new_tokens, k, temperature, top_k, top_p, stop, generator,
-                     matchers, table_size or vocab, pad_token_id, context, results).run()
+                     matchers, table_size or vocab, pad_token_id, context, results, share_prompt_kv).run()
     finally:
         for model, mode in modes:
             model.train(mode)
@@ -313,7 +354,7 @@ class _Speculation:
     """The rounds of :func:`speculative_generate_batch` (arguments checked)."""
 
     def __init__(self, target, draft, prompts, max_new_tokens, k, temperature, top_k, top_p, stop, generator,
-                 matchers, table_size, pad_token_id, context, results):
+                 matchers, table_size, pad_token_id, context, results, share_prompt_kv=False):
         self.target, self.draft, self.k, self.max_new = target, draft, k, max_new_tokens
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.greedy = temperature == 0.0
@@ -334,13 +375,19 @@ class _Speculation:
         self.first_logits, self.target_plan = prefill_and_plan(target, self.target_cache, ids,
                                                                attention_mask=attention_mask)  # (B, V)
         draft_work = ids.numel() * sum(p.numel() for p in draft.parameters())
-        if attention_mask is None and batch == 1 and draft_work <= _NATIVE_PROMPT_WORK:
+        self.draft_plan = build_plan(draft, self.draft_cache)  # rebuilt below once the cache has columns
+        if share_prompt_kv:  # a self-draft: the target's K/V of the prompt, copied
+            copy_prompt_kv(self.target_cache, self.draft_cache)
+        elif attention_mask is None and batch == 1 and (
+                draft_work <= _NATIVE_PROMPT_WORK
+                or (self.draft_plan.packed and ids.numel() <= PACKED_NATIVE_PROMPT_TOKENS)):
             # the draft's prompt in one native chunk (its logits are not used; only its K/V, which
-            # equal step-by-step decoding's): cheaper than the module path for a small draft
-            self.draft_plan = build_plan(draft, self.draft_cache)
+            # equal step-by-step decoding's): cheaper than the module path for a small draft, and
+            # for a packed one, whose module path dequantizes every matrix
             self.draft_plan.chunk(ids)
         else:
             prefill(draft, self.draft_cache, ids, attention_mask=attention_mask)
+        if attention_mask is not None:  # the cache's padding matters to the plan
             self.draft_plan = build_plan(draft, self.draft_cache)
         self.active = [True] * batch
         self.context = context
@@ -575,13 +622,13 @@ def acceptance_by_k(target: nn.Module, draft: nn.Module, prompts: Sequence[Seque
 
 
 def speculative_speedup(target: nn.Module, draft: nn.Module, prompts: Sequence[Sequence[int]], steps: int, k: int,
-                        repeats: int = 3) -> dict[str, float]:
+                        repeats: int = 3, share_prompt_kv: bool = False) -> dict[str, float]:
     """Speed of greedy speculative decoding against plain greedy decoding of ``target``, measured
     interleaved (per prompt: plain, then speculative; one warm-up round first), ``repeats`` rounds
     over all ``prompts``; the speed-up is the median over rounds of (plain seconds / speculative
     seconds), by wall clock and by this process's CPU time (on a shared machine the CPU time is
     what the load disturbs less when one thread runs). Prefill is included in both. Outputs are
-    checked equal (RuntimeError otherwise)."""
+    checked equal (RuntimeError otherwise). ``share_prompt_kv``: as in :func:`speculative_generate`."""
     import statistics
     import time
 
@@ -598,7 +645,7 @@ def speculative_speedup(target: nn.Module, draft: nn.Module, prompts: Sequence[S
             w0, c0 = time.perf_counter(), time.process_time()
             plain = generate(target, [prompt], steps)[0]
             w1, c1 = time.perf_counter(), time.process_time()
-            result = speculative_generate(target, draft, prompt, steps, k=k)
+            result = speculative_generate(target, draft, prompt, steps, k=k, share_prompt_kv=share_prompt_kv)
             w2, c2 = time.perf_counter(), time.process_time()
             if result.tokens != plain:
                 raise RuntimeError(f"speculative greedy differs from plain greedy (k={k})")
@@ -614,7 +661,7 @@ def speculative_speedup(target: nn.Module, draft: nn.Module, prompts: Sequence[S
                 cpu[name].append(cpu_seconds)
     tokens = steps * len(prompts)
     return {
-        "k": k, "steps": steps, "prompts": len(prompts), "repeats": repeats,
+        "k": k, "steps": steps, "prompts": len(prompts), "repeats": repeats, "share_prompt_kv": share_prompt_kv,
         "acceptance": accepted / max(proposed, 1),
         "speedup": statistics.median(p / s for p, s in zip(wall["plain"], wall["speculative"])),
         "speedup_cpu": statistics.median(p / max(s, 1e-9) for p, s in zip(cpu["plain"], cpu["speculative"])),

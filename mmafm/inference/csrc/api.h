@@ -182,6 +182,17 @@ int mmafm_lut_decode_step_f32(
     float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
     int nthreads);
 
+/* mmafm_lut_decode_step_f32 over `chunk` consecutive new tokens per cache row (batch = rows x chunk
+   <= 8), causal within the chunk, as mmafm_decode_chunk_f32: a packed model's prompt (and a packed
+   draft's catch-up) in one call per chunk, each matrix read once for all its rows. Linear caches
+   with room for the chunk only (else 2, nothing written). */
+int mmafm_lut_decode_chunk_f32(
+    const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm,
+    const mmafm_matrix_t* head, float* logits, long batch, long dim, long heads, long kv_heads, long head_dim,
+    long vocab, float eps, int nthreads);
+
 /* int8 activations (q8.c): x (rows, in) -> q (rows, in) int8 and d (rows, ceil(in / 32)) float32,
    Q8_0 blocks of 32 columns, d = max|x| / 127, q = rint(x * (1 / d)), ties to even */
 void mmafm_q8_quantize(const float* x, signed char* q, float* d, long rows, long in);

@@ -23,8 +23,10 @@
 
    Rows are split over the kernels' thread pool (pool.h), as the float GEMV's. mmafm_lut_decode_step
    runs a whole decode step (embedding, every layer, head) of a dense decoder whose matrices are
-   each packed or float32 (mmafm_matrix_t), in one call: no Python or torch op between the GEMVs,
-   so the pool's threads never compete with torch's OpenMP team, and Q/K/V (gate/up), which read
+   each packed or float32 (mmafm_matrix_t), in one call (mmafm_lut_decode_chunk: several
+   consecutive tokens per cache row, a packed prompt's prefill or a draft's catch-up): no Python
+   or torch op between the GEMVs, so the pool's threads never compete with torch's OpenMP team,
+   and Q/K/V (gate/up), which read
    the same input, are one GEMV over their rows end to end. Included at the end of kernels.c (one
    translation unit, one pool; it calls the float32 variant's static GEMV and attention). */
 #include "common.h"
@@ -67,12 +69,14 @@ typedef struct {
   long batch, in, ystride;
 } lut_part;
 
-/* columns [begin, in) of one row, scalar, natural order; adds into acc[b] */
+/* columns [begin, in) of one row, scalar, natural order; adds into acc[b] with an explicit fused
+   multiply-add, so a row's sum does not depend on `batch` (whether the compiler would contract
+   `acc += w * x` differs between the one-row and the batched loop) */
 static void lut_row_scalar(const unsigned char* row, const float* tab, const float* x, long in, long begin,
                            long batch, int bits, float* acc) {
   for (long i = begin; i < in; ++i) {
     const float w = tab[lut_code(row, i, bits)];
-    for (long b = 0; b < batch; ++b) acc[b] += w * x[b * in + i];
+    for (long b = 0; b < batch; ++b) acc[b] = fmaf(w, x[b * in + i], acc[b]);
   }
 }
 
@@ -266,15 +270,24 @@ static void lut_matrix_row(const mmafm_matrix_t* m, long r, long cols, float* ou
   }
 }
 
-int mmafm_lut_decode_step_f32(
+/* the step of `chunk` consecutive new tokens per cache row (batch = cache rows x chunk), as
+   kernels.h's decode_rows: row b is token b % chunk of cache row b / chunk, at column
+   column + b % chunk, and attends over the cache and the tokens of its chunk before it (all new
+   K/V are written before any attention); chunks > 1 need linear caches with room for them. Every
+   row's logits equal one-token steps' bit for bit (each GEMV keeps the one-row summation order). */
+static int lut_decode_rows(
     const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
-    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
-    const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm, const mmafm_matrix_t* head,
-    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
-    int nthreads) {
-  if (batch < 1 || batch > LUT_MAX_BATCH || !lut_matrix_ok(embed, dim) || !lut_matrix_ok(head, dim)) return 2;
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm,
+    const mmafm_matrix_t* head, float* logits, long batch, long dim, long heads, long kv_heads, long head_dim,
+    long vocab, float eps, int nthreads) {
+  if (batch < 1 || batch > LUT_MAX_BATCH || chunk < 1 || batch % chunk || !lut_matrix_ok(embed, dim)
+      || !lut_matrix_ok(head, dim))
+    return 2;
   for (long b = 0; b < batch; ++b)
     if (tokens[b] < 0 || tokens[b] >= vocab || positions[b] < 0 || positions[b] >= max_position) return 2;
+  for (long l = 0; l < n_layers && chunk > 1; ++l)  /* chunks: linear caches with room for them */
+    if (layers[l].ring || column + chunk > layers[l].slots) return 2;
   long widest = dim;
   for (long l = 0; l < n_layers; ++l) {
     const mmafm_lut_layer_t* L = layers + l;
@@ -341,7 +354,7 @@ int mmafm_lut_decode_step_f32(
       norm_rope_heads(row + q_width, kv_heads, head_dim, L->k_norm, eps, cb ? cb + b * head_dim : NULL,
                       sb ? sb + b * head_dim : NULL, tmp);
       for (long h = 0; h < kv_heads; ++h) {
-        const long at = b * L->kv_batch_stride + h * L->kv_head_stride + slot * head_dim;
+        const long at = (b / chunk) * L->kv_batch_stride + h * L->kv_head_stride + (slot + b % chunk) * head_dim;
         memcpy(L->k_cache + at, row + q_width + h * head_dim, sizeof(float) * head_dim);
         memcpy(L->v_cache + at, row + q_width + kv_width + h * head_dim, sizeof(float) * head_dim);
       }
@@ -351,7 +364,7 @@ int mmafm_lut_decode_step_f32(
                              .scores = scores, .valid = L->ring ? NULL : valid, .valid_stride = valid_stride,
                              .kv_batch_stride = L->kv_batch_stride, .kv_head_stride = L->kv_head_stride,
                              .qkv_width = qkv_width, .heads = heads, .kv_heads = kv_heads, .group = group,
-                             .keys = keys, .head_dim = head_dim, .chunk = 1,
+                             .keys = keys, .head_dim = head_dim, .chunk = chunk,
                              .scale = 1.0f / sqrtf((float)head_dim)};
     if (nthreads > 1 && pairs > 1 && pairs * group * keys * head_dim >= 65536L)
       pool_run(attend_pairs_f32, &job, pairs, 1, nthreads);
@@ -377,4 +390,26 @@ int mmafm_lut_decode_step_f32(
   if (q8) q8_free(q8);
   free(block);
   return 0;
+}
+
+int mmafm_lut_decode_step_f32(
+    const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
+    const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm, const mmafm_matrix_t* head,
+    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
+    int nthreads) {
+  return lut_decode_rows(tokens, embed, positions, cos_table, sin_table, max_position, column, 1, valid,
+                         valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
+                         head_dim, vocab, eps, nthreads);
+}
+
+int mmafm_lut_decode_chunk_f32(
+    const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
+    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
+    long valid_stride, const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm,
+    const mmafm_matrix_t* head, float* logits, long batch, long dim, long heads, long kv_heads, long head_dim,
+    long vocab, float eps, int nthreads) {
+  return lut_decode_rows(tokens, embed, positions, cos_table, sin_table, max_position, column, chunk, valid,
+                         valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
+                         head_dim, vocab, eps, nthreads);
 }

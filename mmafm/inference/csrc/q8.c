@@ -235,6 +235,45 @@ static inline __attribute__((always_inline)) void q8_spans(const unsigned char* 
   }
   for (int r = 0; r < R; ++r) s1[r] = _mm512_reduce_add_ps(acc[r]);
 }
+
+/* S1 of one row against B inputs (B <= 8, a batch: a prefill or verification chunk): each span's
+   codes are loaded (and looked up) once for all B inputs, so B tokens cost about one weight read
+   plus B x the integer work, where B single-row calls read the weights B times. Each input's
+   chain is q8_spans' (same operations, same order), so every row's S1 equals a one-row call's
+   bit for bit. */
+static inline __attribute__((always_inline)) void q8_spans_batch(const unsigned char* row, __m512i table,
+                                                                 const int8_t* lane_q, const float* lane_d,
+                                                                 long q_stride, long d_stride, long whole, int bits,
+                                                                 const int B, float* s1) {
+  __m512 acc[8];
+  for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+  const long step = 8 * bits; /* code bytes per 64 columns */
+  for (long span = 0; span < whole; span += Q8_SPAN) {
+    const long at = span / Q8_SPAN * step;
+    const __m512i w = bits == 8 ? _mm512_loadu_si512(row + at) : _mm512_shuffle_epi8(table, q8_codes(row + at, bits));
+    for (int b = 0; b < B; ++b) {
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(lane_q + b * q_stride + span));
+      acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(lane_d + b * d_stride + span / 4), acc[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) s1[b] = _mm512_reduce_add_ps(acc[b]);
+}
+
+/* q8_spans_batch with a constant B and bit width per instantiation (the accumulators stay in registers) */
+static void q8_spans_batch_any(const unsigned char* row, __m512i table, const int8_t* lane_q, const float* lane_d,
+                               long q_stride, long d_stride, long whole, int bits, long B, float* s1) {
+#define Q8_BATCH_CASE(n)                                                                              \
+  case n:                                                                                             \
+    if (bits == 8) q8_spans_batch(row, table, lane_q, lane_d, q_stride, d_stride, whole, 8, n, s1);   \
+    else if (bits == 4) q8_spans_batch(row, table, lane_q, lane_d, q_stride, d_stride, whole, 4, n, s1); \
+    else q8_spans_batch(row, table, lane_q, lane_d, q_stride, d_stride, whole, 2, n, s1);             \
+    return;
+  switch (B) {
+    Q8_BATCH_CASE(1) Q8_BATCH_CASE(2) Q8_BATCH_CASE(3) Q8_BATCH_CASE(4)
+    Q8_BATCH_CASE(5) Q8_BATCH_CASE(6) Q8_BATCH_CASE(7) Q8_BATCH_CASE(8)
+  }
+#undef Q8_BATCH_CASE
+}
 #endif
 
 #if Q8_AVX2
@@ -286,6 +325,27 @@ static void q8_rows(const mmafm_matrix_t* m, const q8_input* a, float* y, long y
   const int bits = (int)m->bits;
   const long levels = 1L << bits, in = a->in, dblocks = a->capacity / Q8_BLOCK + 1;
   const unsigned char* codes = m->data;
+#if Q8_VNNI
+  if (a->batch > 1 && a->batch <= 8) {  /* several inputs: each row's codes read once for all of them */
+    const long whole = in / Q8_SPAN * Q8_SPAN;
+    const int order = q8_order_of(bits);
+    const long d_stride = a->capacity / 4 + 1;
+    float s1[8];
+    for (long o = begin; o < end; ++o) {
+      const long g = o / m->group_rows;
+      const unsigned char* row = codes + o * m->code_stride;
+      q8_spans_batch_any(row, q8_table(m->qtable + g * levels, bits), a->lanes[order], a->lane_d[order], a->capacity,
+                         d_stride, whole, bits, a->batch, s1);
+      for (long b = 0; b < a->batch; ++b) {
+        const float total = s1[b] + q8_row_scalar(row, m->qtable + g * levels, a->q + b * a->capacity,
+                                                  a->d + b * dblocks, whole, in, bits);
+        const float v = m->qaffine[2 * g + 1] * total + m->qaffine[2 * g] * a->s0[b];
+        y[b * ystride + o] = m->row_scale ? v * m->row_scale[o] : v;
+      }
+    }
+    return;
+  }
+#endif
   for (long b = 0; b < a->batch; ++b) {
     const int8_t* q = a->q + b * a->capacity;
     const float* d = a->d + b * dblocks;
