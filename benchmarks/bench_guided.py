@@ -37,7 +37,7 @@ them alike):
   (:func:`mmafm.train.draft.smollm2_draft`, cached in ``runs/drafts``; float32, and cast to
   bfloat16, which halves what a draft step reads) or, with ``--smollm2-draft lut8``, SmolLM2
   itself palettized to 8 bits and decoding with int8 activations (a self-draft reading a quarter
-  of the bytes, ``csrc/q8.c``; no transformers row; ``--share-prompt-kv``: it starts from the
+  of the bytes, ``csrc/q8.c``; no transformers row; ``--share-kv``: it starts from the
   target's K/V of the prompt instead of reading the prompt; ``--spec-steps``: new tokens per
   prompt, default 32); against transformers' assisted generation
   (``assistant_model=``) on the same pair exported to transformers, as a ratio to transformers'
@@ -201,13 +201,13 @@ def weight_count(model) -> int:
 
 
 def speculative(target, draft, prompts: list[list[int]], steps: int, k: int, repeats: int, hf: bool,
-                share_prompt_kv: bool = False) -> dict:
+                share_kv: bool = False) -> dict:
     """Speed-up of speculative over plain greedy (ours: :func:`speculative_speedup`, interleaved,
     medians, wall and CPU time), acceptance, the native calls' costs and the speed-up they alone
     allow (:func:`kernel_costs`, :func:`kernel_bound`); transformers' assisted generation vs its
     own plain greedy ``generate`` on the same pair exported to transformers, interleaved the same
     way."""
-    out = dict(speculative_speedup(target, draft, prompts, steps, k, repeats, share_prompt_kv))
+    out = dict(speculative_speedup(target, draft, prompts, steps, k, repeats, share_kv))
     out["costs_ms_cpu"] = kernel_costs(target, draft, prompts[0], k)
     out["kernel_bound_speedup"] = kernel_bound(out["costs_ms_cpu"], out["acceptance"], k)
     # the goal's corner: acceptance 0.7 and a draft that costs nothing, i.e. whether the target's
@@ -422,9 +422,9 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation (slow)")
     parser.add_argument("--smollm2-draft-layers", type=int, default=6,
                         help="layers of SmolLM2's fitted-exit draft (mmafm.train.draft.smollm2_draft, cached in runs/drafts)")
-    parser.add_argument("--share-prompt-kv", action="store_true",
+    parser.add_argument("--share-kv", action="store_true",
                         help="with --smollm2-draft lut8: the self-draft starts from the target's K/V of the prompt "
-                             "(speculative_generate's share_prompt_kv) instead of reading the prompt itself")
+                             "(speculative_generate's share_kv) instead of reading the prompt itself")
     parser.add_argument("--spec-steps", type=int, default=32, help="new tokens per SmolLM2 speculative prompt")
     parser.add_argument("--smollm2-draft", choices=("exit", "lut8"), default="exit",
                         help="SmolLM2's draft: its fitted exit (exit), or SmolLM2 itself palettized to 8 bits "
@@ -532,7 +532,7 @@ def main() -> None:
 
                 draft = compressed_smollm2(8, 8).eval()
                 set_act_dtype(draft, "int8")
-                name = "speculative_smollm2_lut8_int8" + ("_shared_kv" if args.share_prompt_kv else "")
+                name = "speculative_smollm2_lut8_int8" + ("_shared_kv" if args.share_kv else "")
                 candidates = ((name + ("" if args.spec_steps == 32 else f"_{args.spec_steps}tok"), draft),)
             else:
                 draft, fit = smollm2_draft(model, tokenizer, args.smollm2_draft_layers)
@@ -542,7 +542,7 @@ def main() -> None:
             for name, candidate in candidates:
                 results[name] = speculative(model, candidate, prompts, args.spec_steps, args.k, repeats,
                                             name == "speculative_smollm2" and not args.no_hf,
-                                            args.share_prompt_kv and args.smollm2_draft == "lut8")
+                                            args.share_kv and args.smollm2_draft == "lut8")
                 print(name, json.dumps(results[name], indent=1), flush=True)
     if args.json:
         from mmafm.io import atomic_write_text

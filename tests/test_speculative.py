@@ -383,31 +383,39 @@ def test_packed_prompts_go_through_the_native_chunk(length, monkeypatch):
         torch.testing.assert_close(layer.read(length)[0], reference.read(length)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_share_prompt_kv_copies_the_targets_cache_and_keeps_greedy_exact():
-    """A self-draft (the target palettized to 8 bits) starting from the target's K/V of the prompt
-    (share_prompt_kv): the output is still plain greedy decoding, acceptance stays high, the
-    draft never reads the prompt, and a draft of another layout is refused by name."""
-    from mmafm.compress import compress_model, set_act_dtype
-    from mmafm.inference import speculative as spec
-    from mmafm.inference.speculative import copy_prompt_kv, speculative_generate_batch
+def test_share_kv_copies_the_targets_cache_and_keeps_greedy_exact():
+    """A self-draft (the target palettized to 8 bits) taking the target's K/V (share_kv: the
+    prompt's, and a fully accepted round's last proposal's): the output is still plain greedy
+    decoding, acceptance stays high, the one-row and batched loops agree, and a draft of another
+    layout is refused by name."""
+    from mmafm.compress.packed import Packed
+    from mmafm.inference.speculative import append_column, copy_prompt_kv, self_draft, speculative_generate_batch
 
     target = _model(0, vocab_size=512)
-    draft = _model(0, vocab_size=512)
-    draft.load_state_dict(target.state_dict())
-    compress_model(draft, bits=8, embedding_bits=8)
-    set_act_dtype(draft, "int8")
+    before = {name: value.clone() for name, value in target.state_dict().items()}
+    draft = self_draft(target, 8)
+    assert all(torch.equal(value, before[name]) for name, value in target.state_dict().items())  # untouched
+    packed = [m for m in draft.modules() if isinstance(m, Packed)]
+    assert len(packed) == 1 + 7 * target.config.n_layers and {m.act_dtype for m in packed} == {"int8"}
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (5, 11, 2)]
     accepted = proposed = 0
     for prompt in prompts:
         plain = generate(target, [prompt], 20)[0]
-        result = speculative_generate(target, draft, prompt, 20, k=3, share_prompt_kv=True)
+        result = speculative_generate(target, draft, prompt, 20, k=3, share_kv=True)
         assert result.tokens == plain
         accepted, proposed = accepted + result.accepted, proposed + result.proposed
     assert accepted / proposed > 0.5, accepted / proposed
     # several rows, left-padded: padding and positions are copied with the K/V
-    rows = speculative_generate_batch(target, draft, prompts, 12, k=2, share_prompt_kv=True)
+    rows = speculative_generate_batch(target, draft, prompts, 12, k=2, share_kv=True)
     assert [r.tokens for r in rows] == [generate(target, [p], 12)[0] for p in prompts]
+    # the batched loop's copy of a fully accepted round's last proposal (one column, padding for
+    # rows that do not take it) against the one-row loop's: the same rounds on two copies of a prompt
+    for k in (1, 2, 4):
+        one = speculative_generate(target, draft, prompts[1], 20, k=k, share_kv=True)
+        assert sum(n == k for n in one.per_round) > 0  # rounds that take the copy
+        for reference in speculative_generate_batch(target, draft, [prompts[1]] * 2, 20, k=k, share_kv=True):
+            assert (one.tokens, one.per_round) == (reference.tokens, reference.per_round), k
     # the copy itself: the target's columns, validity and positions
     with torch.no_grad():
         source, dest = target.new_cache(2, 16), draft.new_cache(2, 16)
@@ -422,6 +430,36 @@ def test_share_prompt_kv_copies_the_targets_cache_and_keeps_greedy_exact():
             assert torch.equal(ours.values[:, :, :4], theirs.values[:, :, :4])
     with pytest.raises(ValueError, match="already holds 4 columns"):
         copy_prompt_kv(source, dest)
+    append_column(source, dest, 2, [True, False])  # row 0 takes column 2, row 1 gets padding
+    assert dest.length == 5 and dest.valid[:, 4].tolist() == [True, False]
+    assert dest.next_position.tolist() == [int(source.next_position[0]) + 1, int(source.next_position[1])]
+    for ours, theirs in zip(dest.layers, source.layers):
+        if theirs is not None:
+            assert torch.equal(ours.keys[:, :, 4], theirs.keys[:, :, 2])
+            assert torch.equal(ours.values[:, :, 4], theirs.values[:, :, 2])
     other = _model(1, vocab_size=512, n_kv_heads=1)
     with pytest.raises(ValueError, match="cache layout"):
-        speculative_generate(target, other, prompts[0], 4, share_prompt_kv=True)
+        speculative_generate(target, other, prompts[0], 4, share_kv=True)
+
+
+def test_self_draft_is_cached_and_checked(tmp_path):
+    """self_draft saves the palettized copy once and loads it back (the same packed weights and
+    act_dtype), and refuses a bit width the packed kernels do not have."""
+    from mmafm.inference.plan import build_plan
+    from mmafm.inference.speculative import self_draft
+
+    target = _model(0, vocab_size=512)
+    made = self_draft(target, 4, cache=str(tmp_path / "draft"))
+    assert (tmp_path / "draft.json").is_file()
+    loaded = self_draft(target, 4, cache=str(tmp_path / "draft"))
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        logits = []
+        for model in (made, loaded):
+            cache = model.new_cache(1, 8)
+            plan = build_plan(model, cache)
+            assert plan.packed and "int8 activations" in plan.describe()
+            logits.append(plan.chunk(ids))
+    assert torch.equal(logits[0], logits[1])
+    with pytest.raises(ValueError, match="bits must be 2, 4 or 8"):
+        self_draft(target, 3)

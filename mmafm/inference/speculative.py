@@ -50,9 +50,9 @@ from mmafm.inference.generate import (PACKED_NATIVE_PROMPT_TOKENS, _check_sampli
 from mmafm.inference.plan import build_plan
 from mmafm.layers.kv_cache import KVCache
 
-__all__ = ["SpeculativeResult", "rollback_cache", "copy_prompt_kv", "keep_columns", "compact_cache", "speculative_generate",
-           "speculative_generate_batch", "accept_proposals", "truncated_draft", "acceptance_by_k",
-           "speculative_speedup", "expected_tokens_per_round"]
+__all__ = ["SpeculativeResult", "rollback_cache", "copy_prompt_kv", "append_column", "keep_columns", "compact_cache",
+           "speculative_generate", "speculative_generate_batch", "accept_proposals", "truncated_draft",
+           "acceptance_by_k", "speculative_speedup", "expected_tokens_per_round", "self_draft"]
 
 
 # prompt tokens x draft parameters up to which the draft reads its prompt in one native chunk
@@ -119,7 +119,7 @@ def copy_prompt_kv(source: KVCache, dest: KVCache) -> None:
         raise ValueError("copy_prompt_kv: sliding-window (ring) caches are not copied column by column")
     if layout(source) != layout(dest) or source.batch_size != dest.batch_size:
         raise ValueError("copy_prompt_kv: the draft's cache layout (layers, rows, KV heads, head_dim, dtype) differs "
-                         "from the target's; share_prompt_kv needs a self-draft (the target's weights compressed)")
+                         "from the target's; share_kv needs a self-draft (the target's weights compressed)")
     if dest.length:
         raise ValueError(f"copy_prompt_kv: the destination cache already holds {dest.length} columns")
     length = source.length
@@ -134,6 +134,27 @@ def copy_prompt_kv(source: KVCache, dest: KVCache) -> None:
     dest.valid[:, :length] = source.valid[:, :length]
     dest.next_position.copy_(source.next_position)
     dest.has_padding, dest.length = source.has_padding, length
+
+
+def append_column(source: KVCache, dest: KVCache, column: int, rows: Sequence[bool]) -> None:
+    """Append one column to ``dest``: ``source``'s keys and values of ``column`` for the rows
+    where ``rows`` is True (a real token at the next position), padding for the others (masked,
+    its position not counted). ``share_kv``'s copy of a verified proposal into a self-draft's
+    cache; the caches' layouts are the same (:func:`copy_prompt_kv` checked it)."""
+    at = dest.length
+    if at + 1 > dest.max_len:
+        raise RuntimeError(f"speculative decoding: the draft's KV cache of {dest.max_len} columns is full")
+    for theirs, ours in zip(source.layers, dest.layers):
+        if theirs is None:
+            continue
+        for name in ("keys", "values", "key_scales", "value_scales"):
+            if hasattr(theirs, name):
+                getattr(ours, name)[:, :, at].copy_(getattr(theirs, name)[:, :, column])
+    taken = torch.tensor(list(rows), dtype=torch.bool, device=dest.device)
+    dest.valid[:, at] = taken
+    dest.next_position += taken.long()
+    dest.has_padding = dest.has_padding or not bool(taken.all())
+    dest.length = at + 1
 
 
 def keep_columns(cache: KVCache, start: int, kept: Sequence[int]) -> None:
@@ -248,7 +269,7 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     matcher: Any = None,
     table_size: int | None = None,
-    share_prompt_kv: bool = False,
+    share_kv: bool = False,
 ) -> SpeculativeResult:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens of ``target``, drafted by ``draft``.
 
@@ -265,11 +286,15 @@ def speculative_generate(
         matcher: a grammar matcher (:meth:`mmafm.inference.guided.Engine.matcher`) constraining
             the output; it ends the output when its grammar is complete.
         table_size: the tokenizer's vocabulary (the matcher's bitmask width), with ``matcher``.
-        share_prompt_kv: the draft starts from a copy of the target's K/V of the prompt instead of
-            reading the prompt itself (:func:`copy_prompt_kv`): for a self-draft, the target's own
-            weights compressed (a palettized copy, :mod:`mmafm.compress`), whose cache has the
-            target's layout. Its prompt then costs the draft nothing; outputs stay the target's
-            (only acceptance can change). Needs caches of the same layout (else ValueError).
+        share_kv: the draft takes the target's K/V where the target has them and the draft
+            does not (QSpec, Zhao et al. 2024, shares the cache between its low- and
+            high-precision passes): it starts from a copy of the target's K/V of the prompt
+            (:func:`copy_prompt_kv`) instead of reading the prompt, and after a round whose
+            proposals were all accepted, the last proposal's K/V (which the draft proposed but
+            never fed) come from the verification, so the draft's catch-up is one step, not a
+            chunk of two. For a self-draft (:func:`self_draft`: the target's own weights
+            compressed, the target's cache layout); outputs stay the target's, only acceptance can
+            change. Needs caches of the same layout (else ValueError).
 
     Returns:
         The tokens and the acceptance statistics.
@@ -280,7 +305,7 @@ def speculative_generate(
     return speculative_generate_batch(
         target, draft, [prompt], max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_tokens=stop_tokens, seed=seed, generator=generator, matchers=None if matcher is None else [matcher],
-        table_size=table_size, share_prompt_kv=share_prompt_kv,
+        table_size=table_size, share_kv=share_kv,
     )[0]
 
 
@@ -301,13 +326,13 @@ def speculative_generate_batch(
     matchers: Sequence[Any] | None = None,
     table_size: int | None = None,
     pad_token_id: int = 0,
-    share_prompt_kv: bool = False,
+    share_kv: bool = False,
 ) -> list[SpeculativeResult]:
     """:func:`speculative_generate` over a batch of prompts (any lengths, left-padded): one draft
     step and one target forward per round serve every row; each row accepts its own number of
     proposals (per-row cache lengths, the module docstring, step 4), and greedy output equals
     plain greedy decoding row by row. ``matchers``: one grammar matcher (or None) per row;
-    ``share_prompt_kv`` as in :func:`speculative_generate`. Returns one :class:`SpeculativeResult`
+    ``share_kv`` as in :func:`speculative_generate`. Returns one :class:`SpeculativeResult`
     per prompt."""
     _check_sampling(temperature, top_k, top_p)
     if k < 1:
@@ -343,7 +368,7 @@ def speculative_generate_batch(
         model.eval()
     try:
         _Speculation(target, draft, prompts, max_new_tokens, k, temperature, top_k, top_p, stop, generator,
-                     matchers, table_size or vocab, pad_token_id, context, results, share_prompt_kv).run()
+                     matchers, table_size or vocab, pad_token_id, context, results, share_kv).run()
     finally:
         for model, mode in modes:
             model.train(mode)
@@ -354,8 +379,9 @@ class _Speculation:
     """The rounds of :func:`speculative_generate_batch` (arguments checked)."""
 
     def __init__(self, target, draft, prompts, max_new_tokens, k, temperature, top_k, top_p, stop, generator,
-                 matchers, table_size, pad_token_id, context, results, share_prompt_kv=False):
+                 matchers, table_size, pad_token_id, context, results, share_kv=False):
         self.target, self.draft, self.k, self.max_new = target, draft, k, max_new_tokens
+        self.share_kv = share_kv
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.greedy = temperature == 0.0
         self.stop, self.matchers, self.results = stop, matchers, results
@@ -376,7 +402,7 @@ class _Speculation:
                                                                attention_mask=attention_mask)  # (B, V)
         draft_work = ids.numel() * sum(p.numel() for p in draft.parameters())
         self.draft_plan = build_plan(draft, self.draft_cache)  # rebuilt below once the cache has columns
-        if share_prompt_kv:  # a self-draft: the target's K/V of the prompt, copied
+        if share_kv:  # a self-draft: the target's K/V of the prompt, copied
             copy_prompt_kv(self.target_cache, self.draft_cache)
         elif attention_mask is None and batch == 1 and (
                 draft_work <= _NATIVE_PROMPT_WORK
@@ -469,6 +495,11 @@ class _Speculation:
                         break
             keep_columns(self.target_cache, start, kept)
             keep_columns(self.draft_cache, self._draft_start, [self._draft_fed + min(n - 1, drafted) for n in kept])
+            if self.share_kv and any(n - 1 > drafted for n in kept):  # the verified last proposals' K/V
+                last = [n - 1 > drafted for n in kept]
+                self._room(self.draft_cache, 1)
+                append_column(self.target_cache, self.draft_cache, start + 1 + drafted, last)
+                catch_up = [tokens[1:] if take else tokens for tokens, take in zip(catch_up, last)]
 
     def _run_greedy_row(self) -> None:
         """The rounds for one row, greedy, without a grammar: the same steps as :meth:`run` with
@@ -476,7 +507,7 @@ class _Speculation:
         tensors, no padding or packing: the caches were sized for the prompt, the tokens and one
         round). On a model whose decode step is a fraction of a millisecond this bookkeeping is
         what a round costs beyond its kernel calls, so it bounds the speed-up."""
-        result, stop, max_new, k = self.results[0], self.stop, self.max_new, self.k
+        result, stop, max_new, k, share_kv = self.results[0], self.stop, self.max_new, self.k, self.share_kv
         tokens, per_round = result.tokens, result.per_round
         target_cache, draft_cache = self.target_cache, self.draft_cache
         target_chunk, draft_step, draft_chunk = self.target_plan.chunk, self.draft_plan.step, self.draft_plan.chunk
@@ -514,6 +545,9 @@ class _Speculation:
             rollback_cache(target_cache, start + 1 + accepted)
             rollback_cache(draft_cache, draft_start + len(catch_up) + min(accepted, drafted))
             catch_up = proposals[min(accepted, drafted) : accepted] + [correction]
+            if share_kv and accepted > drafted:  # the last proposal's K/V from the verification
+                append_column(target_cache, draft_cache, start + 1 + drafted, [True])
+                catch_up = catch_up[1:]
             pending = correction
             for token in proposals[:accepted] + [correction]:
                 if token in stop or len(tokens) >= max_new:
@@ -593,6 +627,37 @@ def truncated_draft(model: nn.Module, layers: int) -> nn.Module:
     return draft.to(next(model.parameters()).dtype).eval()
 
 
+def self_draft(target: nn.Module, bits: int = 8, *, act_dtype: str = "int8", cache: str | None = None,
+               progress: bool = False) -> nn.Module:
+    """A self-draft: ``target``'s own weights palettized to ``bits`` (every linear and the token
+    embedding, a LUT per 16 rows: :func:`mmafm.compress.compress_model`) decoding with
+    ``act_dtype`` activations (:func:`mmafm.compress.set_act_dtype`; ``"int8"``: ``csrc/q8.c``).
+    At 8 bits it reads a quarter of a float32 target's bytes and agrees with it on most greedy
+    tokens (SmolLM2-135M: 0.97 teacher-forced on the float path; docs/guided_generation.md), and
+    its cache has the target's layout, so :func:`speculative_generate` can start it from the
+    target's K/V of the prompt (``share_kv=True``). ``cache``: a checkpoint path (without
+    suffix) to load the draft from, or to save it to the first time (compressing SmolLM2 takes
+    minutes). The target is not changed."""
+    import copy
+    from pathlib import Path
+
+    from mmafm.checkpoint import load_model
+    from mmafm.compress import compress_model, save_compressed, set_act_dtype
+
+    if bits not in (2, 4, 8):
+        raise ValueError(f"self_draft: bits must be 2, 4 or 8, got {bits}")
+    path = None if cache is None else Path(cache)
+    if path is not None and path.with_suffix(".json").is_file():
+        draft = load_model(path).eval()
+    else:
+        draft = copy.deepcopy(target).eval()
+        compress_model(draft, bits=bits, embedding_bits=8 if bits == 8 else 4, progress=progress)
+        if path is not None:
+            save_compressed(path, draft, {"self_draft_bits": bits})
+    set_act_dtype(draft, act_dtype)
+    return draft
+
+
 def expected_tokens_per_round(acceptance: float, k: int) -> float:
     """Tokens one round yields when each proposal is accepted independently with probability
     ``acceptance``: ``(1 - a^(k + 1)) / (1 - a)`` (Leviathan et al. 2023, eq. 1)."""
@@ -622,13 +687,13 @@ def acceptance_by_k(target: nn.Module, draft: nn.Module, prompts: Sequence[Seque
 
 
 def speculative_speedup(target: nn.Module, draft: nn.Module, prompts: Sequence[Sequence[int]], steps: int, k: int,
-                        repeats: int = 3, share_prompt_kv: bool = False) -> dict[str, float]:
+                        repeats: int = 3, share_kv: bool = False) -> dict[str, float]:
     """Speed of greedy speculative decoding against plain greedy decoding of ``target``, measured
     interleaved (per prompt: plain, then speculative; one warm-up round first), ``repeats`` rounds
     over all ``prompts``; the speed-up is the median over rounds of (plain seconds / speculative
     seconds), by wall clock and by this process's CPU time (on a shared machine the CPU time is
     what the load disturbs less when one thread runs). Prefill is included in both. Outputs are
-    checked equal (RuntimeError otherwise). ``share_prompt_kv``: as in :func:`speculative_generate`."""
+    checked equal (RuntimeError otherwise). ``share_kv``: as in :func:`speculative_generate`."""
     import statistics
     import time
 
@@ -645,7 +710,7 @@ def speculative_speedup(target: nn.Module, draft: nn.Module, prompts: Sequence[S
             w0, c0 = time.perf_counter(), time.process_time()
             plain = generate(target, [prompt], steps)[0]
             w1, c1 = time.perf_counter(), time.process_time()
-            result = speculative_generate(target, draft, prompt, steps, k=k, share_prompt_kv=share_prompt_kv)
+            result = speculative_generate(target, draft, prompt, steps, k=k, share_kv=share_kv)
             w2, c2 = time.perf_counter(), time.process_time()
             if result.tokens != plain:
                 raise RuntimeError(f"speculative greedy differs from plain greedy (k={k})")
@@ -661,7 +726,7 @@ def speculative_speedup(target: nn.Module, draft: nn.Module, prompts: Sequence[S
                 cpu[name].append(cpu_seconds)
     tokens = steps * len(prompts)
     return {
-        "k": k, "steps": steps, "prompts": len(prompts), "repeats": repeats, "share_prompt_kv": share_prompt_kv,
+        "k": k, "steps": steps, "prompts": len(prompts), "repeats": repeats, "share_kv": share_kv,
         "acceptance": accepted / max(proposed, 1),
         "speedup": statistics.median(p / s for p, s in zip(wall["plain"], wall["speculative"])),
         "speedup_cpu": statistics.median(p / max(s, 1e-9) for p, s in zip(cpu["plain"], cpu["speculative"])),
