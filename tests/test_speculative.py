@@ -444,7 +444,7 @@ def test_share_kv_copies_the_targets_cache_and_keeps_greedy_exact():
 
 def test_self_draft_is_cached_and_checked(tmp_path):
     """self_draft saves the palettized copy once and loads it back (the same packed weights and
-    act_dtype), and refuses a bit width the packed kernels do not have."""
+    act_dtype), refuses a bit width the packed kernels do not have and a cache of another width."""
     from mmafm.inference.plan import build_plan
     from mmafm.inference.speculative import self_draft
 
@@ -463,3 +463,5 @@ def test_self_draft_is_cached_and_checked(tmp_path):
     assert torch.equal(logits[0], logits[1])
     with pytest.raises(ValueError, match="bits must be 2, 4 or 8"):
         self_draft(target, 3)
+    with pytest.raises(ValueError, match="holds a 4-bit draft"):
+        self_draft(target, 8, cache=str(tmp_path / "draft"))

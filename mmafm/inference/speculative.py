@@ -639,6 +639,7 @@ def self_draft(target: nn.Module, bits: int = 8, *, act_dtype: str = "int8", cac
     suffix) to load the draft from, or to save it to the first time (compressing SmolLM2 takes
     minutes). The target is not changed."""
     import copy
+    import json
     from pathlib import Path
 
     from mmafm.checkpoint import load_model
@@ -648,6 +649,10 @@ def self_draft(target: nn.Module, bits: int = 8, *, act_dtype: str = "int8", cac
         raise ValueError(f"self_draft: bits must be 2, 4 or 8, got {bits}")
     path = None if cache is None else Path(cache)
     if path is not None and path.with_suffix(".json").is_file():
+        saved = json.loads(path.with_suffix(".json").read_text()).get("self_draft_bits")
+        if saved != bits:
+            raise ValueError(f"self_draft: {path} holds a {saved}-bit draft (or no self_draft record), not {bits}-bit; "
+                             "pass another cache path")
         draft = load_model(path).eval()
     else:
         draft = copy.deepcopy(target).eval()
