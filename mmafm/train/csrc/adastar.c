@@ -139,6 +139,20 @@ static void pass2_chunks(void* ctx, long begin, long end) {
     const float* restrict g = job->grads[b];
     const float a = job->a[b], e = job->e[b], s = job->s[b], alpha = job->alpha[b];
     const float d = job->d ? job->d[b] : 1.0f, decay = job->decay, wu = job->wu, b2 = job->b2, wg = job->wg;
+    if (job->update_state && !m && q && !job->d) { /* no clip, no gradient EMA, an update EMA not debiased: the
+                                                    state update and the update in one loop (a loop over the
+                                                    chunk for each cost ~1.4x, 0.93 against 0.65 ns an element
+                                                    on a 37.7M block, 1 thread, 2026-12-01) */
+      for (long i = start; i < stop; ++i) {
+        const float gi = g[i];
+        const float vi = b2 * v[i] + (1.0f - b2) * (gi * gi);
+        v[i] = vi;
+        const float x = (gi * (1.0f / (sqrtf(vi + a) + e))) * s;
+        q[i] = lerp_f32(q[i], x, wu);
+        p[i] = fmaf(alpha, q[i], p[i] * decay);
+      }
+      continue;
+    }
     if (job->update_state) /* pass 1's state update first, chunk by chunk (it stays in cache) */
       for (long i = start; i < stop; ++i) state_step(b2, wg, v, m, g, i);
     {
