@@ -99,11 +99,15 @@ static inline __attribute__((always_inline)) float NAME(dot_row1)(const float* r
 }
 
 /* y[b, o] = sum_i x[b, i] * w[o, i] for b < batch (few rows), written with row stride ystride:
-   weight rows in blocks of 4, each block used for all input rows (4 at a time; two weight rows at
-   a time, NAME(dot_rows2), then NAME(dot_rows) for an odd one) while it sits in L1; the first input
-   block (nb >= 2) prefetches the rows ahead. Two weight rows at a time cut a 3-token verification
-   chunk of the trained 13M speculative target (dim 256) from ~1.5 to ~1.3 decode steps (1 thread,
-   interleaved with the one-row blocks, 2026-11-30, loaded machine; benchmarks/bench_guided.py) */
+   weight rows in blocks of 4, each block used for all input rows (4 at a time; for 3-4 input rows
+   two weight rows at a time, NAME(dot_rows2), then NAME(dot_rows) for an odd one; for 2 input rows
+   NAME(dot_rows) one weight row at a time) while it sits in L1; the first input block (nb >= 2)
+   prefetches the rows ahead. Two weight rows at a time cut a 3-token verification chunk of the
+   trained 13M speculative target (dim 256) from ~1.5 to ~1.3 decode steps (1 thread, interleaved
+   with the one-row blocks, 2026-11-30, loaded machine; benchmarks/bench_guided.py); for 2 input
+   rows they were slower than one at a time when the weights stream from memory: SmolLM2's chunk of
+   2 tokens took 28.8 ms against 23.8 (a step: ~25; 1 thread, 2026-12-01), its 49,152 x 576 head
+   ~5.7 against ~5.2 ms */
 static __attribute__((noinline)) void NAME(gemv_rows)(const float* restrict x, const WEIGHT_T* restrict w,
                                                         float* restrict y, long batch, long out, long in,
                                                         long ystride);
@@ -128,11 +132,10 @@ static __attribute__((noinline)) void NAME(gemv_rows)(const float* restrict x, c
       float* yb = y + b * ystride + o0;
       const long nb = batch - b < 4 ? batch - b : 4;
       long r = 0;
-      for (; nb > 1 && r + 2 <= rows; r += 2) {  /* two weight rows at a time (NAME(dot_rows2)) */
+      for (; nb > 2 && r + 2 <= rows; r += 2) {  /* two weight rows at a time (NAME(dot_rows2)), 3-4 inputs */
         const WEIGHT_T* wr = w + (o0 + r) * in;
         const WEIGHT_T* ahead = b == 0 && o0 + r + 1 + GEMV_PREFETCH_ROWS < out ? wr + GEMV_PREFETCH_ROWS * in : NULL;
         switch (nb) {
-          case 2: NAME(dot_rows2)(xb, wr, ahead, yb + r, in, ystride, 2); break;
           case 3: NAME(dot_rows2)(xb, wr, ahead, yb + r, in, ystride, 3); break;
           default: NAME(dot_rows2)(xb, wr, ahead, yb + r, in, ystride, 4); break;
         }
