@@ -136,6 +136,18 @@ def test_guided_speculative_equals_guided_plain(tmp_path):
         assert result.tokens == list(plain.token_ids)
         assert matcher.is_accepting()  # the real matcher saw exactly the accepted tokens
         assert result.proposed > result.accepted > 0
+    # a self-draft sharing the target's K/V (share_kv) under the grammar: the batched loop's copy
+    from mmafm.inference.speculative import self_draft
+
+    draft = self_draft(target, 8)
+    for seed, k in itertools.product(range(2), (2, 4)):
+        prompt = [tokenizer.bos_id, 20 + seed]
+        plain = list(stream_object(target, tokenizer, Box, prompt, max_new_tokens=120))[-1]
+        matcher = engine.matcher(json_schema(Box))
+        result = speculative_generate(target, draft, prompt, 120, k=k, matcher=matcher, share_kv=True,
+                                      table_size=engine.table.vocab_size, stop_tokens=engine.table.eos_ids)
+        assert result.tokens == list(plain.token_ids) and matcher.is_accepting()
+        assert result.accepted > 0.5 * result.proposed
 
 
 def test_rollback_refuses_ring_caches_and_restores_positions():
