@@ -182,8 +182,20 @@ void NAME(mmafm_gemv3)(const float* x, const WEIGHT_T* w0, const WEIGHT_T* w1, c
     NAME(gemv3_rows)(&job, 0, job.stride);
     return;
   }
-  pool_run(NAME(gemv3_rows), &job, job.stride, gemv_grain(job.stride, in * (long)sizeof(WEIGHT_T), nthreads),
-           nthreads);
+  long grain = gemv_grain(job.stride, in * (long)sizeof(WEIGHT_T), nthreads);
+  if (batch > 1) {
+    /* the multi-row GEMV prefetches GEMV_PREFETCH_ROWS rows ahead within its chunk, so a chunk's
+       first rows come unprefetched (from memory, on this AMD CPU, at about half the speed: its
+       hardware prefetcher does not follow the interleaved rows of NAME(dot_rows2)); chunks of at
+       least 8 x that many rows (or an even share) keep those few. A 3-row GEMV over SmolLM2's
+       49,152 x 576 head at 2 threads took 5.25 ms with the plain grain (32 rows), 3.56 with this
+       (1 thread: 4.8-5.2; 2026-12-01) */
+    long wide = 8L * GEMV_PREFETCH_ROWS;
+    const long even = (job.stride / nthreads + 3) / 4 * 4;
+    if (wide > even) wide = even;
+    if (grain < wide) grain = wide;
+  }
+  pool_run(NAME(gemv3_rows), &job, job.stride, grain, nthreads);
 }
 
 /* single-query attention of the `group` query heads (rows of q and o, head_dim wide) that share
