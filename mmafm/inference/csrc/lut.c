@@ -18,8 +18,9 @@
    - 2 bits: 4 bytes broadcast to 32-bit lanes, lane j shifted by 2j; the 4-entry table repeated
      4 times fills the register, so the 2 bits above a code do not matter;
    - 8 bits: a gather from the 256-entry table.
-   Four rows are processed together (four independent FMA chains sharing each load of x). Other
-   CPUs take the scalar loop.
+   Four rows are processed together (four independent FMA chains sharing each load of x). With
+   AVX2 only, 8 weights at a time in natural column order (lut_weights8_avx2); other CPUs take the
+   scalar loop.
 
    Rows are split over the kernels' thread pool (pool.h), as the float GEMV's. mmafm_lut_decode_step
    runs a whole decode step (embedding, every layer, head) of a dense decoder whose matrices are
@@ -37,7 +38,7 @@
    4-bit float path 13.0 / 11.5 (1 thread: 6.7-6.9, 8.6-9.0, 18-19; 2026-12-01) */
 #define LUT_CHUNK_BYTES 262144L
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -106,6 +107,32 @@ static inline __m512 lut_weights16(const unsigned char* p, int bits, __m512 vtab
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+/* AVX2 (no AVX-512): 8 weights of a row at a time, in natural column order (x is not permuted).
+   4 bits: the 4 code bytes broadcast to 8 lanes, lane j shifted right by 4j, so its low nibble is
+   code j; two vpermps look it up in the table's halves (entries 0-7, 8-15) and the code's bit 3,
+   shifted to the sign bit, picks one (vblendvps). 2 bits: 2 code bytes, lane j shifted by 2j, one
+   vpermps on the 4 entries repeated twice. 8 bits: a gather. */
+static inline __m256 lut_weights8_avx2(const unsigned char* row, long i, int bits, __m256 lo, __m256 hi) {
+  if (bits == 4) {
+    int word;
+    memcpy(&word, row + i / 2, 4);
+    const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(word), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+    const __m256 low = _mm256_permutevar8x32_ps(lo, idx), high = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  }
+  int word = 0;
+  memcpy(&word, row + i / 4, 2);
+  return _mm256_permutevar8x32_ps(lo, _mm256_srlv_epi32(_mm256_set1_epi32(word), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)));
+}
+
+static inline float lut_hsum_avx2(__m256 v) {  /* a fixed order: halves, then pairs */
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+}
+#endif
+
 /* rows [begin, end) of a packed (2/4/8-bit) matrix */
 static void lut_part_rows(const lut_part* part, long begin, long end) {
   const mmafm_matrix_t* m = part->m;
@@ -144,6 +171,35 @@ static void lut_part_rows(const lut_part* part, long begin, long end) {
       }
     }
   }
+#elif defined(__AVX2__)
+  if (batch == 1) {  /* decode: four rows at a time, four FMA chains per load of x (each row's sum as below) */
+    for (; o + 4 <= end; o += 4) {
+      const unsigned char* r[4];
+      __m256 lo[4], hi[4], a[4];
+      const float* tabs[4];
+      for (int k = 0; k < 4; ++k) {
+        r[k] = codes + (o + k) * stride;
+        tabs[k] = m->table + ((o + k) / m->group_rows) * levels;
+        lo[k] = bits == 4 || bits == 8 ? _mm256_loadu_ps(tabs[k]) : _mm256_broadcast_ps((const __m128*)tabs[k]);
+        hi[k] = bits == 4 ? _mm256_loadu_ps(tabs[k] + 8) : lo[k];
+        a[k] = _mm256_setzero_ps();
+      }
+      long i = 0;
+      for (; i + 8 <= in; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(part->x + i);
+        for (int k = 0; k < 4; ++k) {
+          const __m256 w = bits == 8 ? _mm256_i32gather_ps(tabs[k], _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(r[k] + i))), 4)
+                                     : lut_weights8_avx2(r[k], i, bits, lo[k], hi[k]);
+          a[k] = _mm256_fmadd_ps(w, xv, a[k]);
+        }
+      }
+      for (int k = 0; k < 4; ++k) {
+        float acc = lut_hsum_avx2(a[k]);
+        lut_row_scalar(r[k], tabs[k], part->x, in, i, 1, bits, &acc);
+        part->y[o + k] = m->row_scale ? acc * m->row_scale[o + k] : acc;
+      }
+    }
+  }
 #endif
   for (; o < end; ++o) {
     const float* tab = m->table + (o / m->group_rows) * levels;
@@ -167,6 +223,23 @@ static void lut_part_rows(const lut_part* part, long begin, long end) {
       }
     }
     for (long b = 0; b < batch; ++b) acc[b] = _mm512_reduce_add_ps(vacc[b]);
+#elif defined(__AVX2__)
+    __m256 vacc[LUT_MAX_BATCH];
+    for (long b = 0; b < batch; ++b) vacc[b] = _mm256_setzero_ps();
+    if (bits == 8) {
+      for (; i + 8 <= in; i += 8) {
+        const __m256 w = _mm256_i32gather_ps(tab, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + i))), 4);
+        for (long b = 0; b < batch; ++b) vacc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(part->x + b * in + i), vacc[b]);
+      }
+    } else {
+      const __m256 lo = bits == 4 ? _mm256_loadu_ps(tab) : _mm256_broadcast_ps((const __m128*)tab);
+      const __m256 hi = bits == 4 ? _mm256_loadu_ps(tab + 8) : lo;
+      for (; i + 8 <= in; i += 8) {
+        const __m256 w = lut_weights8_avx2(row, i, bits, lo, hi);
+        for (long b = 0; b < batch; ++b) vacc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(part->x + b * in + i), vacc[b]);
+      }
+    }
+    for (long b = 0; b < batch; ++b) acc[b] = lut_hsum_avx2(vacc[b]);
 #endif
     lut_row_scalar(row, tab, part->x, in, i, batch, bits, acc);
     const float scale = m->row_scale ? m->row_scale[o] : 1.0f;
