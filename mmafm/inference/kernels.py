@@ -362,6 +362,23 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _check_chunk(tokens: torch.Tensor, positions: torch.Tensor, column: int, key_valid: torch.Tensor | None,
+                 max_rows: int | None = None) -> None:
+    """The arguments of a decode chunk (``DecodeStep.chunk``, ``PackedDecodeStep.chunk``): tokens and
+    positions (B, T) int64 (B <= ``max_rows`` when given), key_valid None or (B, >= column + T) bool
+    with unit column stride; ValueError naming what is wrong."""
+    if tokens.dtype != torch.int64 or tokens.dim() != 2 or positions.shape != tokens.shape \
+            or positions.dtype != torch.int64 or (max_rows is not None and not 0 < tokens.shape[0] <= max_rows):
+        rows = "batch" if max_rows is None else f"batch <= {max_rows}"
+        raise ValueError(f"tokens and positions must be ({rows}, T) int64, got {tokens.dtype} {tuple(tokens.shape)} "
+                         f"and {positions.dtype} {tuple(positions.shape)}")
+    batch, chunk = tokens.shape
+    if key_valid is not None and not (key_valid.dtype == torch.bool and key_valid.dim() == 2
+                                      and key_valid.shape[0] == batch and key_valid.shape[1] >= column + chunk
+                                      and key_valid.stride(1) == 1):
+        raise ValueError(f"key_valid must be ({batch}, >= {column + chunk}) bool with unit column stride")
+
+
 # ----------------------------------------------------------------------------- linear layers
 
 # oneDNN's fp32 matmul (what inductor lowers CPU linears to) is 5-20% faster than F.linear's MKL
@@ -648,15 +665,8 @@ class DecodeStep:
         row before it (the verification forward of speculative decoding): the weights are read once
         for all B x T rows. Each row's logits equal, bit for bit, those of feeding its tokens one
         step at a time (every sum keeps the one-row order). Linear (non-ring) caches only."""
-        if tokens.dtype != torch.int64 or tokens.dim() != 2 or positions.shape != tokens.shape \
-                or positions.dtype != torch.int64:
-            raise ValueError(f"tokens and positions must be (batch, T) int64, got {tokens.dtype} {tuple(tokens.shape)} "
-                             f"and {positions.dtype} {tuple(positions.shape)}")
+        _check_chunk(tokens, positions, column, key_valid)
         batch, chunk = tokens.shape
-        if key_valid is not None and not (key_valid.dtype == torch.bool and key_valid.dim() == 2
-                                          and key_valid.shape[0] == batch and key_valid.shape[1] >= column + chunk
-                                          and key_valid.stride(1) == 1):
-            raise ValueError(f"key_valid must be ({batch}, >= {column + chunk}) bool with unit column stride")
         tokens, positions = tokens.contiguous(), positions.contiguous()
         logits = torch.empty((batch, chunk, self.head.shape[0]), dtype=_F32)
         arguments = (
@@ -1040,27 +1050,16 @@ class PackedDecodeStep:
             raise MemoryError("packed decode step: out of memory in the native kernel")
         return logits
 
-    def chunk(
-        self,
-        tokens: torch.Tensor,  # (B, T) int64: T consecutive new tokens per cache row
-        positions: torch.Tensor,  # (B, T) int64 RoPE positions
-        column: int,  # cache column of each row's first new token (the t-th goes to column + t)
-        key_valid: torch.Tensor | None = None,  # (B, >= column + T) bool, False = padding column
-    ) -> torch.Tensor:  # (B, T, V) float32 logits
-        """T new tokens per row (causal: token t sees the ones before it), in native calls of
+    def chunk(self, tokens: torch.Tensor, positions: torch.Tensor, column: int,
+              key_valid: torch.Tensor | None = None) -> torch.Tensor:  # (B, T) -> (B, T, V) float32
+        """T new tokens per row (arguments as :meth:`DecodeStep.chunk`; causal: token t sees the
+        ones before it), in native calls of
         ``MAX_ROWS // B`` tokens per row (``mmafm_lut_decode_chunk_f32``): each call reads every
         matrix once for all its B x T' rows, so a packed prompt (a packed draft's prompt and
         catch-up) costs about one step per call, not per token. Each row's logits equal one-token
         steps' bit for bit. Linear (non-ring) caches only, as :meth:`DecodeStep.chunk`."""
-        if tokens.dtype != torch.int64 or tokens.dim() != 2 or positions.shape != tokens.shape \
-                or positions.dtype != torch.int64 or not 0 < tokens.shape[0] <= MAX_ROWS:
-            raise ValueError(f"tokens and positions must be (batch <= {MAX_ROWS}, T) int64, got {tokens.dtype} "
-                             f"{tuple(tokens.shape)} and {positions.dtype} {tuple(positions.shape)}")
+        _check_chunk(tokens, positions, column, key_valid, MAX_ROWS)
         batch, total = tokens.shape
-        if key_valid is not None and not (key_valid.dtype == torch.bool and key_valid.dim() == 2
-                                          and key_valid.shape[0] == batch and key_valid.shape[1] >= column + total
-                                          and key_valid.stride(1) == 1):
-            raise ValueError(f"key_valid must be ({batch}, >= {column + total}) bool with unit column stride")
         logits = torch.empty((batch, total, self.vocab), dtype=_F32)
         width = MAX_ROWS // batch  # tokens per row in one call
         for start in range(0, total, width):

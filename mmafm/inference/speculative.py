@@ -104,6 +104,17 @@ def rollback_cache(cache: KVCache, length: int) -> None:
     cache.length = length
 
 
+def _copy_columns(source: KVCache, dest: KVCache, theirs_at: int | slice, ours_at: int | slice) -> None:
+    """Every stored layer's keys and values (and int8 scales) of ``source``'s columns
+    ``theirs_at`` into ``dest``'s columns ``ours_at`` (caches of one layout)."""
+    for theirs, ours in zip(source.layers, dest.layers):
+        if theirs is None:
+            continue
+        for name in ("keys", "values", "key_scales", "value_scales"):
+            if hasattr(theirs, name):
+                getattr(ours, name)[:, :, ours_at].copy_(getattr(theirs, name)[:, :, theirs_at])
+
+
 def copy_prompt_kv(source: KVCache, dest: KVCache) -> None:
     """Give the empty cache ``dest`` the columns ``source`` holds: keys, values, validity
     (padding) and positions, as if ``dest``'s model had read the same prompt. For a self-draft
@@ -125,12 +136,7 @@ def copy_prompt_kv(source: KVCache, dest: KVCache) -> None:
     length = source.length
     if length > dest.max_len:
         raise ValueError(f"copy_prompt_kv: {length} columns do not fit a cache of max_len={dest.max_len}")
-    for theirs, ours in zip(source.layers, dest.layers):
-        if theirs is None:
-            continue
-        for name in ("keys", "values", "key_scales", "value_scales"):
-            if hasattr(theirs, name):
-                getattr(ours, name)[:, :, :length].copy_(getattr(theirs, name)[:, :, :length])
+    _copy_columns(source, dest, slice(0, length), slice(0, length))
     dest.valid[:, :length] = source.valid[:, :length]
     dest.next_position.copy_(source.next_position)
     dest.has_padding, dest.length = source.has_padding, length
@@ -144,12 +150,7 @@ def append_column(source: KVCache, dest: KVCache, column: int, rows: Sequence[bo
     at = dest.length
     if at + 1 > dest.max_len:
         raise RuntimeError(f"speculative decoding: the draft's KV cache of {dest.max_len} columns is full")
-    for theirs, ours in zip(source.layers, dest.layers):
-        if theirs is None:
-            continue
-        for name in ("keys", "values", "key_scales", "value_scales"):
-            if hasattr(theirs, name):
-                getattr(ours, name)[:, :, at].copy_(getattr(theirs, name)[:, :, column])
+    _copy_columns(source, dest, column, at)
     taken = torch.tensor(list(rows), dtype=torch.bool, device=dest.device)
     dest.valid[:, at] = taken
     dest.next_position += taken.long()
