@@ -360,3 +360,50 @@ def test_rng_state_round_trips_through_json():
     random.random(), np.random.rand(), torch.rand(3)  # move every generator on
     set_rng_state(plain)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ------------------------------------------------------- a source that keeps its own position
+def test_rollout_source_resumes_without_sampling_its_rollouts_again(tmp_path, monkeypatch):
+    """RL batches are sampled from the policy being trained, so iterating the source again on
+    resume (the trainer's default fast-forward) would sample every earlier rollout anew from the
+    restored policy. RolloutSource keeps its position in the checkpoint (state_dict /
+    load_state_dict): a run resumed at an iteration boundary samples only what is left and ends
+    with the uninterrupted run's weights; one resumed inside an iteration samples that
+    iteration's batch again, once."""
+    import mmafm
+    from mmafm.posttrain import rl
+
+    sampled = []
+    original = rl.sample_responses
+    monkeypatch.setattr(rl, "sample_responses", lambda *a, **k: sampled.append(1) or original(*a, **k))
+
+    def run(run_dir: Path, max_steps: int):
+        torch.manual_seed(0)
+        policy = mmafm.create_model("afm_2024_device_tiny", vocab_size=64)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        prompts = [([1, 5 + i, 9], None) for i in range(5)]
+        source = rl.RolloutSource(policy, reference, prompts, lambda contexts, texts: torch.tensor(
+            [float(len(t)) for t in texts]), lambda ids: " ".join(map(str, ids)), 3, [3], 0, n=2,
+            prompts_per_iteration=2, inner_steps=2, max_new_tokens=4, keep_vocab_log_probs=False, seed=0)
+        config = TrainConfig(max_steps=max_steps, ckpt_every=2, log_every=1, lr=1e-2, schedule="constant",
+                             weight_decay=0.0)
+        Trainer(rl.PolicyTask(policy, "ppo_clip"), source, config, StageDir(run_dir, "rl")).fit()
+        return policy, source
+
+    whole, whole_source = run(tmp_path / "whole", 6)
+    assert len(sampled) == 3  # 6 steps, 2 per rollout batch
+    sampled.clear()
+    run(tmp_path / "split", 4)
+    assert len(sampled) == 2
+    sampled.clear()
+    resumed, source = run(tmp_path / "split", 6)  # from the checkpoint at step 4: an iteration boundary
+    assert len(sampled) == 1  # the third batch only (the fast-forward would have sampled all three)
+    assert [h["iteration"] for h in source.history] == [1, 2, 3]
+    assert [h["reward"] for h in source.history] == [h["reward"] for h in whole_source.history]
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+    sampled.clear()
+    run(tmp_path / "inside", 3)  # its last checkpoint (step 3) is inside the second iteration
+    sampled.clear()
+    _, source = run(tmp_path / "inside", 6)
+    assert len(sampled) == 2 and [h["iteration"] for h in source.history] == [1, 2, 3]

@@ -181,19 +181,59 @@ class RolloutSource:
     seed: int = 0
     history: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
+    # where the iteration is (the trainer's checkpoints hold it: state_dict / load_state_dict)
+    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+    _order: list[int] = field(default_factory=list, init=False, repr=False)
+    _cursor: int = field(default=0, init=False, repr=False)  # prompts taken so far
+    _yielded: int = field(default=0, init=False, repr=False)  # yields of the current batch
+    _before: list[int] | None = field(default=None, init=False, repr=False)  # generator state before it
+    _batch: dict | None = field(default=None, init=False, repr=False)
+
+    def _chosen(self, start: int) -> list[tuple[list[int], Any]]:
+        return [self.prompts[self._order[(start + i) % len(self._order)]] for i in range(self.prompts_per_iteration)]
 
     def __iter__(self) -> Iterator[dict]:
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(self.prompts), generator=generator).tolist()
-        cursor = 0
+        if self._generator is None:  # a fresh start (load_state_dict sets these on a resumed run)
+            self._generator = torch.Generator().manual_seed(self.seed)
+            self._order = torch.randperm(len(self.prompts), generator=self._generator).tolist()
+            self._cursor, self._yielded = 0, self.inner_steps
         while True:
-            chosen = []
-            for _ in range(self.prompts_per_iteration):
-                chosen.append(self.prompts[order[cursor % len(order)]])
-                cursor += 1
-            batch = self.rollout(chosen, generator)
-            for _ in range(self.inner_steps):
-                yield batch
+            if self._yielded >= self.inner_steps:  # the next rollout batch
+                self._before = self._generator.get_state().tolist()
+                self._batch = self.rollout(self._chosen(self._cursor), self._generator)
+                self._cursor += self.prompts_per_iteration
+                self._yielded = 0
+            elif self._batch is None:  # resumed inside an iteration: its batch again, from today's policy
+                self._generator.set_state(torch.tensor(self._before, dtype=torch.uint8))
+                self.history = self.history[:-1]  # that iteration's facts are recorded again
+                self._batch = self.rollout(self._chosen(self._cursor - self.prompts_per_iteration), self._generator)
+            while self._yielded < self.inner_steps:
+                self._yielded += 1
+                yield self._batch
+
+    def state_dict(self) -> dict:
+        """Where the iteration is, JSON-able: the prompt order and cursor, the sampling
+        generator's state now and before the current batch, how many times that batch was
+        yielded, and the history. Not the batch: a run resumed inside an iteration samples that
+        iteration's batch again (same prompts and random numbers, the restored policy); one
+        resumed at an iteration boundary continues exactly as the uninterrupted run."""
+        if self._generator is None:
+            return {}
+        return {"order": self._order, "cursor": self._cursor, "yielded": self._yielded,
+                "generator": self._generator.get_state().tolist(), "before": self._before,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (an empty one: from the start) on the next ``iter``."""
+        if not state:
+            return
+        if len(state["order"]) != len(self.prompts):
+            raise ValueError(f"RolloutSource state for {len(state['order'])} prompts, this source has "
+                             f"{len(self.prompts)} (did the prompts change since the checkpoint?)")
+        self._generator = torch.Generator()
+        self._generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self._order, self._cursor, self._yielded = list(state["order"]), int(state["cursor"]), int(state["yielded"])
+        self._before, self._batch, self.history = state["before"], None, list(state["history"])
 
     @torch.no_grad()
     def rollout(self, chosen: list[tuple[list[int], Any]], generator: torch.Generator) -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -260,6 +261,33 @@ class _DataCursor:
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
+    def restore(self, state: Mapping[str, int], source_state: Any) -> bool:
+        """Go to ``state`` without iterating the source, when the source restores its own
+        position (``load_state_dict(source_state)``, saved from its ``state_dict()``); False
+        (nothing done) for a source without them or a checkpoint without its state."""
+        loader = getattr(self.data, "load_state_dict", None)
+        if source_state is None or not callable(loader):
+            return False
+        loader(source_state)
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._iterator, self._pending = None, []  # the next batch comes from the restored source
+        return True
+
+    def source_state(self) -> Any:
+        """The source's own position (``state_dict()``), or None: without one, or when it is not
+        JSON-able (a warning; the resumed run then iterates the source again, as for any source)."""
+        saver = getattr(self.data, "state_dict", None)
+        if not callable(saver):
+            return None
+        state = saver()
+        try:
+            json.dumps(state)
+        except (TypeError, ValueError) as error:
+            warnings.warn(f"train_data.state_dict() is not JSON-able ({error}); a resumed run iterates the "
+                          "source again to its position", stacklevel=3)
+            return None
+        return state
+
     def fast_forward(self, state: Mapping[str, int]) -> None:
         """Skip to ``state`` (epoch, batches into it) by iterating the source again."""
         self.epoch, target = int(state["epoch"]), int(state["index"])
@@ -288,7 +316,11 @@ class Trainer:
             for every epoch. For exact resume it must give the same batches for a given epoch
             each time: fixed lists, or shuffling drawn from torch/NumPy/Python's global RNG at
             ``iter()`` or first batch (``DataLoader(shuffle=True)``), which the trainer seeds
-            per epoch; ``set_epoch(epoch)`` is called when the source has it.
+            per epoch; ``set_epoch(epoch)`` is called when the source has it. A source with
+            ``state_dict()`` (JSON-able) and ``load_state_dict(state)`` keeps its own position:
+            checkpoints hold it and a resumed run restores it instead of iterating the source
+            again (:class:`~mmafm.posttrain.rl.RolloutSource`, whose batches are sampled from
+            the policy being trained).
         config: the training settings.
         stage_dir: where metrics, checkpoints and the final weights go (a ``StageDir``); ``None``
             keeps everything in memory (no checkpoints, no resume).
@@ -571,6 +603,7 @@ class Trainer:
                 scheduler_state["lr_lambdas"] = [None] * len(scheduler_state["lr_lambdas"])
             metadata = {
                 "data": self._cursor.state(),
+                "data_source": self._cursor.source_state(),
                 "world_size": self.world_size,
                 "parallel": self.parallel,
                 "scheduler": scheduler_state,
@@ -618,7 +651,8 @@ class Trainer:
         guard = meta.get("guard", {})
         self.skipped_steps = int(guard.get("skipped_steps", 0))
         self.clipped_steps = int(guard.get("clipped_steps", 0))
-        self._cursor.fast_forward(meta["data"])
+        if not self._cursor.restore(meta["data"], meta.get("data_source")):
+            self._cursor.fast_forward(meta["data"])
         # RNG last: fast-forwarding the data may draw random numbers
         set_rng_state(rank_rng_state(tensors, meta, self.rank))
         self.records = self._truncate_metrics(step)
