@@ -173,7 +173,6 @@ SYMBOLS: dict[str, tuple] = {
     "mmafm_lora_decode_chunk_bf16": _LORA_CHUNK,
     "mmafm_pool_helpers": (_I, []),
     "mmafm_lut_gemv_f32": (_I, [_P] * 4 + [_L] * 4 + [_I, _L, _I]),  # csrc/lut.c (mmafm.compress)
-    "mmafm_lut_decode_step_f32": (_I, [_P] * 5 + [_L] * 2 + [_P, _L] + [_P, _L] + [_P] * 3 + [_L] * 6 + [_F, _I]),
     "mmafm_lut_decode_chunk_f32": (_I, [_P] * 5 + [_L] * 3 + [_P, _L] + [_P, _L] + [_P] * 3 + [_L] * 6 + [_F, _I]),
     "mmafm_q8_quantize": (None, [_P] * 3 + [_L] * 2),  # csrc/q8.c: the opt-in int8-activation path
     "mmafm_q8_gemv_f32": (_I, [_P] * 6 + [_L] * 4 + [_I, _L, _I]),
@@ -996,9 +995,9 @@ def packed_decode_layer(
 
 class PackedDecodeStep:
     """A whole decode step of a dense decoder whose matrices are packed (2/4/8-bit codes + LUTs)
-    or float32, in one native call (``mmafm_lut_decode_step_f32``): the embedding row, every layer
-    (Q/K/V and gate/up as one GEMV each), final norm and head, the K/V written into the float32
-    cache. Called like :class:`DecodeStep`; built by :func:`packed_decode_step`.
+    or float32, in one native call (``mmafm_lut_decode_chunk_f32``, a chunk of one token): the
+    embedding row, every layer (Q/K/V and gate/up as one GEMV each), final norm and head, the K/V
+    written into the float32 cache. Called like :class:`DecodeStep`; built by :func:`packed_decode_step`.
 
     ``int8_activations`` (opt-in; default the float path, whose logits equal the dequantized
     model's): every 2-/4-/8-bit matrix built with it reads Q8_0-quantized inputs through
@@ -1016,7 +1015,7 @@ class PackedDecodeStep:
         self.final_norm, self.cos_table, self.sin_table = _gain(final_norm), cos_table, sin_table
         self.n_layers, self.vocab, self.dim = len(layers), vocab, dim
         self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
-        self._kernel, self._chunk_kernel = library.lut_decode_step_f32, library.lut_decode_chunk_f32
+        self._kernel = library.lut_decode_chunk_f32  # a step is a chunk of one token per row
 
     def __call__(
         self,
@@ -1025,37 +1024,35 @@ class PackedDecodeStep:
         column: int,  # cache column of the new tokens
         key_valid: torch.Tensor | None = None,  # (B, >= column + 1) bool, False = padding column
     ) -> torch.Tensor:  # (B, V) float32 logits
-        tokens, positions = tokens.contiguous(), positions.contiguous()
-        if tokens.dtype != torch.int64 or positions.dtype != torch.int64 or tokens.dim() != 1 \
-                or positions.shape != tokens.shape or not 0 < tokens.shape[0] <= MAX_ROWS:
-            raise ValueError(f"tokens and positions must be (batch <= {MAX_ROWS},) int64, got {tokens.dtype} "
-                             f"{tuple(tokens.shape)} and {positions.dtype} {tuple(positions.shape)}")
-        batch = tokens.shape[0]
-        if key_valid is not None and not (key_valid.dtype == torch.bool and key_valid.dim() == 2
-                                          and key_valid.shape[0] == batch and key_valid.shape[1] > column
-                                          and key_valid.stride(1) == 1):
-            raise ValueError(f"key_valid must be ({batch}, > {column}) bool with unit column stride")
+        _check_chunk(tokens[:, None], positions[:, None], column, key_valid, MAX_ROWS)  # a chunk of one token
+        tokens, positions, batch = tokens.contiguous(), positions.contiguous(), tokens.shape[0]
         logits = torch.empty((batch, self.vocab), dtype=_F32)
+        self._native(tokens, positions, column, 1, key_valid, logits)
+        return logits
+
+    def _native(self, tokens: torch.Tensor, positions: torch.Tensor, column: int, chunk: int,
+                key_valid: torch.Tensor | None, out: torch.Tensor) -> None:
+        """One ``mmafm_lut_decode_chunk_f32`` call: ``tokens`` / ``positions`` contiguous, B x
+        ``chunk`` of them, logits into the contiguous ``out``; its failures as errors."""
         failed = self._kernel(
             tokens.data_ptr(), ctypes.addressof(self._embed), positions.data_ptr(), self.cos_table.data_ptr(),
-            self.sin_table.data_ptr(), self.cos_table.shape[0], column, _ptr(key_valid),
+            self.sin_table.data_ptr(), self.cos_table.shape[0], column, chunk, _ptr(key_valid),
             0 if key_valid is None else key_valid.stride(0), ctypes.addressof(self._layers), self.n_layers,
-            self.final_norm.data_ptr(), ctypes.addressof(self._head), logits.data_ptr(), batch, self.dim,
+            self.final_norm.data_ptr(), ctypes.addressof(self._head), out.data_ptr(), tokens.numel(), self.dim,
             self.heads, self.kv_heads, self.head_dim, self.vocab, self.eps, torch.get_num_threads(),
         )
         if failed == 2:
-            raise ValueError(f"packed decode step: a token outside [0, {self.vocab}) or a position outside "
-                             f"[0, {self.cos_table.shape[0]})")
+            raise ValueError(f"packed decode step: a token outside [0, {self.vocab}), a position outside "
+                             f"[0, {self.cos_table.shape[0]}), or for a chunk of {chunk} a ring cache or no room "
+                             f"at column {column}")
         if failed:
             raise MemoryError("packed decode step: out of memory in the native kernel")
-        return logits
 
     def chunk(self, tokens: torch.Tensor, positions: torch.Tensor, column: int,
               key_valid: torch.Tensor | None = None) -> torch.Tensor:  # (B, T) -> (B, T, V) float32
         """T new tokens per row (arguments as :meth:`DecodeStep.chunk`; causal: token t sees the
-        ones before it), in native calls of
-        ``MAX_ROWS // B`` tokens per row (``mmafm_lut_decode_chunk_f32``): each call reads every
-        matrix once for all its B x T' rows, so a packed prompt (a packed draft's prompt and
+        ones before it), in native calls of ``MAX_ROWS // B`` tokens per row: each call reads
+        every matrix once for all its B x T' rows, so a packed prompt (a packed draft's prompt and
         catch-up) costs about one step per call, not per token. Each row's logits equal one-token
         steps' bit for bit. Linear (non-ring) caches only, as :meth:`DecodeStep.chunk`."""
         _check_chunk(tokens, positions, column, key_valid, MAX_ROWS)
@@ -1064,22 +1061,12 @@ class PackedDecodeStep:
         width = MAX_ROWS // batch  # tokens per row in one call
         for start in range(0, total, width):
             piece = slice(start, min(start + width, total))
-            ids, places = tokens[:, piece].contiguous(), positions[:, piece].contiguous()
-            out = torch.empty((batch, ids.shape[1], self.vocab), dtype=_F32)
-            failed = self._chunk_kernel(
-                ids.data_ptr(), ctypes.addressof(self._embed), places.data_ptr(), self.cos_table.data_ptr(),
-                self.sin_table.data_ptr(), self.cos_table.shape[0], column + start, ids.shape[1], _ptr(key_valid),
-                0 if key_valid is None else key_valid.stride(0), ctypes.addressof(self._layers), self.n_layers,
-                self.final_norm.data_ptr(), ctypes.addressof(self._head), out.data_ptr(), ids.numel(), self.dim,
-                self.heads, self.kv_heads, self.head_dim, self.vocab, self.eps, torch.get_num_threads(),
-            )
-            if failed == 2:
-                raise ValueError(f"packed decode chunk: a token outside [0, {self.vocab}), a position outside "
-                                 f"[0, {self.cos_table.shape[0]}), a ring cache or no room for {ids.shape[1]} "
-                                 f"columns at {column + start}")
-            if failed:
-                raise MemoryError("packed decode chunk: out of memory in the native kernel")
-            logits[:, piece] = out
+            view = logits[:, piece]  # (B, T', V): written in place where contiguous (one row, or one call)
+            out = view if view.is_contiguous() else torch.empty_like(view)
+            self._native(tokens[:, piece].contiguous(), positions[:, piece].contiguous(), column + start,
+                         view.shape[1], key_valid, out)
+            if out is not view:
+                view.copy_(out)
         return logits
 
 

@@ -161,7 +161,7 @@ typedef struct {
   const float* qaffine;
 } mmafm_matrix_t;
 
-/* One decoder layer of mmafm_lut_decode_step (mirrors PackedDecodeLayer in kernels.py): as
+/* One decoder layer of mmafm_lut_decode_chunk (mirrors PackedDecodeLayer in kernels.py): as
    mmafm_layer_t, every matrix an mmafm_matrix_t (wk.data = NULL: the layer shares K/V), a
    float32 K/V cache. */
 typedef struct {
@@ -171,21 +171,13 @@ typedef struct {
   long kv_batch_stride, kv_head_stride, slots, ring, rope, hidden;
 } mmafm_lut_layer_t;
 
-/* mmafm_decode_step_f32 for a dense decoder whose embedding, head and layer matrices are each
-   packed or float32 (lut.c), batch <= 8 rows: Q/K/V and gate/up as one GEMV each; matrices with
-   qtable / qaffine take Q8_0-quantized inputs and integer dot products (q8.c). Returns 0;
-   1 out of memory; 2 a bad matrix, token or position (nothing written). */
-int mmafm_lut_decode_step_f32(
-    const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
-    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
-    const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm, const mmafm_matrix_t* head,
-    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
-    int nthreads);
-
-/* mmafm_lut_decode_step_f32 over `chunk` consecutive new tokens per cache row (batch = rows x chunk
-   <= 8), causal within the chunk, as mmafm_decode_chunk_f32: a packed model's prompt (and a packed
-   draft's catch-up) in one call per chunk, each matrix read once for all its rows. Linear caches
-   with room for the chunk only (else 2, nothing written). */
+/* mmafm_decode_chunk_f32 for a dense decoder whose embedding, head and layer matrices are each
+   packed or float32 (lut.c): `chunk` consecutive new tokens per cache row (batch = rows x chunk
+   <= 8; a decode step is a chunk of 1), causal within the chunk, each matrix read once for all its
+   rows (a packed prompt, a packed draft's catch-up); Q/K/V and gate/up as one GEMV each; matrices
+   with qtable / qaffine take Q8_0-quantized inputs and integer dot products (q8.c). Chunks > 1
+   need linear caches with room for them. Returns 0; 1 out of memory; 2 a bad matrix, token,
+   position or chunk (nothing written). */
 int mmafm_lut_decode_chunk_f32(
     const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
     const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,

@@ -22,10 +22,10 @@
    AVX2 only, 8 weights at a time in natural column order (lut_weights8_avx2); other CPUs take the
    scalar loop.
 
-   Rows are split over the kernels' thread pool (pool.h), as the float GEMV's. mmafm_lut_decode_step
+   Rows are split over the kernels' thread pool (pool.h), as the float GEMV's. mmafm_lut_decode_chunk
    runs a whole decode step (embedding, every layer, head) of a dense decoder whose matrices are
-   each packed or float32 (mmafm_matrix_t), in one call (mmafm_lut_decode_chunk: several
-   consecutive tokens per cache row, a packed prompt's prefill or a draft's catch-up): no Python
+   each packed or float32 (mmafm_matrix_t), in one call, for one or several consecutive tokens
+   per cache row (a step; a packed prompt's prefill or a draft's catch-up): no Python
    or torch op between the GEMVs, so the pool's threads never compete with torch's OpenMP team,
    and Q/K/V (gate/up), which read
    the same input, are one GEMV over their rows end to end. Included at the end of kernels.c (one
@@ -112,8 +112,16 @@ static inline __m512 lut_weights16(const unsigned char* p, int bits, __m512 vtab
    4 bits: the 4 code bytes broadcast to 8 lanes, lane j shifted right by 4j, so its low nibble is
    code j; two vpermps look it up in the table's halves (entries 0-7, 8-15) and the code's bit 3,
    shifted to the sign bit, picks one (vblendvps). 2 bits: 2 code bytes, lane j shifted by 2j, one
-   vpermps on the 4 entries repeated twice. 8 bits: a gather. */
-static inline __m256 lut_weights8_avx2(const unsigned char* row, long i, int bits, __m256 lo, __m256 hi) {
+   vpermps on the 4 entries repeated twice. 8 bits: a gather from the table. lo / hi: from
+   lut_tables_avx2. */
+static inline void lut_tables_avx2(const float* tab, int bits, __m256* lo, __m256* hi) {
+  *lo = bits == 4 ? _mm256_loadu_ps(tab) : bits == 2 ? _mm256_broadcast_ps((const __m128*)tab) : _mm256_setzero_ps();
+  *hi = bits == 4 ? _mm256_loadu_ps(tab + 8) : *lo;
+}
+
+static inline __m256 lut_weights8_avx2(const unsigned char* row, long i, int bits, const float* tab, __m256 lo,
+                                       __m256 hi) {
+  if (bits == 8) return _mm256_i32gather_ps(tab, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + i))), 4);
   if (bits == 4) {
     int word;
     memcpy(&word, row + i / 2, 4);
@@ -180,18 +188,14 @@ static void lut_part_rows(const lut_part* part, long begin, long end) {
       for (int k = 0; k < 4; ++k) {
         r[k] = codes + (o + k) * stride;
         tabs[k] = m->table + ((o + k) / m->group_rows) * levels;
-        lo[k] = bits == 4 || bits == 8 ? _mm256_loadu_ps(tabs[k]) : _mm256_broadcast_ps((const __m128*)tabs[k]);
-        hi[k] = bits == 4 ? _mm256_loadu_ps(tabs[k] + 8) : lo[k];
+        lut_tables_avx2(tabs[k], bits, lo + k, hi + k);
         a[k] = _mm256_setzero_ps();
       }
       long i = 0;
       for (; i + 8 <= in; i += 8) {
         const __m256 xv = _mm256_loadu_ps(part->x + i);
-        for (int k = 0; k < 4; ++k) {
-          const __m256 w = bits == 8 ? _mm256_i32gather_ps(tabs[k], _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(r[k] + i))), 4)
-                                     : lut_weights8_avx2(r[k], i, bits, lo[k], hi[k]);
-          a[k] = _mm256_fmadd_ps(w, xv, a[k]);
-        }
+        for (int k = 0; k < 4; ++k)
+          a[k] = _mm256_fmadd_ps(lut_weights8_avx2(r[k], i, bits, tabs[k], lo[k], hi[k]), xv, a[k]);
       }
       for (int k = 0; k < 4; ++k) {
         float acc = lut_hsum_avx2(a[k]);
@@ -224,20 +228,12 @@ static void lut_part_rows(const lut_part* part, long begin, long end) {
     }
     for (long b = 0; b < batch; ++b) acc[b] = _mm512_reduce_add_ps(vacc[b]);
 #elif defined(__AVX2__)
-    __m256 vacc[LUT_MAX_BATCH];
+    __m256 vacc[LUT_MAX_BATCH], lo, hi;
     for (long b = 0; b < batch; ++b) vacc[b] = _mm256_setzero_ps();
-    if (bits == 8) {
-      for (; i + 8 <= in; i += 8) {
-        const __m256 w = _mm256_i32gather_ps(tab, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + i))), 4);
-        for (long b = 0; b < batch; ++b) vacc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(part->x + b * in + i), vacc[b]);
-      }
-    } else {
-      const __m256 lo = bits == 4 ? _mm256_loadu_ps(tab) : _mm256_broadcast_ps((const __m128*)tab);
-      const __m256 hi = bits == 4 ? _mm256_loadu_ps(tab + 8) : lo;
-      for (; i + 8 <= in; i += 8) {
-        const __m256 w = lut_weights8_avx2(row, i, bits, lo, hi);
-        for (long b = 0; b < batch; ++b) vacc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(part->x + b * in + i), vacc[b]);
-      }
+    lut_tables_avx2(tab, bits, &lo, &hi);
+    for (; i + 8 <= in; i += 8) {
+      const __m256 w = lut_weights8_avx2(row, i, bits, tab, lo, hi);
+      for (long b = 0; b < batch; ++b) vacc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(part->x + b * in + i), vacc[b]);
     }
     for (long b = 0; b < batch; ++b) acc[b] = lut_hsum_avx2(vacc[b]);
 #endif
@@ -347,12 +343,12 @@ static void lut_matrix_row(const mmafm_matrix_t* m, long r, long cols, float* ou
   }
 }
 
-/* the step of `chunk` consecutive new tokens per cache row (batch = cache rows x chunk), as
-   kernels.h's decode_rows: row b is token b % chunk of cache row b / chunk, at column
+/* the step of `chunk` consecutive new tokens per cache row (batch = cache rows x chunk; a decode
+   step is a chunk of 1), as kernels.h's decode_rows: row b is token b % chunk of cache row b / chunk, at column
    column + b % chunk, and attends over the cache and the tokens of its chunk before it (all new
    K/V are written before any attention); chunks > 1 need linear caches with room for them. Every
    row's logits equal one-token steps' bit for bit (each GEMV keeps the one-row summation order). */
-static int lut_decode_rows(
+int mmafm_lut_decode_chunk_f32(
     const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
     const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
     long valid_stride, const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm,
@@ -467,26 +463,4 @@ static int lut_decode_rows(
   if (q8) q8_free(q8);
   free(block);
   return 0;
-}
-
-int mmafm_lut_decode_step_f32(
-    const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
-    const float* sin_table, long max_position, long column, const unsigned char* valid, long valid_stride,
-    const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm, const mmafm_matrix_t* head,
-    float* logits, long batch, long dim, long heads, long kv_heads, long head_dim, long vocab, float eps,
-    int nthreads) {
-  return lut_decode_rows(tokens, embed, positions, cos_table, sin_table, max_position, column, 1, valid,
-                         valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
-                         head_dim, vocab, eps, nthreads);
-}
-
-int mmafm_lut_decode_chunk_f32(
-    const long* tokens, const mmafm_matrix_t* embed, const long* positions, const float* cos_table,
-    const float* sin_table, long max_position, long column, long chunk, const unsigned char* valid,
-    long valid_stride, const mmafm_lut_layer_t* layers, long n_layers, const float* final_norm,
-    const mmafm_matrix_t* head, float* logits, long batch, long dim, long heads, long kv_heads, long head_dim,
-    long vocab, float eps, int nthreads) {
-  return lut_decode_rows(tokens, embed, positions, cos_table, sin_table, max_position, column, chunk, valid,
-                         valid_stride, layers, n_layers, final_norm, head, logits, batch, dim, heads, kv_heads,
-                         head_dim, vocab, eps, nthreads);
 }

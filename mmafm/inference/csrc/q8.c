@@ -61,7 +61,7 @@ typedef struct {
   int8_t* q;        /* (batch, capacity) natural order */
   float* d;         /* (batch, capacity / 32 + 1) block scales */
   float* s0;        /* (batch,) sum_k d_k sum_{i in k} q_i */
-  int8_t* lanes[3]; /* 4-bit, 2-bit, 8-bit (natural) order: (batch, capacity), whole spans of 64 only */
+  int8_t* lanes[3]; /* 4-bit, 2-bit order: (batch, capacity), whole spans of 64 only; 8-bit (natural): q */
   float* lane_d[3]; /* (batch, capacity / 4) the block scale of each int32 lane */
   float* pair_d[3]; /* (batch, capacity / 2) the block scale of each pair of lanes (AVX2 path) */
   void* block;
@@ -74,7 +74,7 @@ static void q8_free(q8_input* a) {
 
 static int q8_alloc(q8_input* a, long batch, long capacity) {
   const long blocks = capacity / Q8_BLOCK + 1, lanes = capacity / 4 + 1, pairs = capacity / 2 + 1;
-  const size_t floats = (size_t)batch * (blocks + 1 + 3 * lanes + 3 * pairs), bytes = (size_t)batch * 4 * capacity;
+  const size_t floats = (size_t)batch * (blocks + 1 + 3 * lanes + 3 * pairs), bytes = (size_t)batch * 3 * capacity;
   a->block = malloc(sizeof(float) * floats + bytes + 64);
   if (!a->block) return 1;
   a->batch = batch;
@@ -92,7 +92,7 @@ static int q8_alloc(q8_input* a, long batch, long capacity) {
   a->q = q;
   a->lanes[0] = q + batch * capacity;
   a->lanes[1] = a->lanes[0] + batch * capacity;
-  a->lanes[2] = a->lanes[1] + batch * capacity;
+  a->lanes[2] = q;  /* 8 bits: natural order, the quantized input itself */
   return 0;
 }
 
@@ -162,12 +162,14 @@ static void q8_quantize(q8_input* a, const float* x, long batch, long in, const 
       int8_t* lane_q = a->lanes[order] + b * a->capacity;
       float* lane_d = a->lane_d[order] + b * lanes;
       for (long span = 0; span < whole; span += Q8_SPAN) {
+        if (lane_q != q) {  /* 4 and 2 bits: the kernel's lane order (8 bits reads q as it is) */
 #if Q8_VNNI && defined(__AVX512VBMI__)
-        const __m512i at = _mm512_loadu_si512(column);
-        _mm512_storeu_si512(lane_q + span, _mm512_permutexvar_epi8(at, _mm512_loadu_si512(q + span)));
+          const __m512i at = _mm512_loadu_si512(column);
+          _mm512_storeu_si512(lane_q + span, _mm512_permutexvar_epi8(at, _mm512_loadu_si512(q + span)));
 #else
-        for (long p = 0; p < Q8_SPAN; ++p) lane_q[span + p] = q[span + column[p]];
+          for (long p = 0; p < Q8_SPAN; ++p) lane_q[span + p] = q[span + column[p]];
 #endif
+        }
         for (long j = 0; j < Q8_SPAN / 4; ++j) lane_d[span / 4 + j] = d[(span + column[4 * j]) / Q8_BLOCK];
         float* pair_d = a->pair_d[order] + b * (a->capacity / 2 + 1);
         for (long j = 0; j < Q8_SPAN / 2; ++j) pair_d[span / 2 + j] = d[(span + column[2 * j]) / Q8_BLOCK];
@@ -269,8 +271,8 @@ static void q8_spans_batch_any(const unsigned char* row, __m512i table, const in
     else q8_spans_batch(row, table, lane_q, lane_d, q_stride, d_stride, whole, 2, n, s1);             \
     return;
   switch (B) {
-    Q8_BATCH_CASE(1) Q8_BATCH_CASE(2) Q8_BATCH_CASE(3) Q8_BATCH_CASE(4)
-    Q8_BATCH_CASE(5) Q8_BATCH_CASE(6) Q8_BATCH_CASE(7) Q8_BATCH_CASE(8)
+    Q8_BATCH_CASE(2) Q8_BATCH_CASE(3) Q8_BATCH_CASE(4) Q8_BATCH_CASE(5)  /* 2..8: q8_rows' batched case */
+    Q8_BATCH_CASE(6) Q8_BATCH_CASE(7) Q8_BATCH_CASE(8)
   }
 #undef Q8_BATCH_CASE
 }
