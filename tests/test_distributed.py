@@ -142,3 +142,26 @@ def test_skip_counts_are_summed_over_ranks(tmp_path):
     torch.multiprocessing.spawn(_count_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     for rank in (0, 1):  # every rank gets the same total, as rank 0 writes it to the manifest
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"empty caption": 6, "undecodable image": 2}
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0, float("inf")], ids=["unclipped", "clipped", "non_finite"])
+def test_clip_grad_norm_equals_torch_and_leaves_unclipped_gradients_alone(scale):
+    """``clip_grad_norm`` returns torch.nn.utils.clip_grad_norm_'s norm and gradients, bit for bit;
+    a step under the limit does not write the gradients at all (their version counters stay)."""
+    from mmafm.train.distributed import clip_grad_norm
+
+    generator = torch.Generator().manual_seed(0)
+    models = [nn.Sequential(nn.Linear(7, 5), nn.Linear(5, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    grads = [torch.randn(p.shape, generator=generator) * scale for p in models[0].parameters()]
+    for model in models:
+        for param, grad in zip(model.parameters(), grads):
+            param.grad = grad.clone()
+    versions = [p.grad._version for p in models[0].parameters()]
+    got = clip_grad_norm(models[0], 1.0)
+    want = torch.nn.utils.clip_grad_norm_(models[1].parameters(), 1.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    for mine, theirs in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=0, atol=0, equal_nan=True)
+    written = [p.grad._version != v for p, v in zip(models[0].parameters(), versions)]
+    assert written == [scale != 0.01] * len(written)

@@ -29,7 +29,9 @@
 
 #include "pool.h"
 
-#define CHUNK 16384L                 /* elements per work item (64 KiB of each stream), a multiple of 16 */
+#define CHUNK 65536L                 /* elements per work item (256 KiB of each stream), a multiple of 16; each
+                                        chunk restarts the hardware prefetcher's streams: 16384 cost 5-6% on
+                                        the 75.5M-parameter model at 1 thread, ~20% at 2 (A/B, 2026-12-01) */
 #define PARALLEL_MIN_TOTAL 131072L   /* fewer elements in a group (or batch): one thread */
 #define BATCH 262144L                /* elements of a step batch: its gradient and v (2 MiB) stay in cache */
 
