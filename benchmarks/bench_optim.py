@@ -25,17 +25,17 @@ tensors, where PyTorch's fused AdamW is one pass per tensor, which no compositio
 matches on CPU. ``torch.compile`` of a fused per-tensor AdaStar update (two kernels per tensor,
 dynamic shapes) reached fused AdamW's range on the tiny model (1.77 ms a step) but took 1,796 s of
 wall time (46 s CPU) to compile on the shared machine on 2026-11-30. The kernel needs two passes
-(the per-block RMS clip needs the whole block's sum of squares before any update): it moves 9
-floats per element (pass 1 reads g and v and writes v; pass 2 reads g, v, the update EMA and p,
-writes the last two) where fused AdamW moves 7 (reads p, g, m, v, writes p, m, v), so where both
-are memory-bound (blocks larger than the cache) its floor is about 9/7 = 1.29x fused AdamW. The
-kernel runs both passes a batch of blocks (<= 256K elements) at a time and walks pass 2
-backwards, so what pass 1 read last is read again from cache; on the shared machine on
-2026-11-30 that saved about 8% on 1.57M-element blocks (CPU time 0.97 against 1.06 ns per
-element for the two passes apart, fused AdamW 0.72). Measured there (1 thread, contended, CPU
-clock; ``benchmarks/results/optim_1thread_float32.json``): native AdaStar 1.25x fused AdamW on
-the tiny model and 1.43x on the mid one (whose 49,152 x 768 embedding is half the parameters),
-0.26-0.45x foreach AdamW; the foreach path 3.2x / 6.0x fused AdamW. The 1.2x goal is not met.
+(the per-block RMS clip needs the whole block's sum of squares before any update): pass 1 reads g
+and v and writes v, pass 2 reads g, v, the update EMA and p and writes the last two, 6 reads per
+element where fused AdamW makes 4 (p, g, m, v), and on this machine reads are what a memory-bound
+step costs (per pass, 37.7M elements, 1 thread, 2026-12-01: pass 1 0.32 ns an element, pass 2
+0.54, fused AdamW 0.62, ``x.add_(y)`` 0.27), so where both are memory-bound (blocks larger than the
+cache) the floor is 1.3-1.5x fused AdamW. The kernel runs both passes a batch of blocks (<= 256K
+elements) at a time and walks pass 2 backwards, so what pass 1 read last is read again from cache.
+Measured 2026-12-01 on the quiet machine (7ac2342; ``benchmarks/results/optim_1thread_float32.json``,
+``optim_2thread_float32.json``): native AdaStar 1.41x / 1.48x fused AdamW on the tiny / mid model
+at 1 thread, 1.60x / 1.32x at 2; 0.23-0.54x foreach AdamW; the foreach path 2.9x / 7.4x fused
+AdamW. The 1.2x goal is not met.
 """
 
 from __future__ import annotations
