@@ -1,7 +1,9 @@
-"""The kernels built without AVX-512 (AVX2 only), in a subprocess: most Intel desktops and laptops
-take these code paths (lut.c's AVX2 float LUT GEMV, q8.c's AVX2 int8 path, kernels.h's GEMV),
-which this AVX-512 CI machine would otherwise never run. Checked against NumPy references of the
-same math, and the packed chunk against one-token steps bit for bit."""
+"""The kernels built without AVX-512 (AVX2 only) and without any vector extension or FMA (the
+portable C every other CPU compiles), in a subprocess: most Intel desktops and laptops take the
+first build's code paths (lut.c's AVX2 float LUT GEMV, q8.c's AVX2 int8 path, kernels.h's GEMV),
+and the second's plain loops are what a CPU without FMA runs; this AVX-512 CI machine would
+otherwise never run either. Checked against NumPy references of the same math, and every chunk
+(a speculative verification) against one-token steps bit for bit."""
 
 from __future__ import annotations
 
@@ -67,17 +69,47 @@ SCRIPT = textwrap.dedent("""
             with torch.no_grad():
                 reference = dequantized_copy(model)(ids).float()
             assert torch.allclose(chunked, reference, rtol=1e-4, atol=1e-4), float((chunked - reference).abs().max())
+    # the float32 / bfloat16 GEMV: each input row's bits alone (a decode step) and in a batch (a chunk)
+    library = kernels.kernels()
+    for out, inp in ((7, 37), (45, 100), (33, 256)):
+        x = torch.randn(8, inp, generator=generator)
+        for weight in (torch.randn(out, inp, generator=generator),
+                       torch.randn(out, inp, generator=generator).to(torch.bfloat16)):
+            gemv = library.gemv3_bf16 if weight.dtype == torch.bfloat16 else library.gemv3_f32
+            alone = torch.empty(8, out)
+            for row in range(8):
+                gemv(x[row].data_ptr(), weight.data_ptr(), None, None, alone[row].data_ptr(), 1, out, 0, 0, inp, 1)
+            for batch in (2, 3, 4, 5, 8):
+                y = torch.empty(batch, out)
+                gemv(x.data_ptr(), weight.data_ptr(), None, None, y.data_ptr(), batch, out, 0, 0, inp, 1)
+                assert torch.equal(y, alone[:batch]), (out, inp, weight.dtype, batch)
+    # a float32 model's whole-step chunk against one-token steps
+    dense = mmafm.create_model("afm_2024_device_tiny", vocab_size=256).eval()
+    with torch.no_grad():
+        caches = [dense.new_cache(2, 12) for _ in range(2)]
+        plans = [build_plan(dense, cache) for cache in caches]
+        assert plans[0].whole_step, plans[0].describe()
+        chunked = plans[0].chunk(ids)
+        stepped = torch.stack([plans[1].step(ids[:, t]) for t in range(12)], 1)
+    assert torch.equal(chunked, stepped), float((chunked - stepped).abs().max())
     print("checked", checked)
 """)
 
+# the compiler flags each build adds after -march=native
+BUILDS = {
+    "avx2": ("-mno-avx512f",),
+    "no_simd_no_fma": ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-avx", "-mno-f16c", "-mno-avxvnni"),
+}
+
 
 @pytest.mark.slow  # builds the kernels once more (~10-30 s)
-@pytest.mark.skipif(not (_cpu_has("avx2") and _cpu_has("fma")), reason="the CPU has no AVX2/FMA")
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.skipif(not (_cpu_has("avx2") and _cpu_has("fma")), reason="the CPU has no AVX2/FMA (or is not x86)")
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc")
 @pytest.mark.skipif(not kernels.kernels_available(), reason="native kernels unavailable")
-def test_the_avx2_build_matches_the_references(tmp_path):
-    wrapper = tmp_path / "gcc-avx2"
-    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("gcc")} "$@" -mno-avx512f\n')
+def test_the_avx2_build_matches_the_references(tmp_path, build):
+    wrapper = tmp_path / f"gcc-{build}"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("gcc")} "$@" {" ".join(BUILDS[build])}\n')
     wrapper.chmod(0o755)
     env = {**os.environ, "MMAFM_CC": str(wrapper), "MMAFM_CACHE_DIR": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1"}

@@ -12,6 +12,16 @@
 #include "api.h"
 #include "pool.h"
 
+/* a * b + c as the GEMV's dot products compute it: one fused multiply-add where the target has one
+   (what -ffp-contract makes of the decode step's `acc += w * x` there), else a multiply and an add
+   (what that loop computes without FMA; fmaf would be a slow libm call that rounds once, and a
+   decode step and a verification chunk would then give different bits) */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MADD(a, b, c) fmaf((a), (b), (c))
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
 #define PARALLEL_MIN_ELEMENTS 131072L /* smaller weights: one thread (waking helpers would dominate) */
 #define CHUNK_BYTES 65536L            /* weight bytes per chunk a thread claims, at least */
 

@@ -18,9 +18,9 @@
    flight (a one-row dot product waits on its FMA latency). 16 float32 accumulators per dot product
    (one AVX-512 register, or two AVX2 ones), summed in order, then the tail: the same arithmetic for
    every nb, so results do not depend on the batch. Every multiply-add of the blocked dot products
-   and of every tail is an explicit fmaf: left to -ffp-contract, the compiler fused some and not
-   others (a tail of 8 vectorized as multiplies, then adds), and a row's bits depended on its
-   block. ahead: NULL, or the weights to prefetch (the row GEMV_PREFETCH_ROWS on) while this one is
+   and of every tail is an explicit MADD (common.h: fmaf where the target has FMA): left to
+   -ffp-contract, the compiler fused some and not others (a tail of 8 vectorized as multiplies,
+   then adds), and a row's bits depended on its block. ahead: NULL, or the weights to prefetch (the row GEMV_PREFETCH_ROWS on) while this one is
    computed, so a few tokens (a speculative verification chunk) cost about what one does when the
    weights stream from memory. */
 static inline __attribute__((always_inline)) void NAME(dot_rows)(
@@ -32,13 +32,13 @@ static inline __attribute__((always_inline)) void NAME(dot_rows)(
     if (ahead) __builtin_prefetch(ahead + i, 0, 1);
     for (int j = 0; j < 16; ++j) {
       const float wv = LOAD_W(wr[i + j]);
-      for (int b = 0; b < nb; ++b) a[b][j] = fmaf(wv, x[b * in + i + j], a[b][j]);
+      for (int b = 0; b < nb; ++b) a[b][j] = MADD(wv, x[b * in + i + j], a[b][j]);
     }
   }
   for (int b = 0; b < nb; ++b) {
     float s = 0.0f;
     for (int j = 0; j < 16; ++j) s += a[b][j];
-    for (long t = i; t < in; ++t) s = fmaf(LOAD_W(wr[t]), x[b * in + t], s);
+    for (long t = i; t < in; ++t) s = MADD(LOAD_W(wr[t]), x[b * in + t], s);
     y[b * ystride] = s;
   }
 }
@@ -63,21 +63,21 @@ static inline __attribute__((always_inline)) void NAME(dot_rows2)(
       const float w0 = LOAD_W(wr[i + j]), w1 = LOAD_W(wr1[i + j]);
       for (int b = 0; b < nb; ++b) {
         const float xv = x[b * in + i + j];
-        a[b][j] = fmaf(w0, xv, a[b][j]);
-        c[b][j] = fmaf(w1, xv, c[b][j]);
+        a[b][j] = MADD(w0, xv, a[b][j]);
+        c[b][j] = MADD(w1, xv, c[b][j]);
       }
     }
   }
   for (int b = 0; b < nb; ++b) {
     float s = 0.0f;
     for (int j = 0; j < 16; ++j) s += a[b][j];
-    for (long u = i; u < in; ++u) s = fmaf(LOAD_W(wr[u]), x[b * in + u], s);
+    for (long u = i; u < in; ++u) s = MADD(LOAD_W(wr[u]), x[b * in + u], s);
     y[b * ystride] = s;
   }
   for (int b = 0; b < nb; ++b) {
     float t = 0.0f;
     for (int j = 0; j < 16; ++j) t += c[b][j];
-    for (long u = i; u < in; ++u) t = fmaf(LOAD_W(wr1[u]), x[b * in + u], t);
+    for (long u = i; u < in; ++u) t = MADD(LOAD_W(wr1[u]), x[b * in + u], t);
     y[b * ystride + 1] = t;
   }
 }
@@ -94,7 +94,7 @@ static inline __attribute__((always_inline)) float NAME(dot_row1)(const float* r
     for (int j = 0; j < 16; ++j) acc[j] += LOAD_W(wr[i + j]) * x[i + j];
   float s = 0.0f;
   for (int j = 0; j < 16; ++j) s += acc[j];
-  for (; i < in; ++i) s = fmaf(LOAD_W(wr[i]), x[i], s);
+  for (; i < in; ++i) s = MADD(LOAD_W(wr[i]), x[i], s);
   return s;
 }
 
