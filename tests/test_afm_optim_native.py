@@ -252,3 +252,14 @@ def test_fused_true_refuses_what_the_kernel_cannot_take():
     reference.grad = torch.ones(4, 6)
     AdaStar([reference], foreach=True).step()
     assert torch.equal(weight, reference)
+
+
+def test_count_steps_advances_every_block_in_one_call():
+    """``count_steps``: each float32 step scalar + 1 in place (as ``add_(1.0)``), the new counts, and
+    their common value only when every block has it."""
+    steps = [torch.tensor(float(t)) for t in (4, 4, 4)]
+    assert native_optim.count_steps(steps) == ([5, 5, 5], 5)
+    assert [s.item() for s in steps] == [5.0, 5.0, 5.0]
+    behind = [torch.tensor(7.0), torch.tensor(2.0), torch.tensor(7.0)]
+    assert native_optim.count_steps(behind) == ([8, 3, 8], None)
+    assert native_optim.count_steps([torch.tensor(0.0)]) == ([1], 1)

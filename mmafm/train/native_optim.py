@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["SOURCE", "adastar_kernels", "adastar_unavailable_reason", "native_ready", "pass1", "pass2", "step"]
+__all__ = ["SOURCE", "adastar_kernels", "adastar_unavailable_reason", "count_steps", "native_ready", "pass1", "pass2",
+           "step"]
 
 SOURCE = Path(__file__).with_name("csrc") / "adastar.c"
 
@@ -34,6 +35,7 @@ _SYMBOLS = {  # the functions of csrc/adastar.c: restype, argtypes
     "mmafm_adastar_pass1_f32": (_I, [_L, _P, _P, _P, _P, _P, _P, _F, _F, _P, _I]),
     "mmafm_adastar_pass2_f32": (_I, [_L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F, _F, _F, _I, _I]),
     "mmafm_adastar_step_f32": (_I, [_L, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_double, _P, _P, _F, _F, _F, _F, _I]),
+    "mmafm_adastar_count_f32": (_L, [_L, _P, _P]),
     "mmafm_pool_helpers": (_I, []),
 }
 
@@ -127,6 +129,18 @@ def _call(symbol: str, *args) -> None:
     status = function(*[_address(a) if isinstance(a, array.array) or a is None else a for a in args])
     if status:
         raise MemoryError(f"{symbol}: out of memory for its work plan")
+
+
+def count_steps(steps: Sequence[torch.Tensor]) -> tuple[list[int], int | None]:
+    """Advance the blocks' step counts (float32 CPU scalars, in place) by one, in one call.
+
+    Returns:
+        (the new counts, their common value or None when they differ).
+    """
+    counts = array.array(_LONG_CODE, bytes(ctypes.sizeof(ctypes.c_long) * len(steps)))
+    pointers = _pointers(steps)  # alive until the call returns
+    common = adastar_kernels().mmafm_adastar_count_f32(len(steps), _address(pointers), _address(counts))
+    return counts.tolist(), None if common < 0 else common
 
 
 def pass1(

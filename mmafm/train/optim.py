@@ -484,33 +484,38 @@ class AdaStar(torch.optim.Optimizer):
         square_emas = [_local(s["exp_avg_sq"]) for s in states]
         grad_emas = [_local(s["exp_avg"]) for s in states] if b1_grad is not None else None
         update_emas = [_local(s["update_ema"]) for s in states] if b1_update is not None else None
-        tensors = locals_ + grads + square_emas + (grad_emas or []) + (update_emas or [])
+        steps = [state["step"] for state in states]
+        tensors = locals_ + grads + square_emas + (grad_emas or []) + (update_emas or []) + steps
         if not native_optim.native_ready(*tensors) or native_optim.adastar_kernels() is None:
             if fused:
                 reason = native_optim.adastar_unavailable_reason() or (
                     f"it takes contiguous float32 CPU tensors, got {params[0].dtype} on {params[0].device}")
                 raise RuntimeError(f"AdaStar(fused=True) cannot run: {reason}")
             return False
-        steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1.0)
-        counts = [int(t) for t in torch.stack(steps).tolist()]  # one host read, not one per block
+        counts, common = native_optim.count_steps(steps)  # += 1 in place, one call
 
+        def constants(t: int) -> tuple[float, float, float, float | None]:
+            """A block's under-root, over-root, scale and update EMA divisor at step t: the same
+            folding as _update, u = n / (sqrt(v + eps_sq * (1 - b2^t)) + eps * sqrt(c2)) times
+            the block scale sqrt(c2), divided by the gradient EMA's debias (the RMS clip later)."""
+            b2 = group["gradient_square_ema_decay"]
+            c2 = 1.0 - b2**t if group["gradient_square_ema_debias"] else 1.0
+            scale = math.sqrt(c2)
+            if b1_grad is not None and group["gradient_ema_debias"]:
+                scale = scale / (1.0 - b1_grad**t)
+            divisor = 1.0 - b1_update**t if b1_update is not None and group["update_ema_debias"] else None
+            return group["eps_square"] * (1.0 - b2**t), group["eps"] * math.sqrt(c2), scale, divisor
+
+        if common is not None:  # the usual case: one count, so one set of constants for every block
+            under, over, block_scale, divisor = constants(common)
+            under, over, block_scales = [under] * len(params), [over] * len(params), [block_scale] * len(params)
+            divisors = None if divisor is None else [divisor] * len(params)
+        else:
+            under, over, block_scales, divisors = (list(column) for column in zip(*map(constants, counts)))
+            divisors = None if divisors[0] is None else divisors
         b2 = group["gradient_square_ema_decay"]
-        # the same folding as _update: u = n / (sqrt(v + eps_sq * (1 - b2^t)) + eps * sqrt(c2)),
-        # times the block scale sqrt(c2) (divided by the gradient EMA's debias, by the RMS clip)
-        c2 = [1.0 - b2**t if group["gradient_square_ema_debias"] else 1.0 for t in counts]
-        under = [group["eps_square"] * (1.0 - b2**t) for t in counts]
-        over = [group["eps"] * math.sqrt(c) for c in c2]
-        block_scales = [math.sqrt(c) for c in c2]
-        grad_weight, update_weight, divisors = 0.0, 0.0, None
-        if b1_grad is not None:
-            grad_weight = 1.0 - b1_grad
-            if group["gradient_ema_debias"]:
-                block_scales = [s / (1.0 - b1_grad**t) for s, t in zip(block_scales, counts)]
-        if b1_update is not None:
-            update_weight = 1.0 - b1_update
-            if group["update_ema_debias"]:
-                divisors = [1.0 - b1_update**t for t in counts]
+        grad_weight = 0.0 if b1_grad is None else 1.0 - b1_grad
+        update_weight = 0.0 if b1_update is None else 1.0 - b1_update
         # p <- p - schedule * (lr * scale * m + wd * p), schedule = lr_now / peak_lr
         schedule = group["lr"] / group["peak_lr"]
         decay = 1.0 - schedule * group["weight_decay"] if group["weight_decay"] else 1.0

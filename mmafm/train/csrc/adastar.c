@@ -175,6 +175,21 @@ static void pass2_chunks(void* ctx, long begin, long end) {
   }
 }
 
+/* the step counts (float32 scalars, one per block: the optimizer state's "step") advanced by one,
+   as torch's add_(1.0) does (exact below 2^24); counts: (n,) out, the new values. Returns the
+   common count when every block has the same one, else -1 (blocks whose gradient was missing on
+   some steps fall behind). One call for what was a foreach add over n 0-d tensors and a host read
+   (~0.1 ms for the tiny model's 46 blocks). */
+long mmafm_adastar_count_f32(long n, float* const* steps, long* counts) {
+  long common = -2;
+  for (long b = 0; b < n; ++b) {
+    *steps[b] += 1.0f;
+    counts[b] = (long)*steps[b];
+    common = common == -2 || common == counts[b] ? counts[b] : -1;
+  }
+  return common < 0 ? -1 : common;
+}
+
 /* first[] for the blocks' sizes; returns the chunk count, or -1 when out of memory */
 static long plan_chunks(job_t* job) {
   job->first = malloc((size_t)(job->n + 1) * sizeof(long));
