@@ -15,6 +15,8 @@ shards (float32 CPU DTensors), with the all-reduce of the per-block sums in Pyth
 
 from __future__ import annotations
 
+import ctypes
+import re
 import sys
 from pathlib import Path
 
@@ -263,3 +265,21 @@ def test_count_steps_advances_every_block_in_one_call():
     behind = [torch.tensor(7.0), torch.tensor(2.0), torch.tensor(7.0)]
     assert native_optim.count_steps(behind) == ([8, 3, 8], None)
     assert native_optim.count_steps([torch.tensor(0.0)]) == ([1], 1)
+
+
+def test_the_symbol_table_matches_the_c_definitions():
+    """native_optim's ctypes table against the exported functions of csrc/adastar.c: same names
+    (plus the pool's), return types and parameter types, so a changed signature cannot be called
+    with the old one."""
+    source = re.sub(r"/\*.*?\*/", "", native_optim.SOURCE.read_text(), flags=re.S)
+    definitions = re.findall(r"^(void|int|long)\s+(mmafm_\w+)\s*\(([^)]*)\)\s*\{", source, flags=re.M)
+    scalars = {"float": ctypes.c_float, "double": ctypes.c_double, "long": ctypes.c_long, "int": ctypes.c_int}
+    assert sorted(name for _, name, _ in definitions) == sorted(set(native_optim._SYMBOLS) - {"mmafm_pool_helpers"})
+    for result, name, parameters in definitions:
+        restype, argtypes = native_optim._SYMBOLS[name]
+        assert restype == {"void": None, "int": ctypes.c_int, "long": ctypes.c_long}[result], name
+        parameters = [" ".join(p.split()) for p in parameters.split(",")]
+        assert len(parameters) == len(argtypes), name
+        for parameter, argtype in zip(parameters, argtypes):
+            want = ctypes.c_void_p if "*" in parameter else scalars[parameter.split()[-2]]
+            assert argtype is want, (name, parameter)
