@@ -20,9 +20,9 @@
    every nb, so results do not depend on the batch. Every multiply-add of the blocked dot products
    and of every tail is an explicit MADD (common.h: fmaf where the target has FMA): left to
    -ffp-contract, the compiler fused some and not others (a tail of 8 vectorized as multiplies,
-   then adds), and a row's bits depended on its block. ahead: NULL, or the weights to prefetch (the row GEMV_PREFETCH_ROWS on) while this one is
-   computed, so a few tokens (a speculative verification chunk) cost about what one does when the
-   weights stream from memory. */
+   then adds), and a row's bits depended on its block. ahead: NULL, or the weights to prefetch
+   (the row GEMV_PREFETCH_ROWS on) while this one is computed, so a few tokens (a speculative
+   verification chunk) cost about what one does when the weights stream from memory. */
 static inline __attribute__((always_inline)) void NAME(dot_rows)(
     const float* restrict x, const WEIGHT_T* restrict wr, const WEIGHT_T* ahead, float* restrict y, long in,
     long ystride, const int nb) {
