@@ -158,10 +158,10 @@ def test_a_skipped_step_changes_nothing_on_the_native_path(native_calls, kind):
 
 # -------------------------------------------------------------------------------- threads
 def _big_problem(threads: int, clip: bool) -> tuple[list[torch.Tensor], AdaStar]:
-    """Blocks above the kernel's one-thread limit (131,072 elements a group), of sizes that are
+    """Blocks above the kernel's one-thread limit (524,288 elements a group), of sizes that are
     not multiples of its 65,536-element chunks, 4 steps on ``threads`` threads."""
     generator = torch.Generator().manual_seed(5)
-    shapes = [(300, 700), (129, 1001), (17,), (64, 64)]
+    shapes = [(700, 801), (129, 1001), (17,), (64, 64)]  # the first alone is enough to use threads
     params = [nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
     optimizer = AdaStar([{"params": params[:2], "update_scale": 0.25}, {"params": params[2:]}], lr=1e-2,
                         update_clip_threshold=1.0 if clip else None, fused=True)

@@ -32,7 +32,10 @@
 #define CHUNK 65536L                 /* elements per work item (256 KiB of each stream), a multiple of 16; each
                                         chunk restarts the hardware prefetcher's streams: 16384 cost 5-6% on
                                         the 75.5M-parameter model at 1 thread, ~20% at 2 (A/B, 2026-12-01) */
-#define PARALLEL_MIN_TOTAL 131072L   /* fewer elements in a group (or batch): one thread */
+#define PARALLEL_MIN_TOTAL 524288L   /* fewer elements in a group (or batch): one thread (at 131072 the tiny
+                                        model's 256K batches woke the pool for no gain in wall time: 2
+                                        threads, 0.83 -> 0.75 ns an element, and its helpers' spinning
+                                        doubled the step's CPU time; A/B, 2026-12-01) */
 #define BATCH 262144L                /* elements of a step batch: its gradient and v (2 MiB) stay in cache */
 
 static inline float lerp_f32(float start, float end, float weight) { /* torch's lerp */
