@@ -32,10 +32,10 @@ step costs (per pass, 37.7M elements, 1 thread, 2026-12-01: pass 1 0.32 ns an el
 0.54, fused AdamW 0.62, ``x.add_(y)`` 0.27), so where both are memory-bound (blocks larger than the
 cache) the floor is 1.3-1.5x fused AdamW. The kernel runs both passes a batch of blocks (<= 256K
 elements) at a time and walks pass 2 backwards, so what pass 1 read last is read again from cache.
-Measured 2026-12-01 on the quiet machine (8d805b8; ``benchmarks/results/optim_1thread_float32.json``,
-``optim_2thread_float32.json``): native AdaStar 1.22x / 1.45x fused AdamW on the tiny / mid model
-at 1 thread, 1.27x / 1.61x at 2; 0.23-0.44x foreach AdamW; the foreach path 3.0x / 6.8x fused
-AdamW. The 1.2x goal is not met.
+Measured 2026-12-01 on the quiet machine (``benchmarks/results/optim_1thread_float32.json`` at
+8d805b8, ``optim_2thread_float32.json`` at cc3040f): native AdaStar 1.22x / 1.45x fused AdamW on
+the tiny / mid model at 1 thread, 1.42x / 1.28x at 2; 0.23-0.47x foreach AdamW; the foreach path
+3.0x / 6.8x fused AdamW at 1 thread. The 1.2x goal is not met.
 """
 
 from __future__ import annotations
