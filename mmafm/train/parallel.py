@@ -253,6 +253,8 @@ class TrackParallelPTMoE(PTMoEModel):
             squares = torch.cat([squares[:1], own_squares])
         total = squares.sum().sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        if coef.device.type == "cpu" and float(coef) == 1.0:  # nothing to clip: no pass over the gradients
+            return total  # (the same number on every rank: the squares were all-reduced)
         for grad in shared + own:
             if _is_dtensor(grad):
                 grad.to_local().mul_(coef)
