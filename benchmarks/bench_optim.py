@@ -18,7 +18,8 @@ parameters restored after every step (so each step starts from the same values, 
 the table reports medians over ``--repeats`` and the ratios, by two clocks: wall time, and the
 process's CPU time (with one thread, the step's own time even where other processes take turns
 on the cores: the load average goes into the JSON). Goal: AdaStar <= 1.2x AdamW's time, against
-the fastest AdamW (fused).
+the fastest AdamW (fused). After the table, the guard's clip when nothing is clipped: the
+trainer's ``clip_grad_norm`` against ``torch.nn.utils.clip_grad_norm_`` on the same gradients.
 
 Why a C kernel: the foreach path is about a dozen ops, each a pass over the parameter-sized
 tensors, where PyTorch's fused AdamW is one pass per tensor, which no composition of PyTorch ops
@@ -50,6 +51,7 @@ import torch
 
 import mmafm
 from mmafm.io import atomic_write_json
+from mmafm.train.distributed import clip_grad_norm
 from mmafm.train.optim import AdaStar, afm_param_groups, param_groups
 
 
@@ -105,6 +107,29 @@ def time_steps(model: torch.nn.Module, repeats: int) -> dict[str, dict[str, floa
             for clock, by_name in times.items()}
 
 
+def time_clips(model: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Median seconds of the guard's clip to norm 1.0 when nothing is clipped (gradients of norm
+    < 1): the trainer's ``clip_grad_norm`` (which then leaves the gradients unwritten) against
+    ``torch.nn.utils.clip_grad_norm_`` (which multiplies every gradient by 1.0), interleaved."""
+    generator = torch.Generator().manual_seed(1)
+    params = list(model.parameters())
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator)
+    with torch.no_grad():
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        for param in params:
+            param.grad.mul_(0.5 / norm)  # norm 0.5: unclipped
+    clips = {"mmafm": lambda: clip_grad_norm(model, 1.0),
+             "torch": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)}
+    times: dict[str, list[float]] = {name: [] for name in clips}
+    for _ in range(repeats):
+        for name, clip in clips.items():
+            start = time.perf_counter()
+            clip()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def ratios(medians: dict[str, float]) -> dict[str, float]:
     native, afm, foreach, fused, default = (medians[k] for k in ROWS)
     return {"native_over_fused": native / fused, "native_over_foreach": native / foreach,
@@ -133,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(size, args.mid_layers)
         count = sum(p.numel() for p in model.parameters())
         medians = time_steps(model, args.repeats)
+        clips = time_clips(model, args.repeats)
         results.append({"model": size, "params": count, "seconds": medians["wall"], **ratios(medians["wall"]),
-                        "cpu_seconds": medians["cpu"], "cpu": ratios(medians["cpu"])})
+                        "cpu_seconds": medians["cpu"], "cpu": ratios(medians["cpu"]), "unclipped_clip_seconds": clips,
+                        "clip_mmafm_over_torch": clips["mmafm"] / clips["torch"]})
         for clock in CLOCKS:
             r = ratios(medians[clock])
             print(f"| {size} ({count / 1e6:.1f}M) | {clock} | "
@@ -142,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                   + " | ".join(f"{r[k]:.2f}x" for k in ("native_over_fused", "native_over_foreach",
                                                        "afm_foreach_over_foreach", "afm_foreach_over_fused"))
                   + " |", flush=True)
+    print("\nthe guard's clip when nothing is clipped (wall ms): "
+          + "; ".join(f"{r['model']}: mmafm {r['unclipped_clip_seconds']['mmafm'] * 1e3:.2f}, torch "
+                      f"{r['unclipped_clip_seconds']['torch'] * 1e3:.2f} ({r['clip_mmafm_over_torch']:.2f}x)"
+                      for r in results))
     if args.json:
         meta = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
                 "load_average": list(os.getloadavg()), "note": args.note}

@@ -2,8 +2,8 @@
 portable C every other CPU compiles), in a subprocess: most Intel desktops and laptops take the
 first build's code paths (lut.c's AVX2 float LUT GEMV, q8.c's AVX2 int8 path, kernels.h's GEMV),
 and the second's plain loops are what a CPU without FMA runs; this AVX-512 CI machine would
-otherwise never run either. Checked against NumPy references of the same math, and every chunk
-(a speculative verification) against one-token steps bit for bit."""
+otherwise never run either. Checked against NumPy references of the same math, the packed chunk
+against one-token steps bit for bit, and test_speculative's GEMV and chunk tests in the same build."""
 
 from __future__ import annotations
 
@@ -69,29 +69,6 @@ SCRIPT = textwrap.dedent("""
             with torch.no_grad():
                 reference = dequantized_copy(model)(ids).float()
             assert torch.allclose(chunked, reference, rtol=1e-4, atol=1e-4), float((chunked - reference).abs().max())
-    # the float32 / bfloat16 GEMV: each input row's bits alone (a decode step) and in a batch (a chunk)
-    library = kernels.kernels()
-    for out, inp in ((7, 37), (45, 100), (33, 256)):
-        x = torch.randn(8, inp, generator=generator)
-        for weight in (torch.randn(out, inp, generator=generator),
-                       torch.randn(out, inp, generator=generator).to(torch.bfloat16)):
-            gemv = library.gemv3_bf16 if weight.dtype == torch.bfloat16 else library.gemv3_f32
-            alone = torch.empty(8, out)
-            for row in range(8):
-                gemv(x[row].data_ptr(), weight.data_ptr(), None, None, alone[row].data_ptr(), 1, out, 0, 0, inp, 1)
-            for batch in (2, 3, 4, 5, 8):
-                y = torch.empty(batch, out)
-                gemv(x.data_ptr(), weight.data_ptr(), None, None, y.data_ptr(), batch, out, 0, 0, inp, 1)
-                assert torch.equal(y, alone[:batch]), (out, inp, weight.dtype, batch)
-    # a float32 model's whole-step chunk against one-token steps
-    dense = mmafm.create_model("afm_2024_device_tiny", vocab_size=256).eval()
-    with torch.no_grad():
-        caches = [dense.new_cache(2, 12) for _ in range(2)]
-        plans = [build_plan(dense, cache) for cache in caches]
-        assert plans[0].whole_step, plans[0].describe()
-        chunked = plans[0].chunk(ids)
-        stepped = torch.stack([plans[1].step(ids[:, t]) for t in range(12)], 1)
-    assert torch.equal(chunked, stepped), float((chunked - stepped).abs().max())
     print("checked", checked)
 """)
 
@@ -116,6 +93,15 @@ def test_the_avx2_build_matches_the_references(tmp_path, build):
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checked 27" in result.stdout
+    # the float32 / bfloat16 GEMV's rows alone and in a batch, and a float32 model's verification
+    # chunk of every width against one-token steps, bit for bit: test_speculative's own tests, run
+    # against this build (without FMA they failed until the dot products shared MADD)
+    tests = Path(__file__).with_name("test_speculative.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k",
+         "test_gemv_rows_do_not_depend_on_the_batch or test_chunk_of_every_width_is_bit_identical_to_steps"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("8 passed"), result.stdout[-3000:]
     built = list((tmp_path / "cache" / "native").glob("kernels_*.so"))
     assert built, "the AVX2 build did not happen in the test's cache"
     if shutil.which("nm"):  # the build is this source's: it has the newest symbol

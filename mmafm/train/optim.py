@@ -493,12 +493,12 @@ class AdaStar(torch.optim.Optimizer):
                 raise RuntimeError(f"AdaStar(fused=True) cannot run: {reason}")
             return False
         counts, common = native_optim.count_steps(steps)  # += 1 in place, one call
+        b2 = group["gradient_square_ema_decay"]
 
         def constants(t: int) -> tuple[float, float, float, float | None]:
             """A block's under-root, over-root, scale and update EMA divisor at step t: the same
             folding as _update, u = n / (sqrt(v + eps_sq * (1 - b2^t)) + eps * sqrt(c2)) times
             the block scale sqrt(c2), divided by the gradient EMA's debias (the RMS clip later)."""
-            b2 = group["gradient_square_ema_decay"]
             c2 = 1.0 - b2**t if group["gradient_square_ema_debias"] else 1.0
             scale = math.sqrt(c2)
             if b1_grad is not None and group["gradient_ema_debias"]:
@@ -513,7 +513,6 @@ class AdaStar(torch.optim.Optimizer):
         else:
             under, over, block_scales, divisors = (list(column) for column in zip(*map(constants, counts)))
             divisors = None if divisors[0] is None else divisors
-        b2 = group["gradient_square_ema_decay"]
         grad_weight = 0.0 if b1_grad is None else 1.0 - b1_grad
         update_weight = 0.0 if b1_update is None else 1.0 - b1_update
         # p <- p - schedule * (lr * scale * m + wd * p), schedule = lr_now / peak_lr

@@ -34,8 +34,8 @@
                                         the 75.5M-parameter model at 1 thread, ~20% at 2 (A/B, 2026-12-01) */
 #define PARALLEL_MIN_TOTAL 524288L   /* fewer elements in a group (or batch): one thread (at 131072 the tiny
                                         model's 256K batches woke the pool for no gain in wall time: 2
-                                        threads, 0.83 -> 0.75 ns an element, and its helpers' spinning
-                                        doubled the step's CPU time; A/B, 2026-12-01) */
+                                        threads, 0.83 -> 0.77 and 0.72 -> 0.69 ns an element in two A/B
+                                        runs, and its helpers' spinning doubled the step's CPU time) */
 #define BATCH 262144L                /* elements of a step batch: its gradient and v (2 MiB) stay in cache */
 
 static inline float lerp_f32(float start, float end, float weight) { /* torch's lerp */
@@ -184,13 +184,13 @@ static void pass2_chunks(void* ctx, long begin, long end) {
    some steps fall behind). One call for what was a foreach add over n 0-d tensors and a host read
    (~0.1 ms for the tiny model's 46 blocks). */
 long mmafm_adastar_count_f32(long n, float* const* steps, long* counts) {
-  long common = -2;
+  int same = 1;
   for (long b = 0; b < n; ++b) {
     *steps[b] += 1.0f;
     counts[b] = (long)*steps[b];
-    common = common == -2 || common == counts[b] ? counts[b] : -1;
+    same = same && counts[b] == counts[0];
   }
-  return common < 0 ? -1 : common;
+  return n > 0 && same ? counts[0] : -1;
 }
 
 /* first[] for the blocks' sizes; returns the chunk count, or -1 when out of memory */
