@@ -34,9 +34,9 @@ step costs (per pass, 37.7M elements, 1 thread, 2026-12-01: pass 1 0.32 ns an el
 cache) the floor is 1.3-1.5x fused AdamW. The kernel runs both passes a batch of blocks (<= 256K
 elements) at a time and walks pass 2 backwards, so what pass 1 read last is read again from cache.
 Measured 2026-12-01 on the quiet machine (``benchmarks/results/optim_1thread_float32.json`` at
-8d805b8, ``optim_2thread_float32.json`` at cc3040f): native AdaStar 1.22x / 1.45x fused AdamW on
-the tiny / mid model at 1 thread, 1.42x / 1.28x at 2; 0.23-0.47x foreach AdamW; the foreach path
-3.0x / 6.8x fused AdamW at 1 thread. The 1.2x goal is not met.
+bbd6b38, ``optim_2thread_float32.json`` at cc3040f): native AdaStar 1.07x / 1.39x fused AdamW on
+the tiny / mid model at 1 thread (1.22x / 1.45x half an hour earlier), 1.42x / 1.28x at 2;
+0.23-0.47x foreach AdamW; the foreach path 2.9x / 6.6x fused AdamW at 1 thread. The 1.2x goal is not met.
 """
 
 from __future__ import annotations
